@@ -1,0 +1,145 @@
+//! Building `TableUpdate` messages from pre-encoded parts.
+//!
+//! Protobuf encodes a repeated message field as one `(tag, length, bytes)` record per element,
+//! so an update can be assembled by concatenating service ports that were each encoded once when
+//! they changed. Control keeps every service port as encoded [`Bytes`]; a snapshot is then a
+//! series of memory copies and a delta costs the same for one subscriber or a thousand.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use prost::Message;
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+
+use crate::discovery::{Node, ServicePort, ServicePortKey, TableUpdate, table_update::Kind};
+
+const VERSION: u32 = 1;
+const KIND: u32 = 2;
+const SERVICE_PORTS: u32 = 3;
+const REMOVED_SERVICE_PORTS: u32 = 4;
+const NODES: u32 = 5;
+const REMOVED_NODES: u32 = 6;
+const COMPLETE: u32 = 7;
+
+/// Encodes one service port for later inclusion in updates.
+pub fn encode_service_port(port: &ServicePort) -> Bytes {
+    port.encode_to_vec().into()
+}
+
+/// Encodes one node for later inclusion in updates.
+pub fn encode_node(node: &Node) -> Bytes {
+    node.encode_to_vec().into()
+}
+
+/// Incrementally writes one encoded `TableUpdate`.
+#[derive(Debug)]
+pub struct UpdateWriter {
+    buf: BytesMut,
+}
+
+impl UpdateWriter {
+    pub fn new(version: u64, kind: Kind, capacity: usize) -> Self {
+        let mut buf = BytesMut::with_capacity(capacity + 16);
+        if version != 0 {
+            encode_key(VERSION, WireType::Varint, &mut buf);
+            encode_varint(version, &mut buf);
+        }
+        encode_key(KIND, WireType::Varint, &mut buf);
+        encode_varint(kind as i32 as u64, &mut buf);
+        Self { buf }
+    }
+
+    fn put_message(&mut self, tag: u32, bytes: &[u8]) {
+        encode_key(tag, WireType::LengthDelimited, &mut self.buf);
+        encode_varint(bytes.len() as u64, &mut self.buf);
+        self.buf.put_slice(bytes);
+    }
+
+    /// Adds a service port encoded by [`encode_service_port`].
+    pub fn service_port(&mut self, encoded: &[u8]) {
+        self.put_message(SERVICE_PORTS, encoded);
+    }
+
+    pub fn removed_service_port(&mut self, key: &ServicePortKey) {
+        let mut tmp = Vec::with_capacity(key.encoded_len());
+        key.encode(&mut tmp).expect("Vec grows");
+        self.put_message(REMOVED_SERVICE_PORTS, &tmp);
+    }
+
+    /// Adds a node encoded by [`encode_node`].
+    pub fn node(&mut self, encoded: &[u8]) {
+        self.put_message(NODES, encoded);
+    }
+
+    pub fn removed_node(&mut self, name: &str) {
+        self.put_message(REMOVED_NODES, name.as_bytes());
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// The size a further record of `len` payload bytes will take.
+    pub fn record_len(len: usize) -> usize {
+        1 + encoded_len_varint(len as u64) + len
+    }
+
+    pub fn finish(mut self, complete: bool) -> Bytes {
+        if complete {
+            encode_key(COMPLETE, WireType::Varint, &mut self.buf);
+            encode_varint(1, &mut self.buf);
+        }
+        self.buf.freeze()
+    }
+}
+
+/// Decodes an update (what a client's codec does; handy in tests and tools).
+pub fn decode_update(bytes: &[u8]) -> Result<TableUpdate, prost::DecodeError> {
+    TableUpdate::decode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::Protocol;
+
+    #[test]
+    fn assembled_update_decodes_like_a_built_one() {
+        let key = ServicePortKey {
+            namespace: "default".into(),
+            service: "web".into(),
+            port_name: "http".into(),
+            protocol: Protocol::Tcp as i32,
+        };
+        let sp = ServicePort {
+            key: Some(key.clone()),
+            port: 80,
+            cluster_ips: vec![vec![10, 96, 0, 1]],
+            ..Default::default()
+        };
+        let node = Node {
+            name: "n1".into(),
+            zone: "z".into(),
+            addresses: vec![],
+        };
+        let mut w = UpdateWriter::new(7, Kind::Delta, 0);
+        w.service_port(&encode_service_port(&sp));
+        w.removed_service_port(&key);
+        w.node(&encode_node(&node));
+        w.removed_node("gone");
+        let got = decode_update(&w.finish(true)).unwrap();
+        let want = TableUpdate {
+            version: 7,
+            kind: Kind::Delta as i32,
+            service_ports: vec![sp],
+            removed_service_ports: vec![key],
+            nodes: vec![node],
+            removed_nodes: vec!["gone".into()],
+            complete: true,
+        };
+        assert_eq!(got, want);
+    }
+}

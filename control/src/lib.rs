@@ -1,0 +1,4 @@
+//! wasmesh control.
+pub mod source;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;

@@ -1,0 +1,1 @@
+//! Test helpers (behind the `test-util` feature).
