@@ -1,0 +1,250 @@
+//! The hub: the table as subscribers see it, kept encoded, and the fan-out of deltas.
+//!
+//! Every service port is encoded once, when it changes. A delta is encoded once and shared by
+//! every subscriber through a broadcast ring (`Bytes` clones are reference counts); a snapshot
+//! is a sequence of memory copies of the encoded ports. So the work of a change grows with the
+//! size of the change, not with the number of proxies.
+//!
+//! Each subscriber has a bounded place in the ring: one that falls more than
+//! [`Hub::RING`] deltas behind is resynchronised with a fresh snapshot instead of stalling
+//! the others.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use tokio::sync::{broadcast, watch};
+use wasmesh_api::UpdateKind;
+use wasmesh_api::wire::{UpdateWriter, encode_node, encode_service_port};
+
+use crate::model::{NodeEntry, PortKey, ServicePortEntry};
+
+/// One encoded delta.
+#[derive(Debug)]
+pub struct EncodedDelta {
+    pub version: u64,
+    pub bytes: Bytes,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    version: u64,
+    ports: BTreeMap<PortKey, Bytes>,
+    nodes: BTreeMap<String, Bytes>,
+}
+
+/// Counters the admin endpoint reports.
+#[derive(Debug, Default)]
+pub struct HubStats {
+    pub subscribers: AtomicUsize,
+    pub snapshots_sent: AtomicU64,
+    pub deltas_published: AtomicU64,
+    pub resyncs: AtomicU64,
+}
+
+#[derive(Debug)]
+pub struct Hub {
+    state: RwLock<State>,
+    deltas: broadcast::Sender<Arc<EncodedDelta>>,
+    synced: watch::Sender<bool>,
+    pub stats: HubStats,
+}
+
+/// A consistent copy of the table for one subscriber.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub version: u64,
+    ports: Vec<Bytes>,
+    nodes: Vec<Bytes>,
+}
+
+/// Change to one service port or node, ready to publish.
+#[derive(Debug, Default)]
+pub struct Publish {
+    pub upserts: Vec<Arc<ServicePortEntry>>,
+    pub removals: Vec<PortKey>,
+    pub node_upserts: Vec<Arc<NodeEntry>>,
+    pub node_removals: Vec<String>,
+}
+
+impl Publish {
+    pub fn is_empty(&self) -> bool {
+        self.upserts.is_empty()
+            && self.removals.is_empty()
+            && self.node_upserts.is_empty()
+            && self.node_removals.is_empty()
+    }
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Hub {
+    /// How many deltas a subscriber may fall behind before it is resynchronised.
+    pub const RING: usize = 1024;
+    /// Upper bound of one snapshot message.
+    pub const SNAPSHOT_PART: usize = 64 * 1024;
+
+    pub fn new() -> Self {
+        let (deltas, _) = broadcast::channel(Self::RING);
+        let (synced, _) = watch::channel(false);
+        Self {
+            state: RwLock::new(State::default()),
+            deltas,
+            synced,
+            stats: HubStats::default(),
+        }
+    }
+
+    pub fn is_synced(&self) -> bool {
+        *self.synced.borrow()
+    }
+
+    pub fn version(&self) -> u64 {
+        self.read().version
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Installs the first complete table and lets subscribers in.
+    pub fn init<'a>(
+        &self,
+        ports: impl IntoIterator<Item = &'a Arc<ServicePortEntry>>,
+        nodes: impl IntoIterator<Item = &'a Arc<NodeEntry>>,
+    ) {
+        let ports: BTreeMap<PortKey, Bytes> = ports
+            .into_iter()
+            .map(|e| (e.key.clone(), encode_service_port(&e.to_proto())))
+            .collect();
+        let nodes: BTreeMap<String, Bytes> = nodes
+            .into_iter()
+            .map(|n| (n.name.clone(), encode_node(&n.to_proto())))
+            .collect();
+        {
+            let mut st = self.write();
+            st.version += 1;
+            st.ports = ports;
+            st.nodes = nodes;
+        }
+        self.synced.send_replace(true);
+    }
+
+    /// Publishes one delta; returns its version (None when there was nothing to publish).
+    pub fn publish(&self, change: Publish) -> Option<u64> {
+        if change.is_empty() {
+            return None;
+        }
+        // Encode outside the lock.
+        let upserts: Vec<(PortKey, Bytes)> = change
+            .upserts
+            .iter()
+            .map(|e| (e.key.clone(), encode_service_port(&e.to_proto())))
+            .collect();
+        let nodes: Vec<(String, Bytes)> = change
+            .node_upserts
+            .iter()
+            .map(|n| (n.name.clone(), encode_node(&n.to_proto())))
+            .collect();
+        let size: usize = upserts.iter().map(|(_, b)| b.len() + 8).sum::<usize>()
+            + nodes.iter().map(|(_, b)| b.len() + 8).sum::<usize>()
+            + change.removals.len() * 64;
+
+        let mut st = self.write();
+        let version = st.version + 1;
+        let mut w = UpdateWriter::new(version, UpdateKind::Delta, size);
+        for (key, bytes) in upserts {
+            w.service_port(&bytes);
+            st.ports.insert(key, bytes);
+        }
+        for key in &change.removals {
+            w.removed_service_port(&key.to_proto());
+            st.ports.remove(key);
+        }
+        for (name, bytes) in nodes {
+            w.node(&bytes);
+            st.nodes.insert(name, bytes);
+        }
+        for name in &change.node_removals {
+            w.removed_node(name);
+            st.nodes.remove(name);
+        }
+        st.version = version;
+        let delta = Arc::new(EncodedDelta {
+            version,
+            bytes: w.finish(true),
+        });
+        // Sent under the lock, so a subscriber's snapshot and its first delta never overlap.
+        let _ = self.deltas.send(delta);
+        self.stats.deltas_published.fetch_add(1, Ordering::Relaxed);
+        Some(version)
+    }
+
+    /// Waits until the table is synced, then returns a snapshot and the deltas that follow it.
+    pub async fn subscribe(&self) -> (Snapshot, broadcast::Receiver<Arc<EncodedDelta>>) {
+        let mut synced = self.synced.subscribe();
+        // The sender lives as long as the hub, so this only ends when synced.
+        let _ = synced.wait_for(|s| *s).await;
+        self.snapshot_now()
+    }
+
+    fn snapshot_now(&self) -> (Snapshot, broadcast::Receiver<Arc<EncodedDelta>>) {
+        let st = self.read();
+        let rx = self.deltas.subscribe();
+        let snap = Snapshot {
+            version: st.version,
+            ports: st.ports.values().cloned().collect(),
+            nodes: st.nodes.values().cloned().collect(),
+        };
+        drop(st);
+        self.stats.snapshots_sent.fetch_add(1, Ordering::Relaxed);
+        (snap, rx)
+    }
+}
+
+impl Snapshot {
+    pub fn len(&self) -> usize {
+        self.ports.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ports.is_empty()
+    }
+
+    /// The snapshot as messages of at most about `max` bytes (a single port larger than that
+    /// gets a message of its own). The first is `SNAPSHOT`, the rest `SNAPSHOT_CONTINUED`, and
+    /// the last one is marked complete.
+    pub fn parts(&self, max: usize) -> Vec<Bytes> {
+        let mut parts = Vec::new();
+        let mut w = UpdateWriter::new(self.version, UpdateKind::Snapshot, max.min(1 << 20));
+        let mut has_items = false;
+        let records = self
+            .nodes
+            .iter()
+            .map(|n| (true, n))
+            .chain(self.ports.iter().map(|p| (false, p)));
+        for (is_node, bytes) in records {
+            if has_items && w.len() + UpdateWriter::record_len(bytes.len()) > max {
+                let next = UpdateWriter::new(self.version, UpdateKind::SnapshotContinued, max.min(1 << 20));
+                parts.push(std::mem::replace(&mut w, next).finish(false));
+            }
+            if is_node {
+                w.node(bytes);
+            } else {
+                w.service_port(bytes);
+            }
+            has_items = true;
+        }
+        parts.push(w.finish(true));
+        parts
+    }
+}
