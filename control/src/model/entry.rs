@@ -32,6 +32,14 @@ impl Protocol {
         }
     }
 
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        }
+    }
+
     fn to_proto(self) -> pb::Protocol {
         match self {
             Protocol::Tcp => pb::Protocol::Tcp,
@@ -44,6 +52,7 @@ impl Protocol {
 /// `(namespace, service, port name, protocol)`: how kube-proxy joins a Service port to the
 /// ports of its EndpointSlices (never by number, never by targetPort).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PortKey {
     pub namespace: String,
     pub service: String,
@@ -68,7 +77,7 @@ impl std::fmt::Display for PortKey {
         if !self.port_name.is_empty() {
             write!(f, ":{}", self.port_name)?;
         }
-        write!(f, "/{:?}", self.protocol)
+        write!(f, "/{}", self.protocol.as_str())
     }
 }
 
@@ -148,6 +157,7 @@ impl Serialize for Cidr {
 
 /// Everything a proxy needs to know about one Service port.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ServicePortEntry {
     #[serde(flatten)]
     pub key: PortKey,
@@ -188,6 +198,7 @@ pub struct ServicePortEntry {
 
 /// One endpoint of a service port, as its EndpointSlice(s) describe it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct EndpointEntry {
     pub address: IpAddr,
     /// The port from the endpoint's slice (never the Service's targetPort).
@@ -209,6 +220,7 @@ pub struct EndpointEntry {
 
 /// The Pod behind an endpoint's targetRef.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct WorkloadEntry {
     pub name: String,
     pub namespace: String,
@@ -222,6 +234,7 @@ pub struct WorkloadEntry {
 
 /// A node, for topology (its zone) and NodePorts (its addresses).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct NodeEntry {
     pub name: String,
     #[serde(skip_serializing_if = "Option::is_none")]

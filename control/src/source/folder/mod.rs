@@ -435,3 +435,6 @@ fn watch(root: &Path, tx: mpsc::UnboundedSender<()>) -> notify::Result<notify::R
     w.watch(root, notify::RecursiveMode::Recursive)?;
     Ok(w)
 }
+
+#[cfg(test)]
+mod tests;

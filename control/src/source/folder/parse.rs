@@ -48,9 +48,14 @@ pub fn parse_file(text: &str) -> Vec<Document> {
             return;
         }
         index += 1;
+        // Point at the document's first line of content, not at blank lines or comments.
+        let skip = body
+            .lines()
+            .take_while(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+            .count();
         docs.push(Document {
             index,
-            line,
+            line: line + skip,
             outcome: parse_document(body),
         });
     };
@@ -142,6 +147,16 @@ fn objects_from_value(value: Value) -> Result<Option<Vec<Object>>, ParseError> {
         _ => return Ok(None),
     };
     let meta = map.get("metadata");
+    for field in ["name", "namespace"] {
+        if let Some(v) = meta.and_then(|m| m.get(field))
+            && !v.is_string()
+        {
+            return Err((
+                None,
+                format!("{kind_name}: metadata.{field} must be a string, not {v} (quote it)"),
+            ));
+        }
+    }
     let name = meta
         .and_then(|m| m.get("name"))
         .and_then(Value::as_str)

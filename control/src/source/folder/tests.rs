@@ -1,0 +1,280 @@
+//! The folder source: loading, defaults, edits, deletions, malformed YAML, invalid objects.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::*;
+use crate::source::{Event, Kind, Object};
+
+fn cidr() -> Cidr {
+    Cidr::parse(DEFAULT_SERVICE_CIDR).expect("cidr")
+}
+
+fn write(dir: &Path, name: &str, text: &str) {
+    std::fs::write(dir.join(name), text).expect("write");
+}
+
+fn service<'a>(folder: &'a Folder, ns: &str, name: &str) -> Option<&'a k8s_openapi::api::core::v1::Service> {
+    folder.objects().find_map(|o| match o {
+        Object::Service(s)
+            if s.metadata.name.as_deref() == Some(name)
+                && s.metadata.namespace.as_deref() == Some(ns) =>
+        {
+            Some(s)
+        }
+        _ => None,
+    })
+}
+
+fn port_of(svc: &k8s_openapi::api::core::v1::Service) -> i32 {
+    svc.spec.as_ref().and_then(|s| s.ports.as_ref()).map(|p| p[0].port).unwrap_or(0)
+}
+
+const WEB: &str = "
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec: {replicas: 1}
+---
+# a comment-only document is not a document
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.244.0.5]}]
+";
+
+#[test]
+fn first_scan_loads_every_kind_with_api_server_defaults() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), "web.yaml", WEB);
+    let mut f = Folder::new(dir.path(), cidr());
+    let report = f.scan().expect("scan");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.skipped.get("Deployment"), Some(&1));
+    // A Replace and a Synced for each of the four kinds.
+    let synced: Vec<Kind> = report
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Synced(k) => Some(*k),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(synced, Kind::ALL);
+
+    let svc = service(&f, "default", "web").expect("namespace defaults to default");
+    let spec = svc.spec.as_ref().expect("spec");
+    assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
+    assert_eq!(spec.ports.as_ref().expect("ports")[0].protocol.as_deref(), Some("TCP"));
+    let ip: std::net::IpAddr = spec.cluster_ip.as_deref().expect("allocated").parse().expect("ip");
+    assert!(cidr().contains(ip), "{ip} from the service CIDR");
+    assert_eq!(spec.cluster_ips.as_deref(), Some(&[ip.to_string()][..]));
+
+    let slice = f
+        .objects()
+        .find_map(|o| match o {
+            Object::EndpointSlice(s) => Some(s),
+            _ => None,
+        })
+        .expect("slice");
+    let p = &slice.ports.as_ref().expect("ports")[0];
+    assert_eq!((p.name.as_deref(), p.protocol.as_deref()), (Some(""), Some("TCP")));
+}
+
+#[test]
+fn edits_and_deletions_become_apply_and_delete_events_only_for_what_changed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), "web.yaml", WEB);
+    write(
+        dir.path(),
+        "other.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: other, namespace: x}\nspec: {ports: [{port: 9000}]}\n",
+    );
+    let mut f = Folder::new(dir.path(), cidr());
+    f.scan().expect("scan");
+    let ip_before = service(&f, "default", "web").and_then(|s| s.spec.clone()).and_then(|s| s.cluster_ip);
+
+    write(dir.path(), "web.yaml", &WEB.replace("port: 80,", "port: 81,"));
+    let r = f.scan().expect("rescan");
+    assert_eq!(r.events.len(), 1, "{:?}", r.events);
+    match &r.events[0] {
+        Event::Apply(Object::Service(s)) => assert_eq!(port_of(s), 81),
+        e => panic!("unexpected {e:?}"),
+    }
+    let ip_after = service(&f, "default", "web").and_then(|s| s.spec.clone()).and_then(|s| s.cluster_ip);
+    assert_eq!(ip_before, ip_after, "an allocated clusterIP is stable across edits");
+
+    // Nothing changed: nothing sent.
+    assert!(f.scan().expect("rescan").events.is_empty());
+
+    std::fs::remove_file(dir.path().join("other.yaml")).expect("rm");
+    let r = f.scan().expect("rescan");
+    assert_eq!(r.events.len(), 1);
+    assert!(matches!(&r.events[0], Event::Delete(Object::Service(s)) if s.metadata.name.as_deref() == Some("other")));
+}
+
+#[test]
+fn malformed_yaml_is_reported_with_file_document_and_line_and_the_last_good_version_stays() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), "web.yaml", WEB);
+    write(
+        dir.path(),
+        "ok.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: ok}\nspec: {ports: [{port: 1}]}\n",
+    );
+    let mut f = Folder::new(dir.path(), cidr());
+    f.scan().expect("scan");
+
+    // Break the first document's YAML syntax: it cannot even say which object it is.
+    let broken = WEB.replacen("metadata: {name: web}", "metadata: {name: web", 1);
+    write(dir.path(), "web.yaml", &broken);
+    let r = f.scan().expect("rescan");
+    assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+    let p = &r.problems[0];
+    assert!(p.file.ends_with("web.yaml"));
+    assert_eq!((p.document, p.line), (1, 2));
+    assert!(p.reason.contains("not valid YAML"), "{}", p.reason);
+    assert!(p.kept);
+    let msg = p.to_string();
+    assert!(msg.contains("web.yaml:2 (document 1)") && msg.ends_with("keeping the last good version"), "{msg}");
+    // The old Service is still in force; the slice in the same file is unaffected; nothing was
+    // deleted or re-sent.
+    assert!(r.events.is_empty(), "{:?}", r.events);
+    assert_eq!(service(&f, "default", "web").map(port_of), Some(80));
+    assert!(service(&f, "default", "ok").is_some());
+}
+
+#[test]
+fn an_invalid_object_next_to_valid_ones_keeps_its_last_good_version() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let two = "
+apiVersion: v1
+kind: Service
+metadata: {name: a, namespace: ns1}
+spec: {ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b, namespace: ns1}
+spec: {ports: [{port: 80}]}
+";
+    write(dir.path(), "two.yaml", two);
+    let mut f = Folder::new(dir.path(), cidr());
+    f.scan().expect("scan");
+
+    let edited = two
+        .replacen("port: 80", "port: 70000", 1)
+        .replacen("name: b, namespace: ns1}\nspec: {ports: [{port: 80}]}", "name: b, namespace: ns1}\nspec: {ports: [{port: 90}]}", 1);
+    write(dir.path(), "two.yaml", &edited);
+    let r = f.scan().expect("rescan");
+    assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+    let p = &r.problems[0];
+    assert_eq!(p.object.as_ref().map(|k| k.to_string()).as_deref(), Some("Service ns1/a"));
+    assert!(p.reason.contains("70000 is not a valid port"), "{}", p.reason);
+    assert!(p.kept);
+    assert_eq!(service(&f, "ns1", "a").map(port_of), Some(80), "last good version");
+    assert_eq!(service(&f, "ns1", "b").map(port_of), Some(90), "its neighbour changed normally");
+    assert_eq!(r.events.len(), 1, "{:#?}", r.events);
+
+    // A type error is reported with the object too.
+    write(dir.path(), "two.yaml", &two.replacen("port: 80", "port: eighty", 1));
+    let r = f.scan().expect("rescan");
+    assert_eq!(r.problems.len(), 1);
+    assert!(r.problems[0].to_string().contains("Service ns1/a"), "{}", r.problems[0]);
+
+    // A new invalid object has nothing to keep: it is reported and absent.
+    write(dir.path(), "new.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: c}\nspec: {ports: [{port: 1, protocol: QUIC}]}\n");
+    let r = f.scan().expect("rescan");
+    let p = r.problems.iter().find(|p| p.file.ends_with("new.yaml")).expect("reported");
+    assert!(!p.kept && p.reason.contains("QUIC"), "{p}");
+    assert!(service(&f, "default", "c").is_none());
+}
+
+#[test]
+fn validation_catches_what_the_api_server_would_refuse() {
+    let cases = [
+        ("spec: {ports: [{port: 80}, {port: 81}]}", "needs a name"),
+        ("spec: {type: Magic, ports: [{port: 80}]}", "spec.type"),
+        ("spec: {sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 90000}}, ports: [{port: 80}]}", "timeoutSeconds 90000"),
+        ("spec: {clusterIP: 10.96.0.999, ports: [{port: 80}]}", "clusterIP"),
+        ("spec: {type: ExternalName}", "externalName"),
+        ("spec: {ports: []}", "spec.ports is empty"),
+    ];
+    for (spec, want) in cases {
+        let doc = format!("apiVersion: v1\nkind: Service\nmetadata: {{name: s}}\n{spec}\n");
+        let docs = parse_file(&doc);
+        match &docs[0].outcome {
+            Outcome::Invalid { reason, .. } => assert!(reason.contains(want), "{spec}: {reason}"),
+            o => panic!("{spec}: accepted: {o:?}"),
+        }
+    }
+    let slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s}\naddressType: IPv4\nendpoints: [{addresses: ['fd00::1']}]\n";
+    assert!(matches!(&parse_file(slice)[0].outcome, Outcome::Invalid { reason, .. } if reason.contains("not an IPv4 address")));
+    assert!(matches!(&parse_file("kind: Service\n")[0].outcome, Outcome::Invalid { .. }));
+    assert!(matches!(&parse_file("- a\n- b\n")[0].outcome, Outcome::Invalid { .. }));
+}
+
+#[test]
+fn lists_are_expanded_and_explicit_cluster_ips_are_never_handed_out_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut items = String::from("apiVersion: v1\nkind: List\nitems:\n");
+    for i in 0..50 {
+        items.push_str(&format!(
+            "- {{apiVersion: v1, kind: Service, metadata: {{name: s{i}}}, spec: {{ports: [{{port: 80}}]}}}}\n"
+        ));
+    }
+    write(dir.path(), "list.yaml", &items);
+    // A /28 has 13 usable addresses beyond the network and first host; fill most of it by hand.
+    let small = Cidr::parse("10.96.0.0/26").expect("cidr");
+    let mut f = Folder::new(dir.path(), small);
+    f.scan().expect("scan");
+    let mut ips: Vec<String> = f
+        .objects()
+        .filter_map(|o| match o {
+            Object::Service(s) => s.spec.as_ref().and_then(|s| s.cluster_ip.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ips.len(), 50);
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), 50, "no two Services share an address");
+    assert!(!ips.contains(&"10.96.0.1".to_string()), "the first host is left for `kubernetes`");
+}
+
+#[tokio::test]
+async fn the_running_source_follows_edits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), "web.yaml", WEB);
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let task = tokio::spawn(FolderSource::new(dir.path(), cidr()).run(tx));
+    // The initial load: four Replace + four Synced.
+    for _ in 0..8 {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("initial events").expect("open");
+    }
+    write(dir.path(), "web.yaml", &WEB.replace("port: 80,", "port: 8081,"));
+    let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("change seen").expect("open");
+    assert!(matches!(ev, Event::Apply(Object::Service(ref s)) if port_of(s) == 8081), "{ev:?}");
+    drop(rx);
+    // Closing the channel stops the source.
+    let _ = tokio::time::timeout(Duration::from_secs(10), task).await.expect("source stops");
+}
+
+#[tokio::test]
+async fn a_missing_folder_is_a_clear_error() {
+    let (tx, _rx) = tokio::sync::mpsc::channel(4);
+    let err = FolderSource::new("/nonexistent/wasmesh", cidr()).run(tx).await.expect_err("fails");
+    assert!(err.to_string().contains("/nonexistent/wasmesh"), "{err}");
+}
