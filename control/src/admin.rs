@@ -23,7 +23,10 @@ fn respond(hub: &Hub, path: &str) -> Response<Full<Bytes>> {
                 .to_string(),
         ),
         "/metrics" => (StatusCode::OK, metrics(hub)),
-        _ => (StatusCode::NOT_FOUND, "not found: try /ready, /live or /metrics\n".to_string()),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "not found: try /ready, /live or /metrics\n".to_string(),
+        ),
     };
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
@@ -34,15 +37,48 @@ fn metrics(hub: &Hub) -> String {
     let s = &hub.stats;
     let mut out = String::new();
     let rows: [(&str, &str, &str, u64); 6] = [
-        ("wasmesh_control_synced", "gauge", "1 once the table is complete", u64::from(hub.is_synced())),
-        ("wasmesh_control_table_version", "gauge", "Version of the last published table", hub.version()),
-        ("wasmesh_control_subscribers", "gauge", "Proxies connected to the discovery stream", s.subscribers.load(Ordering::Relaxed) as u64),
-        ("wasmesh_control_snapshots_sent_total", "counter", "Snapshots sent to proxies", s.snapshots_sent.load(Ordering::Relaxed)),
-        ("wasmesh_control_deltas_published_total", "counter", "Deltas published", s.deltas_published.load(Ordering::Relaxed)),
-        ("wasmesh_control_resyncs_total", "counter", "Proxies that fell behind and were sent a fresh snapshot", s.resyncs.load(Ordering::Relaxed)),
+        (
+            "wasmesh_control_synced",
+            "gauge",
+            "1 once the table is complete",
+            u64::from(hub.is_synced()),
+        ),
+        (
+            "wasmesh_control_table_version",
+            "gauge",
+            "Version of the last published table",
+            hub.version(),
+        ),
+        (
+            "wasmesh_control_subscribers",
+            "gauge",
+            "Proxies connected to the discovery stream",
+            s.subscribers.load(Ordering::Relaxed) as u64,
+        ),
+        (
+            "wasmesh_control_snapshots_sent_total",
+            "counter",
+            "Snapshots sent to proxies",
+            s.snapshots_sent.load(Ordering::Relaxed),
+        ),
+        (
+            "wasmesh_control_deltas_published_total",
+            "counter",
+            "Deltas published",
+            s.deltas_published.load(Ordering::Relaxed),
+        ),
+        (
+            "wasmesh_control_resyncs_total",
+            "counter",
+            "Proxies that fell behind and were sent a fresh snapshot",
+            s.resyncs.load(Ordering::Relaxed),
+        ),
     ];
     for (name, ty, help, value) in rows {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {ty}\n{name} {value}");
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {ty}\n{name} {value}"
+        );
     }
     out
 }

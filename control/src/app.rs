@@ -66,7 +66,8 @@ impl SourceOptions {
                 if !path.is_dir() {
                     return Err(SourceError::Folder {
                         path: path.display().to_string(),
-                        reason: "not a directory (give the folder that holds your YAML manifests)".into(),
+                        reason: "not a directory (give the folder that holds your YAML manifests)"
+                            .into(),
                     });
                 }
                 Source::Folder(FolderSource::new(path, self.service_cidr))

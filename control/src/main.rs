@@ -14,7 +14,12 @@ use wasmesh_control::view::{self, Format};
 #[command(name = "wasmesh-control", version, about, long_about = None)]
 struct Cli {
     /// Log format: text or json. Log level comes from RUST_LOG (default: info).
-    #[arg(long, global = true, default_value = "text", env = "WASMESH_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "text",
+        env = "WASMESH_LOG_FORMAT"
+    )]
     log_format: String,
     #[command(subcommand)]
     command: Command,
@@ -136,14 +141,21 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let admin = match args.admin.as_str() {
         "off" | "" => None,
         a => {
-            let addr: SocketAddr = a
-                .parse()
-                .with_context(|| format!("--admin {a:?} is not an address like 0.0.0.0:15014 or `off`"))?;
+            let addr: SocketAddr = a.parse().with_context(|| {
+                format!("--admin {a:?} is not an address like 0.0.0.0:15014 or `off`")
+            })?;
             Some(app::bind(addr, "admin").await?)
         }
     };
     tracing::info!(listen = %args.listen, admin = %args.admin, source = ?args.source.source, "wasmesh-control serving");
-    app::serve(source, listener, admin, args.removal_grace, shutdown_signal()).await?;
+    app::serve(
+        source,
+        listener,
+        admin,
+        args.removal_grace,
+        shutdown_signal(),
+    )
+    .await?;
     tracing::info!("wasmesh-control stopped");
     Ok(())
 }
@@ -156,10 +168,15 @@ async fn table(args: TableArgs) -> anyhow::Result<()> {
         anyhow::bail!(
             "no Service {:?}{} in the table",
             args.service.unwrap_or_default(),
-            args.namespace.map(|n| format!(" in namespace {n}")).unwrap_or_default()
+            args.namespace
+                .map(|n| format!(" in namespace {n}"))
+                .unwrap_or_default()
         );
     }
-    print!("{}", view::render(&selected, args.output).map_err(anyhow::Error::msg)?);
+    print!(
+        "{}",
+        view::render(&selected, args.output).map_err(anyhow::Error::msg)?
+    );
     Ok(())
 }
 
@@ -167,10 +184,11 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(t) => t,
-            Err(_) => return ctrl_c.await.unwrap_or(()),
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => return ctrl_c.await.unwrap_or(()),
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

@@ -35,7 +35,11 @@ pub struct TableView<'a> {
 }
 
 /// Selects the entries to print: all, a namespace, or one Service.
-pub fn select<'a>(model: &'a Model, namespace: Option<&str>, service: Option<&str>) -> TableView<'a> {
+pub fn select<'a>(
+    model: &'a Model,
+    namespace: Option<&str>,
+    service: Option<&str>,
+) -> TableView<'a> {
     TableView {
         service_ports: model
             .entries()

@@ -234,7 +234,11 @@ impl Snapshot {
             .chain(self.ports.iter().map(|p| (false, p)));
         for (is_node, bytes) in records {
             if has_items && w.len() + UpdateWriter::record_len(bytes.len()) > max {
-                let next = UpdateWriter::new(self.version, UpdateKind::SnapshotContinued, max.min(1 << 20));
+                let next = UpdateWriter::new(
+                    self.version,
+                    UpdateKind::SnapshotContinued,
+                    max.min(1 << 20),
+                );
                 parts.push(std::mem::replace(&mut w, next).finish(false));
             }
             if is_node {

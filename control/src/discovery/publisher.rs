@@ -25,13 +25,20 @@ const MAX_BATCH: usize = 4096;
 pub const DEFAULT_REMOVAL_GRACE: Duration = Duration::from_millis(200);
 
 /// Runs until `events` closes.
-pub async fn run(mut model: Model, mut events: mpsc::Receiver<Event>, hub: Arc<Hub>, grace: Duration) {
+pub async fn run(
+    mut model: Model,
+    mut events: mpsc::Receiver<Event>,
+    hub: Arc<Hub>,
+    grace: Duration,
+) {
     let mut published: BTreeMap<PortKey, Arc<ServicePortEntry>> = BTreeMap::new();
     let mut held: BTreeMap<PortKey, Instant> = BTreeMap::new();
     let mut initialised = false;
     loop {
         let next_hold = held.values().min().copied();
         let mut dirty_ports: BTreeSet<PortKey> = BTreeSet::new();
+        // Ports whose hold just ran out: published now, whatever they lost.
+        let mut released: BTreeSet<PortKey> = BTreeSet::new();
         let mut delta = crate::model::Delta::default();
         tokio::select! {
             ev = events.recv() => {
@@ -51,7 +58,8 @@ pub async fn run(mut model: Model, mut events: mpsc::Receiver<Event>, hub: Arc<H
                 let due: Vec<PortKey> = held.iter().filter(|(_, t)| **t <= now).map(|(k, _)| k.clone()).collect();
                 for k in due {
                     held.remove(&k);
-                    dirty_ports.insert(k);
+                    dirty_ports.insert(k.clone());
+                    released.insert(k);
                 }
             }
         }
@@ -79,11 +87,9 @@ pub async fn run(mut model: Model, mut events: mpsc::Receiver<Event>, hub: Arc<H
             let current = model.entry(&key);
             let before = published.get(&key);
             let losing = matches!((before, current), (Some(b), Some(c)) if loses_endpoints(b, c));
-            if losing && !grace.is_zero() {
-                let due = held.entry(key.clone()).or_insert(now + grace);
-                if *due > now {
-                    continue;
-                }
+            if losing && !grace.is_zero() && !released.contains(&key) {
+                held.entry(key.clone()).or_insert(now + grace);
+                continue;
             }
             held.remove(&key);
             match current {
@@ -117,7 +123,11 @@ async fn sleep_until(t: Option<Instant>) {
 
 /// True when some `address:port` of `before` is missing from `after` (both sorted).
 pub fn loses_endpoints(before: &ServicePortEntry, after: &ServicePortEntry) -> bool {
-    let mut it = after.endpoints.iter().map(|e| (e.address, e.port)).peekable();
+    let mut it = after
+        .endpoints
+        .iter()
+        .map(|e| (e.address, e.port))
+        .peekable();
     for b in before.endpoints.iter().map(|e| (e.address, e.port)) {
         while it.next_if(|a| *a < b).is_some() {}
         if it.next_if(|a| *a == b).is_none() {

@@ -121,7 +121,11 @@ pub fn service_entries(svc: &Service, slices: &Slices, pods: &Pods) -> Vec<Servi
     if !is_ours(svc) {
         return Vec::new();
     }
-    let namespace = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let namespace = svc
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
     let name = svc.metadata.name.clone().unwrap_or_default();
     let spec = svc.spec.clone().unwrap_or_default();
     let labels = svc.metadata.labels.clone().unwrap_or_default();
@@ -145,7 +149,9 @@ pub fn service_entries(svc: &Service, slices: &Slices, pods: &Pods) -> Vec<Servi
     let headless = service_type != ServiceType::ExternalName
         && (labels.contains_key(HEADLESS_LABEL)
             || cluster_ip_strings.is_empty()
-            || cluster_ip_strings.iter().any(|ip| ip == "None" || ip.is_empty()));
+            || cluster_ip_strings
+                .iter()
+                .any(|ip| ip == "None" || ip.is_empty()));
     let has_vips = !headless && service_type != ServiceType::ExternalName;
     let cluster_ips = if has_vips {
         parse_ips(&cluster_ip_strings)
@@ -202,7 +208,10 @@ pub fn service_entries(svc: &Service, slices: &Slices, pods: &Pods) -> Vec<Servi
         .annotations
         .iter()
         .flatten()
-        .filter_map(|(k, v)| k.strip_prefix(OPTION_PREFIX).map(|k| (k.to_string(), v.clone())))
+        .filter_map(|(k, v)| {
+            k.strip_prefix(OPTION_PREFIX)
+                .map(|k| (k.to_string(), v.clone()))
+        })
         .collect();
 
     // An ExternalName Service may declare no port at all; keep one entry so the table says the
@@ -281,11 +290,14 @@ fn merge_endpoints(key: &PortKey, slices: &Slices, pods: &Pods) -> Vec<EndpointE
         }) else {
             continue;
         };
-        let slice_ns = slice.metadata.namespace.as_deref().unwrap_or(&key.namespace);
+        let slice_ns = slice
+            .metadata
+            .namespace
+            .as_deref()
+            .unwrap_or(&key.namespace);
         for ep in &slice.endpoints {
             // Only addresses[0] has defined semantics (case 9c).
-            let Some(address) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok())
-            else {
+            let Some(address) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
                 continue;
             };
             if address.is_ipv6() != family_v6 {
@@ -360,7 +372,9 @@ pub fn slice_service(slice: &EndpointSlice) -> Option<&str> {
 }
 
 /// The Pods an entry's endpoints point at.
-pub fn referenced_pods(entries: &[ServicePortEntry]) -> impl Iterator<Item = (String, String)> + '_ {
+pub fn referenced_pods(
+    entries: &[ServicePortEntry],
+) -> impl Iterator<Item = (String, String)> + '_ {
     entries.iter().flat_map(|e| {
         e.endpoints
             .iter()

@@ -225,7 +225,13 @@ impl Model {
     }
 
     /// A complete list of one kind (in one namespace, or everywhere): what is not in it is gone.
-    fn replace(&mut self, kind: Kind, namespace: Option<&str>, objects: Vec<Object>, dirty: &mut Dirty) {
+    fn replace(
+        &mut self,
+        kind: Kind,
+        namespace: Option<&str>,
+        objects: Vec<Object>,
+        dirty: &mut Dirty,
+    ) {
         let in_scope = |ns: &str| namespace.is_none_or(|want| want == ns);
         let listed: HashSet<NsName> = objects.iter().map(ns_name).collect();
         let known: Vec<NsName> = match kind {
@@ -240,8 +246,8 @@ impl Model {
         };
         let stale: Vec<NsName> = known
             .into_iter()
-        .filter(|k| in_scope(&k.0) && !listed.contains(k))
-        .collect();
+            .filter(|k| in_scope(&k.0) && !listed.contains(k))
+            .collect();
         for (ns, name) in stale {
             let mut meta = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
                 name: Some(name),
@@ -348,7 +354,10 @@ impl Model {
 }
 
 /// An object of `kind` with only its metadata, to remove by identity.
-fn placeholder(kind: Kind, metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Object {
+fn placeholder(
+    kind: Kind,
+    metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Object {
     match kind {
         Kind::Service => Object::Service(Service {
             metadata,

@@ -180,18 +180,27 @@ ports: [{name: portname2, port: 101, protocol: TCP}]
 endpoints: [{addresses: [10.244.1.2]}]
 ";
     let mut m = model(&format!("{MULTI}{slices}"));
-    assert_eq!(eps(entry(&m, "default/multi", "portname1")), ["10.244.1.1:100"]);
-    assert_eq!(eps(entry(&m, "default/multi", "portname2")), ["10.244.1.2:101"]);
+    assert_eq!(
+        eps(entry(&m, "default/multi", "portname1")),
+        ["10.244.1.1:100"]
+    );
+    assert_eq!(
+        eps(entry(&m, "default/multi", "portname2")),
+        ["10.244.1.2:101"]
+    );
 
     // Deleting pod1's slice empties port 80 only; the delta names only that port.
-    let gone = objects(&slices.replace("\n---\n", "\n---\n").split("\n---\n").nth(1).map(|s| s.to_string()).unwrap());
+    let gone = objects(slices.split("\n---\n").nth(1).expect("slice 1"));
     let delta = m.apply(Event::Delete(gone[0].clone()));
     assert_eq!(
         delta.upserts.keys().cloned().collect::<Vec<_>>(),
         vec![key("default/multi", "portname1", Protocol::Tcp)]
     );
     assert!(entry(&m, "default/multi", "portname1").endpoints.is_empty());
-    assert_eq!(eps(entry(&m, "default/multi", "portname2")), ["10.244.1.2:101"]);
+    assert_eq!(
+        eps(entry(&m, "default/multi", "portname2")),
+        ["10.244.1.2:101"]
+    );
 }
 
 #[test]
@@ -215,11 +224,19 @@ ports: [{name: dns, port: 53, protocol: UDP}, {name: dns-tcp, port: 5353, protoc
 endpoints: [{addresses: [10.244.0.2]}]
 ",
     );
-    let udp = m.entry(&key("kube-system/dns", "dns", Protocol::Udp)).expect("udp");
+    let udp = m
+        .entry(&key("kube-system/dns", "dns", Protocol::Udp))
+        .expect("udp");
     assert_eq!(eps(udp), ["10.244.0.2:53"]);
-    assert_eq!(eps(entry(&m, "kube-system/dns", "dns-tcp")), ["10.244.0.2:5353"]);
+    assert_eq!(
+        eps(entry(&m, "kube-system/dns", "dns-tcp")),
+        ["10.244.0.2:5353"]
+    );
     // A TCP-only port does not exist as UDP.
-    assert!(m.entry(&key("kube-system/dns", "dns-tcp", Protocol::Udp)).is_none());
+    assert!(
+        m.entry(&key("kube-system/dns", "dns-tcp", Protocol::Udp))
+            .is_none()
+    );
 }
 
 #[test]
@@ -249,7 +266,10 @@ endpoints:
     let e = entry(&m, "ns1/svc1", "p80");
     assert_eq!(eps(e), ["10.0.1.1:80", "10.0.1.2:80", "10.0.1.3:80"]);
     let dup = &e.endpoints[0];
-    assert!(dup.ready && !dup.terminating, "the non-terminating copy wins: {dup:?}");
+    assert!(
+        dup.ready && !dup.terminating,
+        "the non-terminating copy wins: {dup:?}"
+    );
 }
 
 #[test]
@@ -324,7 +344,14 @@ endpoints:
         .map(|ep| (ep.ready, ep.serving, ep.terminating))
         .collect();
     // nil ready → ready; nil serving → serving (kube-proxy's rule); nil terminating → false.
-    assert_eq!(c, [(true, true, false), (false, true, false), (false, true, true)]);
+    assert_eq!(
+        c,
+        [
+            (true, true, false),
+            (false, true, false),
+            (false, true, true)
+        ]
+    );
 }
 
 #[test]
@@ -393,12 +420,22 @@ spec:
 ",
     );
     let delta = m.apply(Event::Apply(svc[0].clone()));
-    assert_eq!(delta.removals.len(), 1, "the port-less ExternalName entry goes");
-    assert_eq!(entry(&m, "default/ext", "http").cluster_ips, vec![ip("10.96.0.51")]);
+    assert_eq!(
+        delta.removals.len(),
+        1,
+        "the port-less ExternalName entry goes"
+    );
+    assert_eq!(
+        entry(&m, "default/ext", "http").cluster_ips,
+        vec![ip("10.96.0.51")]
+    );
 
     // And back: the VIP disappears.
     m.apply(Event::Apply(objects(en)[0].clone()));
-    assert!(m.entry(&key("default/ext", "http", Protocol::Tcp)).is_none());
+    assert!(
+        m.entry(&key("default/ext", "http", Protocol::Tcp))
+            .is_none()
+    );
 }
 
 #[test]
@@ -416,7 +453,10 @@ metadata: {name: ours, namespace: default, labels: {service.kubernetes.io/servic
 spec: {clusterIP: 10.96.0.61, ports: [{name: a, port: 80, protocol: TCP}]}
 ",
     );
-    assert!(m.entry(&key("default/theirs", "a", Protocol::Tcp)).is_none());
+    assert!(
+        m.entry(&key("default/theirs", "a", Protocol::Tcp))
+            .is_none()
+    );
     assert!(m.entry(&key("default/ours", "a", Protocol::Tcp)).is_some());
 }
 
@@ -440,7 +480,10 @@ ports: [{name: '', port: 9376, protocol: TCP}]
 endpoints: [{addresses: [10.4.5.6]}, {addresses: [10.1.2.3]}]
 ",
     );
-    assert_eq!(eps(entry(&m, "default/my-service", "")), ["10.1.2.3:9376", "10.4.5.6:9376"]);
+    assert_eq!(
+        eps(entry(&m, "default/my-service", "")),
+        ["10.1.2.3:9376", "10.4.5.6:9376"]
+    );
 }
 
 #[test]
@@ -462,8 +505,14 @@ spec:
   ports: [{name: x, port: 80, protocol: TCP}]
 ",
     );
-    assert_eq!(entry(&m, "default/a", "x").session_affinity_timeout_seconds, Some(10800));
-    assert_eq!(entry(&m, "default/b", "x").session_affinity_timeout_seconds, Some(60));
+    assert_eq!(
+        entry(&m, "default/a", "x").session_affinity_timeout_seconds,
+        Some(10800)
+    );
+    assert_eq!(
+        entry(&m, "default/b", "x").session_affinity_timeout_seconds,
+        Some(60)
+    );
 }
 
 #[test]
@@ -493,14 +542,24 @@ status:
     let e = entry(&m, "default/lb", "http");
     assert_eq!(e.service_type, ServiceType::LoadBalancer);
     assert_eq!(e.external_ips, vec![ip("203.0.113.250")]);
-    assert_eq!(e.load_balancer_ips, vec![ip("1.2.3.4")], "ipMode Proxy and hostnames are not captured");
+    assert_eq!(
+        e.load_balancer_ips,
+        vec![ip("1.2.3.4")],
+        "ipMode Proxy and hostnames are not captured"
+    );
     assert_eq!(e.node_port, Some(30080));
     assert_eq!(e.internal_traffic_policy, TrafficPolicy::Local);
     assert_eq!(e.external_traffic_policy, TrafficPolicy::Local);
     assert_eq!(e.traffic_distribution.as_deref(), Some("PreferClose"));
     assert_eq!(e.app_protocol.as_deref(), Some("http"));
-    assert_eq!(e.load_balancer_source_ranges[0].to_string(), "203.0.113.0/25");
-    assert_eq!(e.options.get("balancer").map(String::as_str), Some("round-robin"));
+    assert_eq!(
+        e.load_balancer_source_ranges[0].to_string(),
+        "203.0.113.0/25"
+    );
+    assert_eq!(
+        e.options.get("balancer").map(String::as_str),
+        Some("round-robin")
+    );
     assert_eq!(e.options.len(), 1);
 }
 
@@ -576,13 +635,23 @@ spec:
 #[test]
 fn endpoints_carry_the_pod_behind_them_and_follow_pod_changes() {
     let mut m = model(WITH_POD_REF);
-    let w = entry(&m, "shop/web", "http").endpoints[0].workload.clone().expect("workload");
+    let w = entry(&m, "shop/web", "http").endpoints[0]
+        .workload
+        .clone()
+        .expect("workload");
     assert_eq!((w.name.as_str(), w.namespace.as_str()), ("web-0", "shop"));
     assert!(!w.meshed && w.labels.is_empty(), "pod not known yet");
 
     let delta = m.apply(Event::Apply(objects(POD)[0].clone()));
-    assert_eq!(delta.upserts.len(), 1, "the pod's arrival updates the Service that lists it");
-    let w = entry(&m, "shop/web", "http").endpoints[0].workload.clone().expect("workload");
+    assert_eq!(
+        delta.upserts.len(),
+        1,
+        "the pod's arrival updates the Service that lists it"
+    );
+    let w = entry(&m, "shop/web", "http").endpoints[0]
+        .workload
+        .clone()
+        .expect("workload");
     assert!(w.meshed);
     assert_eq!(w.service_account.as_deref(), Some("web-sa"));
     assert_eq!(w.labels.get("version").map(String::as_str), Some("v2"));
@@ -598,7 +667,7 @@ fn endpoints_carry_the_pod_behind_them_and_follow_pod_changes() {
 #[test]
 fn not_synced_until_every_kind_is_listed() {
     let mut m = Model::new();
-    let objs = objects(&format!("{SVC1}"));
+    let objs = objects(SVC1);
     m.apply(Event::Replace {
         kind: Kind::Service,
         namespace: None,
@@ -639,7 +708,10 @@ spec: {clusterIP: 10.96.5.3, ports: [{name: x, port: 80, protocol: TCP}]}
         namespace: Some("ns1".into()),
         objects: vec![objs[0].clone()],
     });
-    assert!(delta.upserts.is_empty(), "unchanged objects produce no change");
+    assert!(
+        delta.upserts.is_empty(),
+        "unchanged objects produce no change"
+    );
     assert_eq!(
         delta.removals.into_iter().collect::<Vec<_>>(),
         vec![key("ns1/b", "x", Protocol::Tcp)]
@@ -690,11 +762,13 @@ status: {addresses: [{type: InternalIP, address: 192.168.1.10}, {type: Hostname,
     let n = m.nodes().get("node-a").expect("node");
     assert_eq!(n.zone.as_deref(), Some("zone-a"));
     assert_eq!(n.addresses, vec![ip("192.168.1.10")]);
-    let node = objects("
+    let node = objects(
+        "
 apiVersion: v1
 kind: Node
 metadata: {name: node-a}
-");
+",
+    );
     let delta = m.apply(Event::Delete(node[0].clone()));
     assert!(delta.node_removals.contains("node-a"));
 }

@@ -48,6 +48,9 @@ impl std::fmt::Display for Kind {
 }
 
 /// One Kubernetes object of a kind control reads.
+// Objects are moved once through a channel and then taken apart by the model; boxing the
+// larger variants would cost an allocation each for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Object {
     Service(Service),

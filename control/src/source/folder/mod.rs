@@ -251,7 +251,11 @@ impl Folder {
             let ip = spec.and_then(|s| s.cluster_ip.as_deref());
             match ip {
                 Some(ip) if !ip.is_empty() => {
-                    for ip in spec.and_then(|s| s.cluster_ips.as_ref()).into_iter().flatten() {
+                    for ip in spec
+                        .and_then(|s| s.cluster_ips.as_ref())
+                        .into_iter()
+                        .flatten()
+                    {
                         if let Ok(ip) = ip.parse() {
                             used.insert(ip);
                         }
@@ -397,7 +401,11 @@ impl FolderSource {
                         last_problems = report.problems;
                     }
                     for (kind, n) in &report.skipped {
-                        tracing::debug!(kind, count = n, "skipped documents of a kind control does not read");
+                        tracing::debug!(
+                            kind,
+                            count = n,
+                            "skipped documents of a kind control does not read"
+                        );
                     }
                     for ev in report.events {
                         if tx.send(ev).await.is_err() {
@@ -406,7 +414,9 @@ impl FolderSource {
                     }
                 }
                 Err(e) if !folder.scanned => return Err(e),
-                Err(e) => tracing::error!(folder = %root.display(), "{e}; keeping the last good objects"),
+                Err(e) => {
+                    tracing::error!(folder = %root.display(), "{e}; keeping the last good objects")
+                }
             }
             tokio::select! {
                 got = nrx.recv() => {

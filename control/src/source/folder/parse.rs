@@ -117,7 +117,10 @@ type ParseError = (Option<ObjectKey>, String);
 /// `Ok(None)`: a kind control does not read.
 fn objects_from_value(value: Value) -> Result<Option<Vec<Object>>, ParseError> {
     let Value::Object(map) = &value else {
-        return Err((None, "a manifest must be a mapping with apiVersion and kind".into()));
+        return Err((
+            None,
+            "a manifest must be a mapping with apiVersion and kind".into(),
+        ));
     };
     let api_version = map.get("apiVersion").and_then(Value::as_str).unwrap_or("");
     let Some(kind_name) = map.get("kind").and_then(Value::as_str) else {
@@ -141,7 +144,9 @@ fn objects_from_value(value: Value) -> Result<Option<Vec<Object>>, ParseError> {
         (_, "Service" | "EndpointSlice" | "Pod" | "Node") => {
             return Err((
                 None,
-                format!("{kind_name} with apiVersion `{api_version}`: control reads v1 Service/Pod/Node and discovery.k8s.io/v1 EndpointSlice"),
+                format!(
+                    "{kind_name} with apiVersion `{api_version}`: control reads v1 Service/Pod/Node and discovery.k8s.io/v1 EndpointSlice"
+                ),
             ));
         }
         _ => return Ok(None),
@@ -191,7 +196,8 @@ fn objects_from_value(value: Value) -> Result<Option<Vec<Object>>, ParseError> {
         obj.meta_mut().namespace = Some(namespace);
     }
     obj.trim();
-    default_and_validate(&mut obj).map_err(|reason| (Some(key.clone()), format!("{key}: {reason}")))?;
+    default_and_validate(&mut obj)
+        .map_err(|reason| (Some(key.clone()), format!("{key}: {reason}")))?;
     Ok(Some(vec![obj]))
 }
 
@@ -219,7 +225,10 @@ pub fn default_and_validate(obj: &mut Object) -> Result<(), String> {
 fn default_service(svc: &mut Service) -> Result<(), String> {
     let spec = svc.spec.get_or_insert_with(Default::default);
     let ty = spec.type_.get_or_insert_with(|| "ClusterIP".into()).clone();
-    if !matches!(ty.as_str(), "ClusterIP" | "NodePort" | "LoadBalancer" | "ExternalName") {
+    if !matches!(
+        ty.as_str(),
+        "ClusterIP" | "NodePort" | "LoadBalancer" | "ExternalName"
+    ) {
         return Err(format!(
             "spec.type {ty:?} is not one of ClusterIP, NodePort, LoadBalancer, ExternalName"
         ));
@@ -249,26 +258,34 @@ fn default_service(svc: &mut Service) -> Result<(), String> {
     }
     let ports = spec.ports.get_or_insert_with(Vec::new);
     if ports.is_empty() && ty != "ExternalName" && spec.cluster_ip.as_deref() != Some("None") {
-        return Err("spec.ports is empty (only headless and ExternalName Services may omit ports)".into());
+        return Err(
+            "spec.ports is empty (only headless and ExternalName Services may omit ports)".into(),
+        );
     }
     let mut names = BTreeSet::new();
     let many = ports.len() > 1;
     for (i, p) in ports.iter_mut().enumerate() {
         let proto = p.protocol.get_or_insert_with(|| "TCP".into());
         if !matches!(proto.as_str(), "TCP" | "UDP" | "SCTP") {
-            return Err(format!("spec.ports[{i}].protocol {proto:?} is not TCP, UDP or SCTP"));
+            return Err(format!(
+                "spec.ports[{i}].protocol {proto:?} is not TCP, UDP or SCTP"
+            ));
         }
         if !valid_port(p.port) {
-            return Err(format!("spec.ports[{i}].port {} is not a valid port (1-65535)", p.port));
+            return Err(format!(
+                "spec.ports[{i}].port {} is not a valid port (1-65535)",
+                p.port
+            ));
         }
         if p.target_port.is_none() {
-            p.target_port = Some(
-                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(p.port),
-            );
+            p.target_port =
+                Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(p.port));
         }
         let name = p.name.clone().unwrap_or_default();
         if many && name.is_empty() {
-            return Err(format!("spec.ports[{i}] needs a name: a Service with several ports must name each"));
+            return Err(format!(
+                "spec.ports[{i}] needs a name: a Service with several ports must name each"
+            ));
         }
         if !names.insert((name.clone(), proto.clone())) {
             return Err(format!("spec.ports[{i}]: port name {name:?} is used twice"));
@@ -280,11 +297,16 @@ fn default_service(svc: &mut Service) -> Result<(), String> {
             return Err(format!("spec.ports[{i}].nodePort {np} is not a valid port"));
         }
     }
-    let affinity = spec.session_affinity.get_or_insert_with(|| "None".into()).clone();
+    let affinity = spec
+        .session_affinity
+        .get_or_insert_with(|| "None".into())
+        .clone();
     match affinity.as_str() {
         "None" => {}
         "ClientIP" => {
-            let cfg = spec.session_affinity_config.get_or_insert_with(Default::default);
+            let cfg = spec
+                .session_affinity_config
+                .get_or_insert_with(Default::default);
             let cip = cfg.client_ip.get_or_insert_with(Default::default);
             let t = *cip.timeout_seconds.get_or_insert(10800);
             if !(1..=86400).contains(&t) {
@@ -293,9 +315,18 @@ fn default_service(svc: &mut Service) -> Result<(), String> {
                 ));
             }
         }
-        other => return Err(format!("spec.sessionAffinity {other:?} is not None or ClientIP")),
+        other => {
+            return Err(format!(
+                "spec.sessionAffinity {other:?} is not None or ClientIP"
+            ));
+        }
     }
-    for ip in spec.cluster_ips.iter().flatten().chain(spec.cluster_ip.iter()) {
+    for ip in spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .chain(spec.cluster_ip.iter())
+    {
         if ip != "None" && !ip.is_empty() && ip.parse::<IpAddr>().is_err() {
             return Err(format!("clusterIP {ip:?} is not an IP address or \"None\""));
         }
@@ -322,7 +353,9 @@ fn default_slice(slice: &mut EndpointSlice) -> Result<(), String> {
         p.name.get_or_insert_with(String::new);
         let proto = p.protocol.get_or_insert_with(|| "TCP".into());
         if !matches!(proto.as_str(), "TCP" | "UDP" | "SCTP") {
-            return Err(format!("ports[{i}].protocol {proto:?} is not TCP, UDP or SCTP"));
+            return Err(format!(
+                "ports[{i}].protocol {proto:?} is not TCP, UDP or SCTP"
+            ));
         }
         if let Some(n) = p.port
             && !valid_port(n)

@@ -14,7 +14,11 @@ fn write(dir: &Path, name: &str, text: &str) {
     std::fs::write(dir.join(name), text).expect("write");
 }
 
-fn service<'a>(folder: &'a Folder, ns: &str, name: &str) -> Option<&'a k8s_openapi::api::core::v1::Service> {
+fn service<'a>(
+    folder: &'a Folder,
+    ns: &str,
+    name: &str,
+) -> Option<&'a k8s_openapi::api::core::v1::Service> {
     folder.objects().find_map(|o| match o {
         Object::Service(s)
             if s.metadata.name.as_deref() == Some(name)
@@ -27,7 +31,11 @@ fn service<'a>(folder: &'a Folder, ns: &str, name: &str) -> Option<&'a k8s_opena
 }
 
 fn port_of(svc: &k8s_openapi::api::core::v1::Service) -> i32 {
-    svc.spec.as_ref().and_then(|s| s.ports.as_ref()).map(|p| p[0].port).unwrap_or(0)
+    svc.spec
+        .as_ref()
+        .and_then(|s| s.ports.as_ref())
+        .map(|p| p[0].port)
+        .unwrap_or(0)
 }
 
 const WEB: &str = "
@@ -77,8 +85,16 @@ fn first_scan_loads_every_kind_with_api_server_defaults() {
     let svc = service(&f, "default", "web").expect("namespace defaults to default");
     let spec = svc.spec.as_ref().expect("spec");
     assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
-    assert_eq!(spec.ports.as_ref().expect("ports")[0].protocol.as_deref(), Some("TCP"));
-    let ip: std::net::IpAddr = spec.cluster_ip.as_deref().expect("allocated").parse().expect("ip");
+    assert_eq!(
+        spec.ports.as_ref().expect("ports")[0].protocol.as_deref(),
+        Some("TCP")
+    );
+    let ip: std::net::IpAddr = spec
+        .cluster_ip
+        .as_deref()
+        .expect("allocated")
+        .parse()
+        .expect("ip");
     assert!(cidr().contains(ip), "{ip} from the service CIDR");
     assert_eq!(spec.cluster_ips.as_deref(), Some(&[ip.to_string()][..]));
 
@@ -90,7 +106,10 @@ fn first_scan_loads_every_kind_with_api_server_defaults() {
         })
         .expect("slice");
     let p = &slice.ports.as_ref().expect("ports")[0];
-    assert_eq!((p.name.as_deref(), p.protocol.as_deref()), (Some(""), Some("TCP")));
+    assert_eq!(
+        (p.name.as_deref(), p.protocol.as_deref()),
+        (Some(""), Some("TCP"))
+    );
 }
 
 #[test]
@@ -104,17 +123,28 @@ fn edits_and_deletions_become_apply_and_delete_events_only_for_what_changed() {
     );
     let mut f = Folder::new(dir.path(), cidr());
     f.scan().expect("scan");
-    let ip_before = service(&f, "default", "web").and_then(|s| s.spec.clone()).and_then(|s| s.cluster_ip);
+    let ip_before = service(&f, "default", "web")
+        .and_then(|s| s.spec.clone())
+        .and_then(|s| s.cluster_ip);
 
-    write(dir.path(), "web.yaml", &WEB.replace("port: 80,", "port: 81,"));
+    write(
+        dir.path(),
+        "web.yaml",
+        &WEB.replace("port: 80,", "port: 81,"),
+    );
     let r = f.scan().expect("rescan");
     assert_eq!(r.events.len(), 1, "{:?}", r.events);
     match &r.events[0] {
         Event::Apply(Object::Service(s)) => assert_eq!(port_of(s), 81),
         e => panic!("unexpected {e:?}"),
     }
-    let ip_after = service(&f, "default", "web").and_then(|s| s.spec.clone()).and_then(|s| s.cluster_ip);
-    assert_eq!(ip_before, ip_after, "an allocated clusterIP is stable across edits");
+    let ip_after = service(&f, "default", "web")
+        .and_then(|s| s.spec.clone())
+        .and_then(|s| s.cluster_ip);
+    assert_eq!(
+        ip_before, ip_after,
+        "an allocated clusterIP is stable across edits"
+    );
 
     // Nothing changed: nothing sent.
     assert!(f.scan().expect("rescan").events.is_empty());
@@ -122,7 +152,9 @@ fn edits_and_deletions_become_apply_and_delete_events_only_for_what_changed() {
     std::fs::remove_file(dir.path().join("other.yaml")).expect("rm");
     let r = f.scan().expect("rescan");
     assert_eq!(r.events.len(), 1);
-    assert!(matches!(&r.events[0], Event::Delete(Object::Service(s)) if s.metadata.name.as_deref() == Some("other")));
+    assert!(
+        matches!(&r.events[0], Event::Delete(Object::Service(s)) if s.metadata.name.as_deref() == Some("other"))
+    );
 }
 
 #[test]
@@ -148,7 +180,10 @@ fn malformed_yaml_is_reported_with_file_document_and_line_and_the_last_good_vers
     assert!(p.reason.contains("not valid YAML"), "{}", p.reason);
     assert!(p.kept);
     let msg = p.to_string();
-    assert!(msg.contains("web.yaml:2 (document 1)") && msg.ends_with("keeping the last good version"), "{msg}");
+    assert!(
+        msg.contains("web.yaml:2 (document 1)") && msg.ends_with("keeping the last good version"),
+        "{msg}"
+    );
     // The old Service is still in force; the slice in the same file is unaffected; nothing was
     // deleted or re-sent.
     assert!(r.events.is_empty(), "{:?}", r.events);
@@ -174,30 +209,63 @@ spec: {ports: [{port: 80}]}
     let mut f = Folder::new(dir.path(), cidr());
     f.scan().expect("scan");
 
-    let edited = two
-        .replacen("port: 80", "port: 70000", 1)
-        .replacen("name: b, namespace: ns1}\nspec: {ports: [{port: 80}]}", "name: b, namespace: ns1}\nspec: {ports: [{port: 90}]}", 1);
+    let edited = two.replacen("port: 80", "port: 70000", 1).replacen(
+        "name: b, namespace: ns1}\nspec: {ports: [{port: 80}]}",
+        "name: b, namespace: ns1}\nspec: {ports: [{port: 90}]}",
+        1,
+    );
     write(dir.path(), "two.yaml", &edited);
     let r = f.scan().expect("rescan");
     assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
     let p = &r.problems[0];
-    assert_eq!(p.object.as_ref().map(|k| k.to_string()).as_deref(), Some("Service ns1/a"));
-    assert!(p.reason.contains("70000 is not a valid port"), "{}", p.reason);
+    assert_eq!(
+        p.object.as_ref().map(|k| k.to_string()).as_deref(),
+        Some("Service ns1/a")
+    );
+    assert!(
+        p.reason.contains("70000 is not a valid port"),
+        "{}",
+        p.reason
+    );
     assert!(p.kept);
-    assert_eq!(service(&f, "ns1", "a").map(port_of), Some(80), "last good version");
-    assert_eq!(service(&f, "ns1", "b").map(port_of), Some(90), "its neighbour changed normally");
+    assert_eq!(
+        service(&f, "ns1", "a").map(port_of),
+        Some(80),
+        "last good version"
+    );
+    assert_eq!(
+        service(&f, "ns1", "b").map(port_of),
+        Some(90),
+        "its neighbour changed normally"
+    );
     assert_eq!(r.events.len(), 1, "{:#?}", r.events);
 
     // A type error is reported with the object too.
-    write(dir.path(), "two.yaml", &two.replacen("port: 80", "port: eighty", 1));
+    write(
+        dir.path(),
+        "two.yaml",
+        &two.replacen("port: 80", "port: eighty", 1),
+    );
     let r = f.scan().expect("rescan");
     assert_eq!(r.problems.len(), 1);
-    assert!(r.problems[0].to_string().contains("Service ns1/a"), "{}", r.problems[0]);
+    assert!(
+        r.problems[0].to_string().contains("Service ns1/a"),
+        "{}",
+        r.problems[0]
+    );
 
     // A new invalid object has nothing to keep: it is reported and absent.
-    write(dir.path(), "new.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: c}\nspec: {ports: [{port: 1, protocol: QUIC}]}\n");
+    write(
+        dir.path(),
+        "new.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: c}\nspec: {ports: [{port: 1, protocol: QUIC}]}\n",
+    );
     let r = f.scan().expect("rescan");
-    let p = r.problems.iter().find(|p| p.file.ends_with("new.yaml")).expect("reported");
+    let p = r
+        .problems
+        .iter()
+        .find(|p| p.file.ends_with("new.yaml"))
+        .expect("reported");
     assert!(!p.kept && p.reason.contains("QUIC"), "{p}");
     assert!(service(&f, "default", "c").is_none());
 }
@@ -207,8 +275,14 @@ fn validation_catches_what_the_api_server_would_refuse() {
     let cases = [
         ("spec: {ports: [{port: 80}, {port: 81}]}", "needs a name"),
         ("spec: {type: Magic, ports: [{port: 80}]}", "spec.type"),
-        ("spec: {sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 90000}}, ports: [{port: 80}]}", "timeoutSeconds 90000"),
-        ("spec: {clusterIP: 10.96.0.999, ports: [{port: 80}]}", "clusterIP"),
+        (
+            "spec: {sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 90000}}, ports: [{port: 80}]}",
+            "timeoutSeconds 90000",
+        ),
+        (
+            "spec: {clusterIP: 10.96.0.999, ports: [{port: 80}]}",
+            "clusterIP",
+        ),
         ("spec: {type: ExternalName}", "externalName"),
         ("spec: {ports: []}", "spec.ports is empty"),
     ];
@@ -221,9 +295,17 @@ fn validation_catches_what_the_api_server_would_refuse() {
         }
     }
     let slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s}\naddressType: IPv4\nendpoints: [{addresses: ['fd00::1']}]\n";
-    assert!(matches!(&parse_file(slice)[0].outcome, Outcome::Invalid { reason, .. } if reason.contains("not an IPv4 address")));
-    assert!(matches!(&parse_file("kind: Service\n")[0].outcome, Outcome::Invalid { .. }));
-    assert!(matches!(&parse_file("- a\n- b\n")[0].outcome, Outcome::Invalid { .. }));
+    assert!(
+        matches!(&parse_file(slice)[0].outcome, Outcome::Invalid { reason, .. } if reason.contains("not an IPv4 address"))
+    );
+    assert!(matches!(
+        &parse_file("kind: Service\n")[0].outcome,
+        Outcome::Invalid { .. }
+    ));
+    assert!(matches!(
+        &parse_file("- a\n- b\n")[0].outcome,
+        Outcome::Invalid { .. }
+    ));
 }
 
 #[test]
@@ -251,7 +333,10 @@ fn lists_are_expanded_and_explicit_cluster_ips_are_never_handed_out_again() {
     ips.sort();
     ips.dedup();
     assert_eq!(ips.len(), 50, "no two Services share an address");
-    assert!(!ips.contains(&"10.96.0.1".to_string()), "the first host is left for `kubernetes`");
+    assert!(
+        !ips.contains(&"10.96.0.1".to_string()),
+        "the first host is left for `kubernetes`"
+    );
 }
 
 #[tokio::test]
@@ -262,19 +347,37 @@ async fn the_running_source_follows_edits() {
     let task = tokio::spawn(FolderSource::new(dir.path(), cidr()).run(tx));
     // The initial load: four Replace + four Synced.
     for _ in 0..8 {
-        tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("initial events").expect("open");
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("initial events")
+            .expect("open");
     }
-    write(dir.path(), "web.yaml", &WEB.replace("port: 80,", "port: 8081,"));
-    let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("change seen").expect("open");
-    assert!(matches!(ev, Event::Apply(Object::Service(ref s)) if port_of(s) == 8081), "{ev:?}");
+    write(
+        dir.path(),
+        "web.yaml",
+        &WEB.replace("port: 80,", "port: 8081,"),
+    );
+    let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("change seen")
+        .expect("open");
+    assert!(
+        matches!(ev, Event::Apply(Object::Service(ref s)) if port_of(s) == 8081),
+        "{ev:?}"
+    );
     drop(rx);
     // Closing the channel stops the source.
-    let _ = tokio::time::timeout(Duration::from_secs(10), task).await.expect("source stops");
+    let _ = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("source stops");
 }
 
 #[tokio::test]
 async fn a_missing_folder_is_a_clear_error() {
     let (tx, _rx) = tokio::sync::mpsc::channel(4);
-    let err = FolderSource::new("/nonexistent/wasmesh", cidr()).run(tx).await.expect_err("fails");
+    let err = FolderSource::new("/nonexistent/wasmesh", cidr())
+        .run(tx)
+        .await
+        .expect_err("fails");
     assert!(err.to_string().contains("/nonexistent/wasmesh"), "{err}");
 }

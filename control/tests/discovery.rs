@@ -1,0 +1,430 @@
+//! The discovery stream as a proxy sees it: a real tonic client against the real server.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::time::timeout;
+use tonic::Streaming;
+use wasmesh_api::discovery::discovery_client::DiscoveryClient;
+use wasmesh_api::table::Table;
+use wasmesh_api::{TableUpdate, UpdateKind, WatchRequest};
+use wasmesh_control::app;
+use wasmesh_control::discovery::hub::{Hub, Publish};
+use wasmesh_control::discovery::server;
+use wasmesh_control::model::{
+    Cidr, EndpointEntry, PortKey, Protocol, ServicePortEntry, ServiceType, TrafficPolicy,
+};
+use wasmesh_control::source::folder::FolderSource;
+use wasmesh_control::source::{Event, Kind, Object};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn listener() -> (TcpListener, SocketAddr) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let a = l.local_addr().expect("addr");
+    (l, a)
+}
+
+async fn watch(addr: SocketAddr, pod: &str) -> Streaming<TableUpdate> {
+    let mut client = DiscoveryClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect")
+        .max_decoding_message_size(64 << 20);
+    client
+        .watch(WatchRequest {
+            pod_name: pod.into(),
+            pod_namespace: "default".into(),
+            node_name: "node-a".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("watch")
+        .into_inner()
+}
+
+async fn next(s: &mut Streaming<TableUpdate>) -> TableUpdate {
+    timeout(WAIT, s.message())
+        .await
+        .expect("an update in time")
+        .expect("no stream error")
+        .expect("stream open")
+}
+
+/// Reads until the table is consistent (a whole snapshot, or one delta).
+async fn next_complete(s: &mut Streaming<TableUpdate>, table: &mut Table) -> Vec<TableUpdate> {
+    let mut got = Vec::new();
+    loop {
+        let u = next(s).await;
+        got.push(u.clone());
+        if table.apply(u).expect("applies").complete {
+            return got;
+        }
+    }
+}
+
+fn endpoints(table: &Table, svc: &str) -> Vec<String> {
+    let sp = table
+        .ports
+        .values()
+        .find(|p| p.key.as_ref().is_some_and(|k| k.service == svc))
+        .unwrap_or_else(|| panic!("no {svc} in table"));
+    sp.endpoints
+        .iter()
+        .map(|e| {
+            let ip: IpAddr = match e.address.len() {
+                4 => <[u8; 4]>::try_from(&e.address[..]).expect("v4").into(),
+                _ => <[u8; 16]>::try_from(&e.address[..]).expect("v6").into(),
+            };
+            format!("{ip}:{}", e.port)
+        })
+        .collect()
+}
+
+fn svc_yaml(name: &str, ep: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: {name}}}
+spec: {{ports: [{{name: http, port: 80}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints: [{{addresses: [{ep}]}}]
+"
+    )
+}
+
+#[tokio::test]
+async fn a_proxy_gets_a_snapshot_then_only_the_service_ports_that_changed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("a.yaml"), svc_yaml("alpha", "10.244.0.1")).expect("write");
+    std::fs::write(dir.path().join("b.yaml"), svc_yaml("beta", "10.244.0.2")).expect("write");
+    let (l, addr) = listener().await;
+    let source = wasmesh_control::source::Source::Folder(FolderSource::new(
+        dir.path(),
+        Cidr::parse("10.96.0.0/12").expect("cidr"),
+    ));
+    tokio::spawn(app::serve(
+        source,
+        l,
+        None,
+        Duration::ZERO,
+        std::future::pending(),
+    ));
+
+    let mut stream = watch(addr, "client-1").await;
+    let mut table = Table::default();
+    let first = next_complete(&mut stream, &mut table).await;
+    assert_eq!(first[0].kind, UpdateKind::Snapshot as i32);
+    assert_eq!(table.ports.len(), 2);
+    assert_eq!(endpoints(&table, "beta"), ["10.244.0.2:8080"]);
+    let v = table.version;
+
+    std::fs::write(dir.path().join("b.yaml"), svc_yaml("beta", "10.244.0.3")).expect("write");
+    let delta = next_complete(&mut stream, &mut table).await;
+    assert_eq!(delta.len(), 1);
+    let d = &delta[0];
+    assert_eq!((d.kind, d.version), (UpdateKind::Delta as i32, v + 1));
+    assert_eq!(
+        d.service_ports.len(),
+        1,
+        "only the changed service port travels"
+    );
+    assert_eq!(
+        d.service_ports[0].key.as_ref().map(|k| k.service.as_str()),
+        Some("beta")
+    );
+    assert_eq!(endpoints(&table, "beta"), ["10.244.0.3:8080"]);
+    assert_eq!(endpoints(&table, "alpha"), ["10.244.0.1:8080"]);
+
+    // A second proxy joining now gets the current table in its snapshot.
+    let mut s2 = watch(addr, "client-2").await;
+    let mut t2 = Table::default();
+    next_complete(&mut s2, &mut t2).await;
+    assert_eq!(t2.version, table.version);
+    assert_eq!(endpoints(&t2, "beta"), ["10.244.0.3:8080"]);
+}
+
+fn objects(yaml: &str) -> Vec<Object> {
+    wasmesh_control::source::folder::parse_file(yaml)
+        .into_iter()
+        .flat_map(|d| match d.outcome {
+            wasmesh_control::source::folder::Outcome::Objects(o) => o,
+            o => panic!("bad test object: {o:?}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn nothing_is_sent_before_services_and_endpoint_slices_are_listed() {
+    let (tx, hub, _p) = app::start_publisher(Duration::ZERO);
+    let (l, addr) = listener().await;
+    tokio::spawn(server::serve(l, hub, std::future::pending()));
+    let mut stream = watch(addr, "early").await;
+
+    let mut objs = objects(&svc_yaml("alpha", "10.244.0.1"));
+    objs.iter_mut().for_each(|o| o.meta_mut().uid = None);
+    let svc: Vec<Object> = objs
+        .iter()
+        .filter(|o| o.kind() == Kind::Service)
+        .cloned()
+        .collect();
+    tx.send(Event::Replace {
+        kind: Kind::Service,
+        namespace: None,
+        objects: svc,
+    })
+    .await
+    .expect("send");
+    tx.send(Event::Synced(Kind::Service)).await.expect("send");
+    // Services are known but their endpoints are not: no answer at all, never "no endpoints".
+    assert!(
+        timeout(Duration::from_millis(300), stream.message())
+            .await
+            .is_err(),
+        "a half-synced table must not be sent"
+    );
+    let slices: Vec<Object> = objs
+        .into_iter()
+        .filter(|o| o.kind() == Kind::EndpointSlice)
+        .collect();
+    tx.send(Event::Replace {
+        kind: Kind::EndpointSlice,
+        namespace: None,
+        objects: slices,
+    })
+    .await
+    .expect("send");
+    for k in [Kind::EndpointSlice, Kind::Pod, Kind::Node] {
+        tx.send(Event::Synced(k)).await.expect("send");
+    }
+    let mut table = Table::default();
+    next_complete(&mut stream, &mut table).await;
+    assert_eq!(endpoints(&table, "alpha"), ["10.244.0.1:8080"]);
+}
+
+#[tokio::test]
+async fn an_endpoint_moving_between_slices_never_disappears() {
+    let (tx, hub, _p) = app::start_publisher(Duration::from_millis(200));
+    let (l, addr) = listener().await;
+    tokio::spawn(server::serve(l, hub, std::future::pending()));
+    let objs = objects(&svc_yaml("alpha", "10.244.0.1"));
+    for kind in Kind::ALL {
+        let of_kind = objs.iter().filter(|o| o.kind() == kind).cloned().collect();
+        tx.send(Event::Replace {
+            kind,
+            namespace: None,
+            objects: of_kind,
+        })
+        .await
+        .expect("send");
+        tx.send(Event::Synced(kind)).await.expect("send");
+    }
+    let mut stream = watch(addr, "p").await;
+    let mut table = Table::default();
+    next_complete(&mut stream, &mut table).await;
+
+    // The EndpointSlice controller moves the endpoint: slice 1 loses it first, slice 2 gets it
+    // a moment later.
+    let old = objs
+        .iter()
+        .find(|o| o.kind() == Kind::EndpointSlice)
+        .cloned()
+        .expect("slice");
+    let mut moved = old.clone();
+    moved.meta_mut().name = Some("alpha-2".into());
+    tx.send(Event::Delete(old)).await.expect("send");
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    tx.send(Event::Apply(moved)).await.expect("send");
+    // Then a real removal: the endpoint goes for good.
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let mut gone = objs
+        .iter()
+        .find(|o| o.kind() == Kind::EndpointSlice)
+        .cloned()
+        .expect("slice");
+    gone.meta_mut().name = Some("alpha-2".into());
+    tx.send(Event::Delete(gone)).await.expect("send");
+
+    // Every table the proxy holds until the real removal lists the endpoint.
+    loop {
+        next_complete(&mut stream, &mut table).await;
+        let eps = endpoints(&table, "alpha");
+        if eps.is_empty() {
+            break;
+        }
+        assert_eq!(eps, ["10.244.0.1:8080"]);
+    }
+}
+
+fn entry(i: u32) -> Arc<ServicePortEntry> {
+    Arc::new(ServicePortEntry {
+        key: PortKey {
+            namespace: "default".into(),
+            service: "svc".into(),
+            port_name: "http".into(),
+            protocol: Protocol::Tcp,
+        },
+        port: 80,
+        service_type: ServiceType::ClusterIP,
+        cluster_ips: vec!["10.96.0.10".parse().expect("ip")],
+        external_ips: vec![],
+        load_balancer_ips: vec![],
+        node_port: None,
+        app_protocol: None,
+        session_affinity_timeout_seconds: None,
+        internal_traffic_policy: TrafficPolicy::Cluster,
+        external_traffic_policy: TrafficPolicy::Cluster,
+        traffic_distribution: None,
+        headless: false,
+        external_name: None,
+        load_balancer_source_ranges: vec![],
+        options: Default::default(),
+        endpoints: vec![EndpointEntry {
+            address: "10.244.0.1".parse().expect("ip"),
+            port: (1000 + i % 60000) as u16,
+            ready: true,
+            serving: true,
+            terminating: false,
+            node_name: None,
+            zone: None,
+            hint_zones: vec![],
+            hint_nodes: vec![],
+            workload: None,
+        }],
+    })
+}
+
+/// An entry of about 2 KB, so that deltas fill transport buffers.
+fn big_entry(i: u32) -> Arc<ServicePortEntry> {
+    let mut e = (*entry(i)).clone();
+    e.options.insert("padding".into(), "x".repeat(2048));
+    Arc::new(e)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_proxy_is_resynced_and_does_not_stall_the_others() {
+    let hub = Arc::new(Hub::new());
+    hub.init([&entry(0)], []);
+    let (l, addr) = listener().await;
+    tokio::spawn(server::serve(l, hub.clone(), std::future::pending()));
+
+    let mut slow = watch(addr, "slow").await;
+    let mut fast = watch(addr, "fast").await;
+    let mut fast_table = Table::default();
+    next_complete(&mut fast, &mut fast_table).await;
+    let start = fast_table.version;
+
+    // The fast proxy reads as deltas arrive; the slow one reads nothing meanwhile.
+    let n = 8 * Hub::RING as u32;
+    let reader = tokio::spawn(async move {
+        let mut snapshots = 0;
+        while fast_table.version < start + u64::from(n) {
+            for u in next_complete(&mut fast, &mut fast_table).await {
+                snapshots += usize::from(u.kind == UpdateKind::Snapshot as i32);
+            }
+        }
+        assert_eq!(snapshots, 0, "the fast proxy was never resynced");
+        fast_table
+    });
+    for i in 1..=n {
+        hub.publish(Publish {
+            upserts: vec![big_entry(i)],
+            ..Default::default()
+        });
+        if i % 16 == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    let fast_table = timeout(WAIT, reader)
+        .await
+        .expect("fast proxy kept up")
+        .expect("join");
+    assert_eq!(
+        fast_table.version,
+        start + u64::from(n),
+        "every delta, in order, no gap"
+    );
+    assert_eq!(
+        endpoints(&fast_table, "svc"),
+        [format!("10.244.0.1:{}", 1000 + n)]
+    );
+
+    // The slow proxy catches up through a fresh snapshot and ends at the same table.
+    let mut slow_table = Table::default();
+    let mut snapshots = 0;
+    while slow_table.version != fast_table.version {
+        for u in next_complete(&mut slow, &mut slow_table).await {
+            if u.kind == UpdateKind::Snapshot as i32 {
+                snapshots += 1;
+            }
+        }
+    }
+    assert!(
+        snapshots >= 2,
+        "the slow proxy was resynced with a new snapshot"
+    );
+    assert!(hub.stats.resyncs.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    assert_eq!(endpoints(&slow_table, "svc"), endpoints(&fast_table, "svc"));
+}
+
+#[tokio::test]
+async fn large_snapshots_arrive_in_parts_that_add_up() {
+    let hub = Arc::new(Hub::new());
+    let entries: Vec<Arc<ServicePortEntry>> = (0..2000)
+        .map(|i| {
+            let mut e = (*entry(i)).clone();
+            e.key.service = format!("svc-{i}");
+            Arc::new(e)
+        })
+        .collect();
+    hub.init(entries.iter(), []);
+    let (l, addr) = listener().await;
+    tokio::spawn(server::serve(l, hub.clone(), std::future::pending()));
+    let mut s = watch(addr, "p").await;
+    let mut t = Table::default();
+    let parts = next_complete(&mut s, &mut t).await;
+    assert!(parts.len() > 1, "split into parts");
+    assert_eq!(parts[0].kind, UpdateKind::Snapshot as i32);
+    assert!(
+        parts[1..]
+            .iter()
+            .all(|p| p.kind == UpdateKind::SnapshotContinued as i32)
+    );
+    assert_eq!(t.ports.len(), 2000);
+}
+
+#[tokio::test]
+async fn an_unknown_method_gets_unimplemented_and_the_server_keeps_serving() {
+    let hub = Arc::new(Hub::new());
+    hub.init([&entry(0)], []);
+    let (l, addr) = listener().await;
+    tokio::spawn(server::serve(l, hub, std::future::pending()));
+    let mut ch = tonic::client::Grpc::new(
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect"),
+    );
+    ch.ready().await.expect("ready");
+    let err = ch
+        .unary::<WatchRequest, WatchRequest, _>(
+            tonic::Request::new(WatchRequest::default()),
+            "/wasmesh.discovery.v1.Discovery/Nope"
+                .parse()
+                .expect("path"),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .expect_err("unimplemented");
+    assert_eq!(err.code(), tonic::Code::Unimplemented);
+    let mut t = Table::default();
+    next_complete(&mut watch(addr, "after").await, &mut t).await;
+    assert_eq!(t.ports.len(), 1);
+}
