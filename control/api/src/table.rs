@@ -145,7 +145,13 @@ impl Table {
     }
 
     /// The service port with this identity, if any.
-    pub fn get(&self, namespace: &str, service: &str, port_name: &str, protocol: i32) -> Option<&ServicePort> {
+    pub fn get(
+        &self,
+        namespace: &str,
+        service: &str,
+        port_name: &str,
+        protocol: i32,
+    ) -> Option<&ServicePort> {
         self.ports.get(&(
             namespace.to_string(),
             service.to_string(),
