@@ -1,1 +1,2 @@
 //! Test helpers (behind the `test-util` feature).
+pub mod fake_apiserver;

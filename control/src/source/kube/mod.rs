@@ -1,15 +1,262 @@
-//! The Kubernetes source (being written).
-use super::{EventSender, SourceError};
+//! The Kubernetes source: `kube::runtime::watcher`s on the API server.
+//!
+//! One watcher per kind and scope: Services, EndpointSlices (discovery.k8s.io/v1) and Pods in
+//! all namespaces, or one watcher per configured namespace; Nodes always cluster-wide. Each
+//! watcher lists, then watches from the list's resourceVersion; the kube watcher re-lists after
+//! "410 Gone" and resumes after a closed watch by itself, and `.default_backoff()` spaces out
+//! retries after errors. [`scope::Scope`] turns a watcher's events into source [`Event`]s
+//! (a list becomes one [`Event::Replace`]) and [`scope::SyncTracker`] sends [`Event::Synced`]
+//! once every scope of a kind has been listed once.
+//!
+//! All watchers are polled by the one task running [`KubeSource::run`]: events keep their order
+//! per watcher, and a slow receiver slows the watchers instead of growing a queue.
+//!
+//! Permissions needed: list and watch on the four kinds, see `examples/k8s/control-rbac.yaml`.
 
-#[derive(Debug)]
-pub struct KubeSource {}
+mod scope;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeSet;
+use std::fmt::Debug;
+
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Resource};
+use serde::de::DeserializeOwned;
+
+use super::{Event, EventSender, Kind, Object, SourceError};
+use scope::{Scope, SyncTracker};
+
+/// Where RBAC for control is described; named in errors about permissions.
+const RBAC_EXAMPLE: &str = "examples/k8s/control-rbac.yaml";
+
+/// Watches Services, EndpointSlices, Pods and Nodes on a Kubernetes API server.
+#[derive(Clone)]
+pub struct KubeSource {
+    client: kube::Client,
+    /// Empty: all namespaces.
+    namespaces: Vec<String>,
+    page_size: Option<u32>,
+}
+
+impl Debug for KubeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeSource")
+            .field("namespaces", &self.namespaces)
+            .field("page_size", &self.page_size)
+            .finish_non_exhaustive()
+    }
+}
 
 impl KubeSource {
-    pub async fn from_env(_namespaces: Vec<String>) -> Result<Self, SourceError> {
-        Err(SourceError::Kube("the kube source is not built yet".into()))
+    /// A source reading through `client`; `namespaces` limits Services, EndpointSlices and Pods
+    /// to those namespaces (empty: all namespaces). Duplicates and empty names are ignored.
+    pub fn new(client: kube::Client, namespaces: Vec<String>) -> Self {
+        let namespaces: BTreeSet<String> = namespaces
+            .into_iter()
+            .map(|ns| ns.trim().to_string())
+            .filter(|ns| !ns.is_empty())
+            .collect();
+        KubeSource {
+            client,
+            namespaces: namespaces.into_iter().collect(),
+            page_size: None,
+        }
     }
 
-    pub async fn run(self, _tx: EventSender) -> Result<(), SourceError> {
-        Err(SourceError::Kube("not built yet".into()))
+    /// A source using the in-cluster service account, or the kubeconfig named by `KUBECONFIG`
+    /// (else `~/.kube/config`).
+    pub async fn from_env(namespaces: Vec<String>) -> Result<Self, SourceError> {
+        let client = kube::Client::try_default().await.map_err(|e| {
+            SourceError::Kube(format!(
+                "no usable Kubernetes configuration ({e}). Run control in a pod with a service \
+                 account (RBAC: {RBAC_EXAMPLE}), or set KUBECONFIG to a kubeconfig file whose \
+                 current context reaches the cluster, or read a folder of YAML instead with \
+                 --source dir:PATH"
+            ))
+        })?;
+        Ok(Self::new(client, namespaces))
+    }
+
+    /// Lists in pages of `page_size` objects (default: kube's 500, as client-go).
+    #[must_use]
+    pub fn with_page_size(mut self, page_size: u32) -> Self {
+        self.page_size = Some(page_size);
+        self
+    }
+
+    /// The namespaces watched (empty: all).
+    pub fn namespaces(&self) -> &[String] {
+        &self.namespaces
+    }
+
+    /// Watches until `tx` is closed. Watch errors are logged and retried with backoff, never
+    /// returned: the only error is every watch stream ending, which the kube watcher never does.
+    pub async fn run(self, tx: EventSender) -> Result<(), SourceError> {
+        let mut scopes = self.scopes();
+        let mut tracker = SyncTracker::new(&scopes);
+        let streams = scopes
+            .iter()
+            .enumerate()
+            .map(|(i, scope)| self.stream(scope).map(move |item| (i, item)));
+        let mut events = futures::stream::select_all(streams);
+        tracing::info!(
+            namespaces = ?self.namespaces,
+            watches = scopes.len(),
+            "watching Services, EndpointSlices, Pods and Nodes on the Kubernetes API server"
+        );
+        loop {
+            let next = tokio::select! {
+                biased;
+                () = tx.closed() => return Ok(()),
+                next = events.next() => next,
+            };
+            let Some((index, item)) = next else {
+                return Err(SourceError::Kube(
+                    "every watch on the API server ended; restart control".into(),
+                ));
+            };
+            let Some(scope) = scopes.get_mut(index) else {
+                continue;
+            };
+            let output = match item {
+                Ok(event) => scope.on_event(event),
+                Err(err) => {
+                    warn_watch_error(scope, &err);
+                    continue;
+                }
+            };
+            let Some(output) = output else { continue };
+            if let Event::Replace { objects, .. } = &output.event {
+                tracing::debug!(scope = %scope.describe(), objects = objects.len(), "listed");
+            }
+            let synced = if output.first_list {
+                tracker.first_list_done(scope.kind)
+            } else {
+                None
+            };
+            for event in std::iter::once(output.event).chain(synced) {
+                if tx.send(event).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// One scope per watcher: each namespaced kind once (all namespaces) or once per
+    /// namespace; Nodes once.
+    fn scopes(&self) -> Vec<Scope> {
+        let mut scopes = Vec::new();
+        for kind in [Kind::Service, Kind::EndpointSlice, Kind::Pod] {
+            if self.namespaces.is_empty() {
+                scopes.push(Scope::new(kind, None));
+            } else {
+                for ns in &self.namespaces {
+                    scopes.push(Scope::new(kind, Some(ns.clone())));
+                }
+            }
+        }
+        scopes.push(Scope::new(Kind::Node, None));
+        scopes
+    }
+
+    fn watcher_config(&self) -> watcher::Config {
+        let config = watcher::Config::default();
+        match self.page_size {
+            Some(n) => config.page_size(n),
+            None => config,
+        }
+    }
+
+    fn stream(&self, scope: &Scope) -> WatchStream {
+        let client = self.client.clone();
+        let config = self.watcher_config();
+        let ns = scope.namespace.as_deref();
+        match scope.kind {
+            Kind::Service => watch(namespaced::<Service>(client, ns), config, Object::Service),
+            Kind::EndpointSlice => watch(
+                namespaced::<EndpointSlice>(client, ns),
+                config,
+                Object::EndpointSlice,
+            ),
+            Kind::Pod => watch(namespaced::<Pod>(client, ns), config, Object::Pod),
+            Kind::Node => watch(Api::<Node>::all(client), config, Object::Node),
+        }
+    }
+}
+
+type WatchStream = BoxStream<'static, Result<watcher::Event<Object>, watcher::Error>>;
+
+fn namespaced<K>(client: kube::Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    }
+}
+
+fn watch<K>(api: Api<K>, config: watcher::Config, wrap: fn(K) -> Object) -> WatchStream
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    watcher(api, config)
+        .default_backoff()
+        .map_ok(move |event| into_object_event(event, wrap))
+        .boxed()
+}
+
+fn into_object_event<K>(event: watcher::Event<K>, wrap: fn(K) -> Object) -> watcher::Event<Object> {
+    match event {
+        watcher::Event::Apply(o) => watcher::Event::Apply(wrap(o)),
+        watcher::Event::Delete(o) => watcher::Event::Delete(wrap(o)),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitApply(o) => watcher::Event::InitApply(wrap(o)),
+        watcher::Event::InitDone => watcher::Event::InitDone,
+    }
+}
+
+fn warn_watch_error(scope: &Scope, err: &watcher::Error) {
+    tracing::warn!(
+        kind = %scope.kind,
+        namespace = scope.namespace.as_deref().unwrap_or("(all)"),
+        error = %err,
+        "watching {} failed; retrying with backoff{}",
+        scope.describe(),
+        hint(err),
+    );
+}
+
+/// What an operator can do about a watch error, if anything.
+fn hint(err: &watcher::Error) -> String {
+    match status_code(err) {
+        Some(401) => "; the API server rejected control's credentials (token expired or wrong \
+                      cluster?)"
+            .into(),
+        Some(403) => format!(
+            "; control's service account may not list/watch this kind: apply {RBAC_EXAMPLE}"
+        ),
+        Some(410) => "; the watch fell behind the API server's history, listing again".into(),
+        _ => String::new(),
+    }
+}
+
+fn status_code(err: &watcher::Error) -> Option<u16> {
+    match err {
+        watcher::Error::InitialListFailed(e)
+        | watcher::Error::WatchStartFailed(e)
+        | watcher::Error::WatchFailed(e) => match e {
+            kube::Error::Api(status) => Some(status.code),
+            _ => None,
+        },
+        watcher::Error::WatchError(status) => Some(status.code),
+        watcher::Error::NoResourceVersion => None,
     }
 }
