@@ -1,1 +1,180 @@
-fn main() {}
+//! `wasmesh-proxy`: the sidecar binary. One subcommand per job; `init` installs the pod's
+//! interception rules (run once, in an init container, with NET_ADMIN and NET_RAW).
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+use wasmesh_proxy::intercept::{
+    self, Cidr, DEFAULT_PROXY_UID, Include, InitConfig, Ipv6Mode, List, Port, PortRange,
+};
+
+/// The wasmesh sidecar.
+#[derive(Debug, Parser)]
+#[command(name = "wasmesh-proxy", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install this pod's traffic interception rules (iptables nat) in the current network
+    /// namespace: outbound TCP to the outbound port, inbound TCP to the inbound port.
+    ///
+    /// Safe to run again: the WASMESH_* chains are replaced, never duplicated. All or nothing:
+    /// if any step fails, everything it made is removed again. Lists are comma-separated and
+    /// take ports (8080) or port ranges (8000-8100); CIDR lists take IPv4 and IPv6 networks or
+    /// addresses. Rules, chains and why each exclusion exists: docs/interception.md.
+    Init(InitArgs),
+}
+
+#[derive(Debug, Args)]
+struct InitArgs {
+    /// UID the proxy runs as. Its connections are not captured, except those to the pod's own
+    /// IP, which go through the inbound listener (hairpin).
+    #[arg(long, env = "WASMESH_PROXY_UID", value_name = "UID", default_value_t = DEFAULT_PROXY_UID)]
+    proxy_uid: u32,
+
+    /// Also exempt connections made by processes with this GID, like the proxy UID (for a
+    /// proxy that runs as another user with this group). Default: none.
+    #[arg(long, env = "WASMESH_PROXY_GID", value_name = "GID")]
+    proxy_gid: Option<u32>,
+
+    /// Port of the proxy's inbound listener: inbound TCP connections are redirected here.
+    #[arg(
+        long,
+        env = "WASMESH_INBOUND_PORT",
+        value_name = "PORT",
+        default_value = "15006"
+    )]
+    inbound_port: Port,
+
+    /// Port of the proxy's outbound listener: outbound TCP connections are redirected here.
+    #[arg(
+        long,
+        env = "WASMESH_OUTBOUND_PORT",
+        value_name = "PORT",
+        default_value = "15001"
+    )]
+    outbound_port: Port,
+
+    /// Inbound destination ports that reach the app directly, never the proxy (e.g. a port the
+    /// app terminates TLS on itself). The admin port 15000 and the inbound and outbound ports
+    /// are always excluded.
+    #[arg(long, env = "WASMESH_EXCLUDE_INBOUND_PORTS", value_name = "LIST")]
+    exclude_inbound_ports: Option<List<PortRange>>,
+
+    /// Outbound destination ports never captured, for any process (e.g. a database protocol
+    /// the proxy must not touch).
+    #[arg(long, env = "WASMESH_EXCLUDE_OUTBOUND_PORTS", value_name = "LIST")]
+    exclude_outbound_ports: Option<List<PortRange>>,
+
+    /// Outbound destination networks never captured (e.g. the cloud metadata address
+    /// 169.254.169.254).
+    #[arg(long, env = "WASMESH_EXCLUDE_OUTBOUND_CIDRS", value_name = "LIST")]
+    exclude_outbound_cidrs: Option<List<Cidr>>,
+
+    /// Outbound destination networks that are captured: `*` for all, or a list (e.g. only the
+    /// Service range 10.96.0.0/12); an empty list captures no outbound traffic. Exclusions win.
+    #[arg(
+        long,
+        env = "WASMESH_INCLUDE_OUTBOUND_CIDRS",
+        value_name = "LIST|*",
+        default_value = "*"
+    )]
+    include_outbound_cidrs: Include<Cidr>,
+
+    /// Inbound destination ports that are captured: `*` for all, or a list; an empty list
+    /// captures no inbound traffic. Exclusions win.
+    #[arg(
+        long,
+        env = "WASMESH_INCLUDE_INBOUND_PORTS",
+        value_name = "LIST|*",
+        default_value = "*"
+    )]
+    include_inbound_ports: Include<PortRange>,
+
+    /// IPv6 rules (ip6tables): `auto` installs them when this network namespace has IPv6
+    /// (net.ipv6.conf.all.disable_ipv6 = 0), `on` always, `off` never.
+    #[arg(
+        long,
+        env = "WASMESH_IPV6",
+        value_name = "auto|on|off",
+        default_value = "auto"
+    )]
+    ipv6: Ipv6Mode,
+
+    /// Print the rules (iptables-restore input, IPv4 then IPv6) and change nothing. Needs no
+    /// privileges.
+    #[arg(long, env = "WASMESH_DRY_RUN")]
+    dry_run: bool,
+
+    /// Remove every WASMESH_* chain, every jump into one and the ::6 address on lo, instead
+    /// of installing.
+    #[arg(long, env = "WASMESH_CLEANUP", conflicts_with = "dry_run")]
+    cleanup: bool,
+}
+
+impl InitArgs {
+    fn config(&self) -> InitConfig {
+        InitConfig {
+            proxy_uid: self.proxy_uid,
+            proxy_gid: self.proxy_gid,
+            inbound_port: self.inbound_port,
+            outbound_port: self.outbound_port,
+            exclude_inbound_ports: list(&self.exclude_inbound_ports),
+            exclude_outbound_ports: list(&self.exclude_outbound_ports),
+            exclude_outbound_cidrs: list(&self.exclude_outbound_cidrs),
+            include_outbound_cidrs: self.include_outbound_cidrs.clone(),
+            include_inbound_ports: self.include_inbound_ports.clone(),
+        }
+    }
+}
+
+fn list<T: Clone>(flag: &Option<List<T>>) -> Vec<T> {
+    flag.as_ref().map(|l| l.0.clone()).unwrap_or_default()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let result = match cli.command {
+        Command::Init(args) => init(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init(args: &InitArgs) -> anyhow::Result<()> {
+    if args.cleanup {
+        let families = args.ipv6.families();
+        let removed = intercept::remove(&families).context("removing the interception rules")?;
+        if removed {
+            tracing::info!("removed the interception rules");
+        } else {
+            tracing::info!("no interception rules to remove");
+        }
+        return Ok(());
+    }
+    let config = args.config();
+    config.validate()?;
+    let rules = intercept::render_rules(&config);
+    if args.dry_run {
+        print!("{rules}");
+        return Ok(());
+    }
+    intercept::install(&rules, &args.ipv6.families())?;
+    Ok(())
+}
