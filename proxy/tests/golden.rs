@@ -187,73 +187,75 @@ fn every_flag_can_be_set_from_the_environment() {
     assert_golden("every_option", &stdout(&out));
 }
 
+/// A command line `init` must refuse, and what its error must say.
+struct Refused {
+    args: &'static [&'static str],
+    env: &'static [(&'static str, &'static str)],
+    says: &'static [&'static str],
+}
+
+const fn refused(args: &'static [&'static str], says: &'static [&'static str]) -> Refused {
+    Refused {
+        args,
+        env: &[],
+        says,
+    }
+}
+
 #[test]
 fn bad_values_are_refused_naming_the_flag() {
-    let cases: &[(&[&str], &[(&str, &str)], &[&str])] = &[
-        (
+    let cases = [
+        refused(
             &["--inbound-port", "0"],
-            &[],
             &["--inbound-port", "port 0 is out of range"],
         ),
-        (
-            &["--outbound-port", "70000"],
-            &[],
-            &["--outbound-port", "70000"],
-        ),
-        (
-            &[],
-            &[("WASMESH_OUTBOUND_PORT", "0")],
-            &["--outbound-port", "port 0"],
-        ),
-        (
+        refused(&["--outbound-port", "70000"], &["--outbound-port", "70000"]),
+        Refused {
+            args: &[],
+            env: &[("WASMESH_OUTBOUND_PORT", "0")],
+            says: &["--outbound-port", "port 0"],
+        },
+        refused(
             &["--exclude-inbound-ports", "8080,70000"],
-            &[],
             &["--exclude-inbound-ports", "port 70000 is out of range"],
         ),
-        (
+        refused(
             &["--exclude-outbound-ports", "http"],
-            &[],
             &["--exclude-outbound-ports", "`http` is not a port"],
         ),
-        (
+        refused(
             &["--exclude-inbound-ports", "9-8"],
-            &[],
             &["--exclude-inbound-ports", "ends before it starts"],
         ),
-        (
+        refused(
             &["--exclude-outbound-cidrs", "10.0.0.0/33"],
-            &[],
             &["--exclude-outbound-cidrs", "prefix length is longer"],
         ),
-        (
+        refused(
             &["--include-outbound-cidrs", "10.96.0/12"],
-            &[],
             &["--include-outbound-cidrs", "not an IP address or network"],
         ),
-        (
+        refused(
             &["--include-inbound-ports", "*,8080"],
-            &[],
             &["--include-inbound-ports", "`*` means everything"],
         ),
-        (&["--proxy-uid=-1"], &[], &["--proxy-uid"]),
-        (&["--ipv6", "maybe"], &[], &["--ipv6", "auto, on, off"]),
-        (
+        refused(&["--proxy-uid=-1"], &["--proxy-uid"]),
+        refused(&["--ipv6", "maybe"], &["--ipv6", "auto, on, off"]),
+        refused(
             &["--inbound-port", "15001"],
-            &[],
             &["--inbound-port and --outbound-port are both 15001"],
         ),
-        (
+        refused(
             &["--outbound-port", "15000"],
-            &[],
             &["--outbound-port is 15000, the proxy's admin port"],
         ),
     ];
-    for (args, env, expected) in cases {
-        let out = wasmesh_proxy(&[&["init", "--dry-run"], *args].concat(), env);
+    for Refused { args, env, says } in cases {
+        let out = wasmesh_proxy(&[&["init", "--dry-run"], args].concat(), env);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} {env:?} was accepted");
         assert!(out.stdout.is_empty(), "{args:?}: printed rules anyway");
-        for text in *expected {
+        for text in says {
             assert!(
                 stderr.contains(text),
                 "{args:?} {env:?}: stderr lacks {text:?}:\n{stderr}"
