@@ -32,6 +32,8 @@ struct State {
     version: u64,
     ports: BTreeMap<PortKey, Bytes>,
     nodes: BTreeMap<String, Bytes>,
+    /// The snapshot of `version`, shared by every subscriber that joins before the next change.
+    snapshot: Option<Arc<Snapshot>>,
 }
 
 /// Counters the admin endpoint reports.
@@ -135,6 +137,7 @@ impl Hub {
             st.version += 1;
             st.ports = ports;
             st.nodes = nodes;
+            st.snapshot = None;
         }
         self.synced.send_replace(true);
     }
@@ -179,6 +182,7 @@ impl Hub {
             st.nodes.remove(name);
         }
         st.version = version;
+        st.snapshot = None;
         let delta = Arc::new(EncodedDelta {
             version,
             bytes: w.finish(true),
@@ -190,22 +194,44 @@ impl Hub {
     }
 
     /// Waits until the table is synced, then returns a snapshot and the deltas that follow it.
-    pub async fn subscribe(&self) -> (Snapshot, broadcast::Receiver<Arc<EncodedDelta>>) {
+    /// Subscribers that join at the same version share one snapshot; drop it once sent.
+    pub async fn subscribe(&self) -> (Arc<Snapshot>, broadcast::Receiver<Arc<EncodedDelta>>) {
         let mut synced = self.synced.subscribe();
         // The sender lives as long as the hub, so this only ends when synced.
         let _ = synced.wait_for(|s| *s).await;
         self.snapshot_now()
     }
 
-    fn snapshot_now(&self) -> (Snapshot, broadcast::Receiver<Arc<EncodedDelta>>) {
-        let st = self.read();
-        let rx = self.deltas.subscribe();
-        let snap = Snapshot {
-            version: st.version,
-            ports: st.ports.values().cloned().collect(),
-            nodes: st.nodes.values().cloned().collect(),
+    fn snapshot_now(&self) -> (Arc<Snapshot>, broadcast::Receiver<Arc<EncodedDelta>>) {
+        let rx;
+        let cached = {
+            let st = self.read();
+            rx = self.deltas.subscribe();
+            st.snapshot.clone().filter(|s| s.version == st.version)
         };
-        drop(st);
+        let snap = match cached {
+            Some(s) => s,
+            None => {
+                // Built under the write lock so the copy and the ring position agree.
+                let mut st = self.write();
+                let rx2 = self.deltas.subscribe();
+                let snap = match &st.snapshot {
+                    Some(s) if s.version == st.version => s.clone(),
+                    _ => {
+                        let s = Arc::new(Snapshot {
+                            version: st.version,
+                            ports: st.ports.values().cloned().collect(),
+                            nodes: st.nodes.values().cloned().collect(),
+                        });
+                        st.snapshot = Some(s.clone());
+                        s
+                    }
+                };
+                drop(st);
+                self.stats.snapshots_sent.fetch_add(1, Ordering::Relaxed);
+                return (snap, rx2);
+            }
+        };
         self.stats.snapshots_sent.fetch_add(1, Ordering::Relaxed);
         (snap, rx)
     }
@@ -222,24 +248,55 @@ impl Snapshot {
 
     /// The snapshot as messages of at most about `max` bytes (a single port larger than that
     /// gets a message of its own). The first is `SNAPSHOT`, the rest `SNAPSHOT_CONTINUED`, and
-    /// the last one is marked complete.
-    pub fn parts(&self, max: usize) -> Vec<Bytes> {
-        let mut parts = Vec::new();
-        let mut w = UpdateWriter::new(self.version, UpdateKind::Snapshot, max.min(1 << 20));
+    /// the last one is marked complete. Parts are built as they are taken, so a subscriber
+    /// holds one part at a time, not a copy of the table.
+    pub fn parts(&self, max: usize) -> SnapshotParts<'_> {
+        SnapshotParts {
+            snapshot: self,
+            max,
+            next: 0,
+            first: true,
+            done: false,
+        }
+    }
+}
+
+/// Iterator over the messages of a [`Snapshot`].
+#[derive(Debug)]
+pub struct SnapshotParts<'a> {
+    snapshot: &'a Snapshot,
+    max: usize,
+    /// Index into nodes, then ports.
+    next: usize,
+    first: bool,
+    done: bool,
+}
+
+impl Iterator for SnapshotParts<'_> {
+    type Item = Bytes;
+
+    fn next(&mut self) -> Option<Bytes> {
+        if self.done {
+            return None;
+        }
+        let s = self.snapshot;
+        let kind = if self.first {
+            UpdateKind::Snapshot
+        } else {
+            UpdateKind::SnapshotContinued
+        };
+        self.first = false;
+        let mut w = UpdateWriter::new(s.version, kind, self.max.min(1 << 20));
+        let total = s.nodes.len() + s.ports.len();
         let mut has_items = false;
-        let records = self
-            .nodes
-            .iter()
-            .map(|n| (true, n))
-            .chain(self.ports.iter().map(|p| (false, p)));
-        for (is_node, bytes) in records {
-            if has_items && w.len() + UpdateWriter::record_len(bytes.len()) > max {
-                let next = UpdateWriter::new(
-                    self.version,
-                    UpdateKind::SnapshotContinued,
-                    max.min(1 << 20),
-                );
-                parts.push(std::mem::replace(&mut w, next).finish(false));
+        while self.next < total {
+            let (is_node, bytes) = if self.next < s.nodes.len() {
+                (true, &s.nodes[self.next])
+            } else {
+                (false, &s.ports[self.next - s.nodes.len()])
+            };
+            if has_items && w.len() + UpdateWriter::record_len(bytes.len()) > self.max {
+                return Some(w.finish(false));
             }
             if is_node {
                 w.node(bytes);
@@ -247,8 +304,9 @@ impl Snapshot {
                 w.service_port(bytes);
             }
             has_items = true;
+            self.next += 1;
         }
-        parts.push(w.finish(true));
-        parts
+        self.done = true;
+        Some(w.finish(true))
     }
 }

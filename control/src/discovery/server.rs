@@ -106,14 +106,17 @@ async fn feed(
             s = hub.subscribe() => s,
             _ = tx.closed() => return,
         };
+        let version = snapshot.version;
         for part in snapshot.parts(Hub::SNAPSHOT_PART) {
             if tx.send(Ok(part)).await.is_err() {
                 return;
             }
         }
+        // Let the shared copy go as soon as this subscriber has it.
+        drop(snapshot);
         loop {
             match deltas.recv().await {
-                Ok(d) if d.version <= snapshot.version => {}
+                Ok(d) if d.version <= version => {}
                 Ok(d) => {
                     if tx.send(Ok(d.bytes.clone())).await.is_err() {
                         tracing::info!(pod = %who.pod_name, namespace = %who.pod_namespace, "proxy unsubscribed");
@@ -186,7 +189,9 @@ pub async fn serve(listener: TcpListener, hub: Arc<Hub>, shutdown: impl Future<O
         .timer(hyper_util::rt::TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10))
-        .max_concurrent_streams(16);
+        .max_concurrent_streams(16)
+        // Bound what one slow proxy can make us buffer (hyper's default is 400 KiB).
+        .max_send_buf_size(Hub::SNAPSHOT_PART * 2);
     let builder = builder.http2_only();
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
