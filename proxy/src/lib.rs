@@ -7,6 +7,23 @@
 //!   ([`intercept::render_rules`]) and installed with `iptables-restore`.
 //!   See `docs/interception.md`.
 //! - [`orig_dst`] — where a redirected connection was going ([`orig_dst::original_dst`]).
+//! - [`outbound`] (15001) — the app's connections: [`table`] says whether the destination is a
+//!   Service port and which endpoints this pod may use; [`balance`] and [`affinity`] pick one;
+//!   connect failures fail over to another endpoint; [`copy`] moves the bytes.
+//! - [`inbound`] (15006) — connections to the pod, handed to the app.
+//! - [`discovery`] — the control stream that keeps [`table`] current; [`state`] is what the
+//!   tasks share; [`admin`] (15000) serves `/ready`, `/live`, `/config`, `/metrics`;
+//!   [`run`] wires it all together (`wasmesh-proxy run`).
 
+pub mod admin;
+pub mod affinity;
+pub mod balance;
+pub mod copy;
+pub mod discovery;
+pub mod inbound;
 pub mod intercept;
 pub mod orig_dst;
+pub mod outbound;
+pub mod run;
+pub mod state;
+pub mod table;

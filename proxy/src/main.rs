@@ -29,6 +29,70 @@ enum Command {
     /// take ports (8080) or port ranges (8000-8100); CIDR lists take IPv4 and IPv6 networks or
     /// addresses. Rules, chains and why each exclusion exists: docs/interception.md.
     Init(InitArgs),
+
+    /// Run the sidecar: follow control's service table, proxy the pod's outbound connections
+    /// to Services (kube-proxy semantics, balancing, failover) and pass inbound connections to
+    /// the app. Admin endpoints: /ready, /live, /config, /metrics.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Address of wasmesh control's discovery server.
+    #[arg(
+        long,
+        env = "WASMESH_CONTROL",
+        default_value = "http://wasmesh-control.wasmesh-system.svc:15010"
+    )]
+    control: String,
+
+    /// Admin server address (/ready, /live, /config, /metrics).
+    #[arg(long, env = "WASMESH_ADMIN", default_value = "0.0.0.0:15000")]
+    admin: std::net::SocketAddr,
+
+    /// Port the outbound rules redirect to (listened on 127.0.0.1 and ::1).
+    #[arg(long, env = "WASMESH_OUTBOUND_PORT", default_value_t = 15001)]
+    outbound_port: u16,
+
+    /// Port the inbound rules redirect to (listened on every address).
+    #[arg(long, env = "WASMESH_INBOUND_PORT", default_value_t = 15006)]
+    inbound_port: u16,
+
+    /// This pod's name (downward API).
+    #[arg(long, env = "POD_NAME", default_value = "")]
+    pod_name: String,
+
+    /// This pod's namespace (downward API).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pod_namespace: String,
+
+    /// The node this pod runs on (downward API): decides node-local endpoints
+    /// (internalTrafficPolicy Local) and, with control's Node data, the zone.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+
+    /// This pod's zone, if control cannot tell it from the Node.
+    #[arg(long, env = "WASMESH_ZONE")]
+    zone: Option<String>,
+
+    /// How endpoints are chosen: p2c (power of two choices on open connections), least-conn,
+    /// round-robin or random (kube-proxy's). A Service can override it with the annotation
+    /// `wasmesh.io/balancer`.
+    #[arg(long, env = "WASMESH_BALANCER", default_value = "p2c")]
+    balancer: wasmesh_proxy::balance::BalancerKind,
+
+    /// Time allowed for one connect to an endpoint before another is tried (milliseconds).
+    #[arg(long, env = "WASMESH_CONNECT_TIMEOUT_MS", default_value_t = 1000)]
+    connect_timeout_ms: u64,
+
+    /// Endpoints tried for one connection before the client is reset.
+    #[arg(long, env = "WASMESH_CONNECT_ATTEMPTS", default_value_t = 3)]
+    connect_attempts: usize,
+
+    /// How long a connection captured before the first table arrives waits for it
+    /// (milliseconds).
+    #[arg(long, env = "WASMESH_TABLE_WAIT_MS", default_value_t = 5000)]
+    table_wait_ms: u64,
 }
 
 #[derive(Debug, Args)]
@@ -147,6 +211,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Init(args) => init(&args),
+        Command::Run(args) => run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -154,6 +219,48 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    use std::time::Duration;
+    let cfg = wasmesh_proxy::run::RunConfig {
+        control: args.control,
+        admin: args.admin,
+        outbound_port: args.outbound_port,
+        inbound_port: args.inbound_port,
+        pod_name: args.pod_name,
+        pod_namespace: args.pod_namespace,
+        node_name: args.node_name.filter(|n| !n.is_empty()),
+        zone: args.zone.filter(|z| !z.is_empty()),
+        outbound: wasmesh_proxy::outbound::OutboundConfig {
+            balancer: args.balancer,
+            connect_timeout: Duration::from_millis(args.connect_timeout_ms.max(1)),
+            connect_attempts: args.connect_attempts.max(1),
+            table_wait: Duration::from_millis(args.table_wait_ms),
+        },
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async {
+        wasmesh_proxy::run::run(cfg, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
 }
 

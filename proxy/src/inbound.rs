@@ -1,0 +1,90 @@
+//! Inbound: connections to the pod's addresses, redirected to 15006, handed to the local app at
+//! the original destination port. The proxy connects from 127.0.0.6 (`::6`) so the rules let the
+//! connection through to the app instead of capturing it again (docs/interception.md); if that
+//! source cannot be used it connects to the loopback address instead. A closed app port resets
+//! the client.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use crate::copy;
+use crate::state::{ProxyState, Stats};
+
+/// Source address of inbound passthrough connections.
+pub const PASSTHROUGH_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
+pub const PASSTHROUGH_V6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+
+#[derive(Debug)]
+pub struct Inbound {
+    pub state: Arc<ProxyState>,
+    /// Ports of the proxy itself: a connection whose original destination is one of them was
+    /// not redirected and is not passed on (it would loop).
+    pub own_ports: Vec<u16>,
+    pub connect_timeout: Duration,
+}
+
+pub async fn serve(listener: TcpListener, inb: Arc<Inbound>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let inb = inb.clone();
+                tokio::spawn(async move {
+                    match crate::orig_dst::original_dst(&stream) {
+                        Ok(dst) => inb.handle(stream, peer, dst).await,
+                        Err(e) => {
+                            tracing::warn!(%peer, error = %e, "inbound connection without an original destination; resetting");
+                            copy::reset(stream);
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "inbound accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+impl Inbound {
+    pub async fn handle(&self, client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+        Stats::inc(&self.state.stats.inbound_accepted);
+        let _ = client.set_nodelay(true);
+        if self.own_ports.contains(&dst.port()) {
+            tracing::debug!(%peer, %dst, "inbound connection to the proxy's own port; resetting");
+            return copy::reset(client);
+        }
+        match tokio::time::timeout(self.connect_timeout, connect_app(dst)).await {
+            Ok(Ok(app)) => copy::proxy(client, app, &self.state.stats).await,
+            Ok(Err(e)) => {
+                Stats::inc(&self.state.stats.inbound_app_refused);
+                tracing::debug!(%peer, %dst, error = %e, "app did not accept; resetting the client");
+                copy::reset(client)
+            }
+            Err(_) => {
+                Stats::inc(&self.state.stats.inbound_app_refused);
+                tracing::debug!(%peer, %dst, "app did not answer in time; resetting the client");
+                copy::reset(client)
+            }
+        }
+    }
+}
+
+async fn connect_app(dst: SocketAddr) -> std::io::Result<TcpStream> {
+    let (socket, src) = match dst.ip() {
+        IpAddr::V4(_) => (TcpSocket::new_v4()?, IpAddr::V4(PASSTHROUGH_V4)),
+        IpAddr::V6(_) => (TcpSocket::new_v6()?, IpAddr::V6(PASSTHROUGH_V6)),
+    };
+    if dst.ip().is_loopback() || socket.bind(SocketAddr::new(src, 0)).is_err() {
+        let lo = match dst.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        };
+        return TcpStream::connect(SocketAddr::new(lo, dst.port())).await;
+    }
+    socket.set_nodelay(true)?;
+    socket.connect(dst).await
+}

@@ -1,0 +1,140 @@
+//! `wasmesh-proxy run`: the sidecar. Binds the listeners, follows control, serves.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use wasmesh_api::WatchRequest;
+
+use crate::affinity::Affinity;
+use crate::discovery::{self, DiscoveryConfig};
+use crate::inbound::{self, Inbound};
+use crate::outbound::{self, Outbound, OutboundConfig};
+use crate::state::ProxyState;
+use crate::table::Locality;
+
+/// Everything `run` needs, parsed by main.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub control: String,
+    pub admin: SocketAddr,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+    pub pod_name: String,
+    pub pod_namespace: String,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+    pub outbound: OutboundConfig,
+}
+
+/// Why the sidecar cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        addr: SocketAddr,
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, RunError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| RunError::Bind { addr, what, source })
+}
+
+/// Binds `[::]:port` (dual-stack) or, without IPv6, `0.0.0.0:port`.
+async fn bind_wildcard(port: u16, what: &'static str) -> Result<TcpListener, RunError> {
+    match TcpListener::bind(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port)).await {
+        Ok(l) => Ok(l),
+        Err(_) => {
+            bind(
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
+                what,
+            )
+            .await
+        }
+    }
+}
+
+/// Runs until `shutdown` resolves.
+pub async fn run(
+    cfg: RunConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), RunError> {
+    let me = Locality {
+        node: cfg.node_name.clone(),
+        zone: cfg.zone.clone(),
+    };
+    let state = ProxyState::new(me);
+
+    // REDIRECT sends locally generated connections to the loopback address of their family.
+    let out_v4 = bind(
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), cfg.outbound_port),
+        "outbound",
+    )
+    .await?;
+    let out_v6 = TcpListener::bind(SocketAddr::new(
+        IpAddr::V6(Ipv6Addr::LOCALHOST),
+        cfg.outbound_port,
+    ))
+    .await
+    .ok();
+    let inb = bind_wildcard(cfg.inbound_port, "inbound").await?;
+    let admin = bind(cfg.admin, "admin").await?;
+
+    let mut own = vec![out_v4.local_addr().map_err(|source| RunError::Bind {
+        addr: cfg.admin,
+        what: "outbound",
+        source,
+    })?];
+    if let Some(l) = &out_v6
+        && let Ok(a) = l.local_addr()
+    {
+        own.push(a);
+    }
+    let outbound = Arc::new(Outbound {
+        state: state.clone(),
+        affinity: Affinity::default(),
+        config: cfg.outbound.clone(),
+        own,
+    });
+    let inbound = Arc::new(Inbound {
+        state: state.clone(),
+        own_ports: vec![cfg.inbound_port, cfg.outbound_port, cfg.admin.port()],
+        connect_timeout: Duration::from_secs(5),
+    });
+
+    let who = WatchRequest {
+        pod_name: cfg.pod_name.clone(),
+        pod_namespace: cfg.pod_namespace.clone(),
+        node_name: cfg.node_name.clone().unwrap_or_default(),
+        zone: cfg.zone.clone().unwrap_or_default(),
+        proxy_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    tracing::info!(
+        control = %cfg.control, pod = %cfg.pod_name, namespace = %cfg.pod_namespace,
+        outbound = cfg.outbound_port, inbound = cfg.inbound_port, admin = %cfg.admin,
+        balancer = ?cfg.outbound.balancer, "wasmesh-proxy running"
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(discovery::run(
+        DiscoveryConfig {
+            control: cfg.control.clone(),
+            who,
+        },
+        state.clone(),
+    ));
+    tasks.spawn(crate::admin::serve(admin, state.clone()));
+    tasks.spawn(outbound::serve(out_v4, outbound.clone()));
+    if let Some(l) = out_v6 {
+        tasks.spawn(outbound::serve(l, outbound));
+    }
+    tasks.spawn(inbound::serve(inb, inbound));
+    shutdown.await;
+    tracing::info!("wasmesh-proxy stopping");
+    tasks.abort_all();
+    Ok(())
+}

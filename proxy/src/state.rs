@@ -1,0 +1,80 @@
+//! What the proxy's tasks share: the table, readiness, counters.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+
+use crate::table::{Locality, Table, TableBuilder};
+
+#[derive(Debug)]
+pub struct ProxyState {
+    pub table: ArcSwap<Table>,
+    /// The builder behind `table` (the discovery task writes, `/config` reads).
+    pub builder: Mutex<TableBuilder>,
+    ready: watch::Sender<bool>,
+    pub version: AtomicU64,
+    pub control_connected: AtomicBool,
+    pub stats: Stats,
+}
+
+/// Counters exported on `/metrics`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub outbound_accepted: AtomicU64,
+    pub outbound_to_service: AtomicU64,
+    pub outbound_passthrough: AtomicU64,
+    pub outbound_refused_no_endpoints: AtomicU64,
+    pub outbound_refused_local_policy: AtomicU64,
+    pub outbound_refused_unknown_port: AtomicU64,
+    pub outbound_connect_failures: AtomicU64,
+    pub outbound_failovers: AtomicU64,
+    pub outbound_failed: AtomicU64,
+    pub inbound_accepted: AtomicU64,
+    pub inbound_app_refused: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub control_reconnects: AtomicU64,
+}
+
+impl Stats {
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl ProxyState {
+    pub fn new(me: Locality) -> Arc<Self> {
+        let (ready, _) = watch::channel(false);
+        Arc::new(Self {
+            table: ArcSwap::from_pointee(Table::default()),
+            builder: Mutex::new(TableBuilder::new(me)),
+            ready,
+            version: AtomicU64::new(0),
+            control_connected: AtomicBool::new(false),
+            stats: Stats::default(),
+        })
+    }
+
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    pub fn set_ready(&self) {
+        self.ready.send_replace(true);
+    }
+
+    /// Waits up to `max` for the first table; true if it is there.
+    pub async fn wait_ready(&self, max: Duration) -> bool {
+        if self.is_ready() {
+            return true;
+        }
+        let mut rx = self.ready.subscribe();
+        matches!(
+            tokio::time::timeout(max, rx.wait_for(|r| *r)).await,
+            Ok(Ok(_))
+        )
+    }
+}
