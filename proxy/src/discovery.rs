@@ -18,6 +18,8 @@ pub struct DiscoveryConfig {
     /// e.g. `http://wasmesh-control.wasmesh-system.svc:15010`
     pub control: String,
     pub who: WatchRequest,
+    /// Where to send the addresses to refuse, when the reject chain is on.
+    pub verdicts: Option<tokio::sync::watch::Sender<crate::reject::Verdicts>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +97,9 @@ async fn follow(cfg: &DiscoveryConfig, state: &ProxyState, failures: &mut u32) -
             let mut builder = state.builder.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(t) = builder.apply(&wire, changed.as_deref()) {
                 state.table.store(Arc::new(t));
+            }
+            if let (Some(tx), Some(v)) = (&cfg.verdicts, builder.take_verdicts()) {
+                tx.send_replace(v);
             }
         }
         state.version.store(wire.version, Ordering::Relaxed);

@@ -11,6 +11,7 @@
 //!   Service port and which endpoints this pod may use; [`balance`] and [`affinity`] pick one;
 //!   connect failures fail over to another endpoint; [`copy`] moves the bytes.
 //! - [`inbound`] (15006) — connections to the pod, handed to the app.
+//! - [`reject`] — optional: Services without endpoints refused in the kernel, like kube-proxy.
 //! - [`discovery`] — the control stream that keeps [`table`] current; [`state`] is what the
 //!   tasks share; [`admin`] (15000) serves `/ready`, `/live`, `/config`, `/metrics`;
 //!   [`run`] wires it all together (`wasmesh-proxy run`).
@@ -24,6 +25,7 @@ pub mod inbound;
 pub mod intercept;
 pub mod orig_dst;
 pub mod outbound;
+pub mod reject;
 pub mod run;
 pub mod state;
 pub mod table;

@@ -93,6 +93,13 @@ struct RunArgs {
     /// (milliseconds).
     #[arg(long, env = "WASMESH_TABLE_WAIT_MS", default_value_t = 5000)]
     table_wait_ms: u64,
+
+    /// Refuse connections to Services without usable endpoints in the kernel, exactly like
+    /// kube-proxy (ECONNREFUSED; DROP for internalTrafficPolicy Local with no local endpoint),
+    /// by filling the WASMESH_REJECT chain `init` created. Needs CAP_NET_ADMIN; without it the
+    /// proxy resets such connections instead.
+    #[arg(long, env = "WASMESH_REJECT_CHAIN")]
+    reject_chain: bool,
 }
 
 #[derive(Debug, Args)]
@@ -239,6 +246,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             connect_attempts: args.connect_attempts.max(1),
             table_wait: Duration::from_millis(args.table_wait_ms),
         },
+        reject_chain: args.reject_chain,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

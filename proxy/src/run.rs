@@ -26,6 +26,8 @@ pub struct RunConfig {
     pub node_name: Option<String>,
     pub zone: Option<String>,
     pub outbound: OutboundConfig,
+    /// Fill the `WASMESH_REJECT` chain (needs CAP_NET_ADMIN): see [`crate::reject`].
+    pub reject_chain: bool,
 }
 
 /// Why the sidecar cannot start.
@@ -120,10 +122,16 @@ pub async fn run(
         balancer = ?cfg.outbound.balancer, "wasmesh-proxy running"
     );
     let mut tasks = tokio::task::JoinSet::new();
+    let verdicts = cfg.reject_chain.then(|| {
+        let (tx, rx) = tokio::sync::watch::channel(crate::reject::Verdicts::new());
+        tasks.spawn(crate::reject::run(rx));
+        tx
+    });
     tasks.spawn(discovery::run(
         DiscoveryConfig {
             control: cfg.control.clone(),
             who,
+            verdicts,
         },
         state.clone(),
     ));

@@ -21,6 +21,7 @@ use wasmesh_api::discovery as pb;
 use wasmesh_api::table::{PortId, port_id};
 
 use crate::balance::{BalancerKind, EndpointLoad, Loads};
+use crate::reject::{Verdict, Verdicts};
 
 /// Who this proxy serves: its pod's node and zone decide node-local and zone-local endpoints.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -93,6 +94,17 @@ impl ServicePort {
         } else {
             format!("{}/{}:{}", self.namespace, self.service, self.port_name)
         }
+    }
+
+    /// How the reject chain treats this port's addresses ([`crate::reject`]).
+    pub fn verdicts(&self) -> impl Iterator<Item = (SocketAddr, Verdict)> + '_ {
+        self.addrs
+            .iter()
+            .filter_map(|(addr, via)| match self.selection(*via, *addr) {
+                Selection::Reject => Some((*addr, Verdict::Reject)),
+                Selection::Drop => Some((*addr, Verdict::Drop)),
+                Selection::Endpoints(_) => None,
+            })
     }
 
     /// The endpoints usable for a connection to `dst` that came in `via`.
@@ -319,6 +331,9 @@ pub struct TableBuilder {
     /// NodePort addresses: every node's addresses, for Services with a nodePort.
     node_ips: Vec<IpAddr>,
     pub loads: Loads,
+    /// Service addresses to refuse or drop, kept per changed port.
+    verdicts: Verdicts,
+    verdicts_changed: bool,
 }
 
 impl TableBuilder {
@@ -417,6 +432,11 @@ impl TableBuilder {
             }
         }
         t
+    }
+
+    /// The addresses to refuse or drop, if they changed since the last call.
+    pub fn take_verdicts(&mut self) -> Option<Verdicts> {
+        std::mem::take(&mut self.verdicts_changed).then(|| self.verdicts.clone())
     }
 
     /// The current Service ports, for `/config`.

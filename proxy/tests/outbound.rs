@@ -141,6 +141,7 @@ async fn mesh_with(yaml: &str, config: OutboundConfig, wait: bool) -> Mesh {
         wasmesh_proxy::discovery::DiscoveryConfig {
             control: format!("http://{control_addr}"),
             who,
+            verdicts: None,
         },
         state.clone(),
     ));

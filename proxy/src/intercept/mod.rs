@@ -12,7 +12,7 @@
 //! and the reasons for each exclusion: `docs/interception.md`.
 
 pub mod config;
-mod exec;
+pub(crate) mod exec;
 pub mod iptables;
 mod netns;
 pub mod rules;
