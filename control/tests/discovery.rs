@@ -210,7 +210,9 @@ async fn nothing_is_sent_before_services_and_endpoint_slices_are_listed() {
 
 #[tokio::test]
 async fn an_endpoint_moving_between_slices_never_disappears() {
-    let (tx, hub, _p) = app::start_publisher(Duration::from_millis(200));
+    // A grace far longer than the 30 ms between the two halves of the move, so a loaded
+    // machine cannot split them.
+    let (tx, hub, _p) = app::start_publisher(Duration::from_secs(1));
     let (l, addr) = listener().await;
     tokio::spawn(server::serve(l, hub, std::future::pending()));
     let objs = objects(&svc_yaml("alpha", "10.244.0.1"));
@@ -320,26 +322,33 @@ async fn a_slow_proxy_is_resynced_and_does_not_stall_the_others() {
     next_complete(&mut fast, &mut fast_table).await;
     let start = fast_table.version;
 
-    // The fast proxy reads as deltas arrive; the slow one reads nothing meanwhile.
+    // The fast proxy reads as deltas arrive; the slow one reads nothing meanwhile. The
+    // publisher never runs more than half a ring ahead of the fast reader, so only the slow
+    // one can fall behind, however loaded the machine is.
     let n = 8 * Hub::RING as u32;
+    let seen = Arc::new(std::sync::atomic::AtomicU64::new(start));
+    let seen_by_reader = seen.clone();
     let reader = tokio::spawn(async move {
         let mut snapshots = 0;
         while fast_table.version < start + u64::from(n) {
             for u in next_complete(&mut fast, &mut fast_table).await {
                 snapshots += usize::from(u.kind == UpdateKind::Snapshot as i32);
             }
+            seen_by_reader.store(fast_table.version, std::sync::atomic::Ordering::Relaxed);
         }
         assert_eq!(snapshots, 0, "the fast proxy was never resynced");
         fast_table
     });
     for i in 1..=n {
+        while start + u64::from(i)
+            > seen.load(std::sync::atomic::Ordering::Relaxed) + Hub::RING as u64 / 2
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         hub.publish(Publish {
             upserts: vec![big_entry(i)],
             ..Default::default()
         });
-        if i % 16 == 0 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
     }
     let fast_table = timeout(WAIT, reader)
         .await
