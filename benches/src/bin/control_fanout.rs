@@ -22,9 +22,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::{Node, Pod, PodSpec, Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
-use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tokio::sync::Mutex;
 use wasmesh_api::WatchRequest;
@@ -91,7 +91,8 @@ fn cluster(p: Params) -> Vec<Event> {
     for i in 0..p.services {
         let ns = ns_of(i);
         let name = format!("svc-{i}");
-        let vip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 96, 0, 10)) + i as u32);
+        let vip =
+            std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 96, 0, 10)) + i as u32);
         services.push(Object::Service(Service {
             metadata: meta(&ns, &name),
             spec: Some(ServiceSpec {
@@ -111,9 +112,12 @@ fn cluster(p: Params) -> Vec<Event> {
         for j in 0..p.per_service {
             let mut m = meta(&ns, &format!("{name}-{j}"));
             m.labels = Some(
-                [("app".to_string(), name.clone()), ("pod-template-hash".to_string(), "5d8f7c9b4".to_string())]
-                    .into_iter()
-                    .collect(),
+                [
+                    ("app".to_string(), name.clone()),
+                    ("pod-template-hash".to_string(), "5d8f7c9b4".to_string()),
+                ]
+                .into_iter()
+                .collect(),
             );
             pods.push(Object::Pod(Pod {
                 metadata: m,
@@ -131,7 +135,14 @@ fn cluster(p: Params) -> Vec<Event> {
                 name: Some(format!("node-{n}")),
                 ..Default::default()
             };
-            m.labels = Some([("topology.kubernetes.io/zone".to_string(), format!("zone-{}", n % 3))].into_iter().collect());
+            m.labels = Some(
+                [(
+                    "topology.kubernetes.io/zone".to_string(),
+                    format!("zone-{}", n % 3),
+                )]
+                .into_iter()
+                .collect(),
+            );
             Object::Node(Node {
                 metadata: m,
                 ..Default::default()
@@ -160,7 +171,11 @@ fn slice(p: Params, i: usize, generation: usize) -> EndpointSlice {
     let ns = ns_of(i);
     let name = format!("svc-{i}");
     let mut m = meta(&ns, &format!("{name}-x7k2p"));
-    m.labels = Some([("kubernetes.io/service-name".to_string(), name.clone())].into_iter().collect());
+    m.labels = Some(
+        [("kubernetes.io/service-name".to_string(), name.clone())]
+            .into_iter()
+            .collect(),
+    );
     EndpointSlice {
         metadata: m,
         address_type: "IPv4".into(),
@@ -219,7 +234,11 @@ async fn serve(p: Params) -> anyhow::Result<()> {
     let build = start.elapsed();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    tokio::spawn(wasmesh_control::discovery::server::serve(listener, hub.clone(), std::future::pending()));
+    tokio::spawn(wasmesh_control::discovery::server::serve(
+        listener,
+        hub.clone(),
+        std::future::pending(),
+    ));
     let mut out = std::io::stdout();
     writeln!(out, "ready {addr} {}", build.as_micros())?;
     out.flush()?;
@@ -233,7 +252,8 @@ async fn serve(p: Params) -> anyhow::Result<()> {
                 let i: usize = words.next().context("change N")?.parse()?;
                 let g = generations.entry(i).or_default();
                 *g += 1;
-                tx.send(Event::Apply(Object::EndpointSlice(slice(p, i, *g)))).await?;
+                tx.send(Event::Apply(Object::EndpointSlice(slice(p, i, *g))))
+                    .await?;
             }
             Some("quit") | None => break,
             Some(other) => bail!("unknown command {other}"),
@@ -258,7 +278,12 @@ struct UpdateHeader {
 
 type Arrivals = Arc<Mutex<HashMap<u64, Vec<Instant>>>>;
 
-async fn subscribe(addr: SocketAddr, id: usize, arrivals: Arrivals, synced: tokio::sync::mpsc::Sender<u64>) -> anyhow::Result<()> {
+async fn subscribe(
+    addr: SocketAddr,
+    id: usize,
+    arrivals: Arrivals,
+    synced: tokio::sync::mpsc::Sender<u64>,
+) -> anyhow::Result<()> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .connect()
         .await?;
@@ -272,14 +297,23 @@ async fn subscribe(addr: SocketAddr, id: usize, arrivals: Arrivals, synced: toki
         ..Default::default()
     };
     let mut stream = grpc
-        .server_streaming(tonic::Request::new(req), wasmesh_api::WATCH_PATH.parse()?, codec)
+        .server_streaming(
+            tonic::Request::new(req),
+            wasmesh_api::WATCH_PATH.parse()?,
+            codec,
+        )
         .await?
         .into_inner();
     let mut told = false;
     while let Some(h) = stream.message().await? {
         if h.kind == wasmesh_api::UpdateKind::Delta as i32 {
             let now = Instant::now();
-            arrivals.lock().await.entry(h.version).or_default().push(now);
+            arrivals
+                .lock()
+                .await
+                .entry(h.version)
+                .or_default()
+                .push(now);
         } else if h.complete && !told {
             told = true;
             let _ = synced.send(h.version).await;
@@ -322,7 +356,11 @@ fn change_cost(services: usize, per_service: usize) -> (Duration, Duration, Dura
         let g = generations.entry(i).or_default();
         *g += 1;
         let delta = model.apply(Event::Apply(Object::EndpointSlice(slice(p, i, *g))));
-        assert_eq!(delta.upserts.len(), 1, "every change changes one service port");
+        assert_eq!(
+            delta.upserts.len(),
+            1,
+            "every change changes one service port"
+        );
         hub.publish(wasmesh_control::discovery::hub::Publish {
             upserts: delta.upserts.into_values().collect(),
             ..Default::default()
@@ -381,7 +419,10 @@ fn main() -> anyhow::Result<()> {
 
     // The work of one change, and snapshot build time, for a small and a large table.
     println!("\n-- work inside control (single thread, this process)");
-    println!("{:>9}  {:>16}  {:>16}  {:>22}", "services", "one change", "one snapshot", "model + first table");
+    println!(
+        "{:>9}  {:>16}  {:>16}  {:>22}",
+        "services", "one change", "one snapshot", "model + first table"
+    );
     for n in [p.services / 10, p.services] {
         let (change, snap, build) = change_cost(n.max(1), p.per_service);
         println!(
@@ -411,10 +452,19 @@ fn main() -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(300));
     let rss_loaded = rss_kib(pid);
     println!("\n-- control process (pid {pid})");
-    println!("model + first table built in   {}", ms(Duration::from_micros(build_us)));
-    println!("RSS with the table loaded      {:.1} MiB", rss_loaded as f64 / 1024.0);
+    println!(
+        "model + first table built in   {}",
+        ms(Duration::from_micros(build_us))
+    );
+    println!(
+        "RSS with the table loaded      {:.1} MiB",
+        rss_loaded as f64 / 1024.0
+    );
 
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let result = rt.block_on(async {
         let arrivals: Arrivals = Arc::default();
         let (stx, mut srx) = tokio::sync::mpsc::channel(p.subscribers.max(1));
@@ -437,10 +487,18 @@ fn main() -> anyhow::Result<()> {
                 .context("subscribers did not all get their snapshot")?
                 .context("closed")?;
         }
-        println!("{} subscribers got their snapshot in {}", p.subscribers, ms(t.elapsed()));
+        println!(
+            "{} subscribers got their snapshot in {}",
+            p.subscribers,
+            ms(t.elapsed())
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
         let rss_subscribed = rss_kib(pid);
-        println!("RSS with {} subscribers          {:.1} MiB", p.subscribers, rss_subscribed as f64 / 1024.0);
+        println!(
+            "RSS with {} subscribers          {:.1} MiB",
+            p.subscribers,
+            rss_subscribed as f64 / 1024.0
+        );
 
         let mut fanout = Vec::new();
         let mut all = Vec::new();
@@ -460,7 +518,11 @@ fn main() -> anyhow::Result<()> {
             }
             let got = arrivals.lock().await.remove(&version).unwrap_or_default();
             if got.len() < p.subscribers {
-                bail!("change {c}: only {} of {} subscribers got version {version}", got.len(), p.subscribers);
+                bail!(
+                    "change {c}: only {} of {} subscribers got version {version}",
+                    got.len(),
+                    p.subscribers
+                );
             }
             let last = got.iter().max().copied().unwrap_or(t0);
             fanout.push(last - t0);
@@ -469,10 +531,25 @@ fn main() -> anyhow::Result<()> {
         }
         fanout.sort();
         all.sort();
-        println!("\n-- fan-out of one EndpointSlice change (change sent to control -> delta received)");
-        println!("to the last of {} subscribers: p50 {}  p99 {}  max {}", p.subscribers, ms(pct(&fanout, 0.5)), ms(pct(&fanout, 0.99)), ms(pct(&fanout, 1.0)));
-        println!("to any one subscriber:          p50 {}  p99 {}", ms(pct(&all, 0.5)), ms(pct(&all, 0.99)));
-        println!("RSS after the changes          {:.1} MiB", rss_kib(pid) as f64 / 1024.0);
+        println!(
+            "\n-- fan-out of one EndpointSlice change (change sent to control -> delta received)"
+        );
+        println!(
+            "to the last of {} subscribers: p50 {}  p99 {}  max {}",
+            p.subscribers,
+            ms(pct(&fanout, 0.5)),
+            ms(pct(&fanout, 0.99)),
+            ms(pct(&fanout, 1.0))
+        );
+        println!(
+            "to any one subscriber:          p50 {}  p99 {}",
+            ms(pct(&all, 0.5)),
+            ms(pct(&all, 0.99))
+        );
+        println!(
+            "RSS after the changes          {:.1} MiB",
+            rss_kib(pid) as f64 / 1024.0
+        );
         writeln!(stdin, "quit")?;
         Ok::<_, anyhow::Error>(())
     });
