@@ -52,6 +52,7 @@ pub async fn serve(listener: TcpListener, inb: Arc<Inbound>) {
 impl Inbound {
     pub async fn handle(&self, client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
         Stats::inc(&self.state.stats.inbound_accepted);
+        let _open = self.state.open_connection();
         let _ = client.set_nodelay(true);
         if self.own_ports.contains(&dst.port()) {
             tracing::debug!(%peer, %dst, "inbound connection to the proxy's own port; resetting");

@@ -100,6 +100,11 @@ struct RunArgs {
     /// proxy resets such connections instead.
     #[arg(long, env = "WASMESH_REJECT_CHAIN")]
     reject_chain: bool,
+
+    /// On SIGTERM, stop accepting, fail /ready, and let open connections finish for up to this
+    /// many milliseconds before exiting.
+    #[arg(long, env = "WASMESH_DRAIN_TIMEOUT_MS", default_value_t = 5000)]
+    drain_timeout_ms: u64,
 }
 
 #[derive(Debug, Args)]
@@ -247,6 +252,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             table_wait: Duration::from_millis(args.table_wait_ms),
         },
         reject_chain: args.reject_chain,
+        drain_timeout: Duration::from_millis(args.drain_timeout_ms),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

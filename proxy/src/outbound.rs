@@ -77,6 +77,7 @@ impl Outbound {
     /// Proxies one connection from `peer` that was headed for `dst`.
     pub async fn handle(&self, client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
         Stats::inc(&self.state.stats.outbound_accepted);
+        let _open = self.state.open_connection();
         let _ = client.set_nodelay(true);
         if self.own.contains(&dst) {
             tracing::debug!(%peer, %dst, "connection to the outbound listener itself; resetting");

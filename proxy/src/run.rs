@@ -26,6 +26,8 @@ pub struct RunConfig {
     pub node_name: Option<String>,
     pub zone: Option<String>,
     pub outbound: OutboundConfig,
+    /// On shutdown, how long open connections may take to finish.
+    pub drain_timeout: Duration,
     /// Fill the `WASMESH_REJECT` chain (needs CAP_NET_ADMIN): see [`crate::reject`].
     pub reject_chain: bool,
 }
@@ -136,13 +138,21 @@ pub async fn run(
         state.clone(),
     ));
     tasks.spawn(crate::admin::serve(admin, state.clone()));
-    tasks.spawn(outbound::serve(out_v4, outbound.clone()));
+    let mut accepting = tokio::task::JoinSet::new();
+    accepting.spawn(outbound::serve(out_v4, outbound.clone()));
     if let Some(l) = out_v6 {
-        tasks.spawn(outbound::serve(l, outbound));
+        accepting.spawn(outbound::serve(l, outbound));
     }
-    tasks.spawn(inbound::serve(inb, inbound));
+    accepting.spawn(inbound::serve(inb, inbound));
     shutdown.await;
-    tracing::info!("wasmesh-proxy stopping");
+    // Stop accepting, fail /ready (admin keeps answering), let open connections finish.
+    accepting.abort_all();
+    let open = state.open_connections();
+    tracing::info!(open, drain_timeout = ?cfg.drain_timeout, "wasmesh-proxy stopping: draining connections");
+    let left = state.drain(cfg.drain_timeout).await;
+    if left > 0 {
+        tracing::warn!(left, "drain timeout: closing the remaining connections");
+    }
     tasks.abort_all();
     Ok(())
 }

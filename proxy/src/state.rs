@@ -17,7 +17,21 @@ pub struct ProxyState {
     ready: watch::Sender<bool>,
     pub version: AtomicU64,
     pub control_connected: AtomicBool,
+    /// Set on shutdown: `/ready` fails so no new traffic is sent here while connections drain.
+    pub draining: AtomicBool,
+    /// Proxied connections open right now (both directions).
+    open: std::sync::atomic::AtomicUsize,
     pub stats: Stats,
+}
+
+/// Counts one open proxied connection until dropped.
+#[derive(Debug)]
+pub struct OpenGuard(Arc<ProxyState>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Counters exported on `/metrics`.
@@ -54,12 +68,34 @@ impl ProxyState {
             ready,
             version: AtomicU64::new(0),
             control_connected: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            open: Default::default(),
             stats: Stats::default(),
         })
     }
 
     pub fn is_ready(&self) -> bool {
-        *self.ready.borrow()
+        *self.ready.borrow() && !self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Marks a connection open until the guard drops.
+    pub fn open_connection(self: &Arc<Self>) -> OpenGuard {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        OpenGuard(self.clone())
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Waits until no connection is open, or `max` passes; returns how many are left.
+    pub async fn drain(&self, max: Duration) -> usize {
+        self.draining.store(true, Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + max;
+        while self.open_connections() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.open_connections()
     }
 
     pub fn set_ready(&self) {
@@ -68,7 +104,7 @@ impl ProxyState {
 
     /// Waits up to `max` for the first table; true if it is there.
     pub async fn wait_ready(&self, max: Duration) -> bool {
-        if self.is_ready() {
+        if *self.ready.borrow() {
             return true;
         }
         let mut rx = self.ready.subscribe();

@@ -483,3 +483,60 @@ async fn a_connection_before_the_first_table_waits_for_it() {
     // Whether or not the table is already there, the call must succeed.
     assert_eq!(m.call(VIP).await.expect("waited for the table"), "b1");
 }
+
+#[tokio::test]
+async fn shutting_down_fails_ready_and_waits_for_open_connections() {
+    // A backend that holds the connection open until told.
+    let l = TcpListener::bind("127.0.0.2:0").await.expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        if let Ok((mut s, _)) = l.accept().await {
+            let _ = release_rx.await;
+            use tokio::io::AsyncWriteExt;
+            let _ = s.write_all(b"late").await;
+        }
+    });
+    let yaml = format!(
+        "{}---\n{}",
+        service("", ""),
+        slice("web-1", port, &[("127.0.0.2", "")])
+    );
+    let m = mesh(&yaml).await;
+    let call = {
+        let m_out = m.out.clone();
+        let pl = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = pl.local_addr().expect("addr");
+        tokio::spawn(async move {
+            if let Ok((s, peer)) = pl.accept().await {
+                m_out.handle(s, peer, VIP.parse().expect("vip")).await;
+            }
+        });
+        tokio::spawn(async move {
+            let mut c = TcpStream::connect(addr).await.expect("connect");
+            let mut buf = String::new();
+            let _ = c.read_to_string(&mut buf).await;
+            buf
+        })
+    };
+    tokio::time::timeout(WAIT, async {
+        while m.state.open_connections() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("connection open");
+    assert!(m.state.is_ready());
+    let state = m.state.clone();
+    let drain = tokio::spawn(async move { state.drain(WAIT).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!m.state.is_ready(), "/ready fails while draining");
+    assert!(!drain.is_finished(), "the open connection is waited for");
+    let _ = release_tx.send(());
+    assert_eq!(drain.await.expect("join"), 0, "drained");
+    assert_eq!(
+        call.await.expect("join"),
+        "late",
+        "the connection finished normally"
+    );
+}
