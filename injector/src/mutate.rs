@@ -307,7 +307,7 @@ fn build_patch(
         SidecarMode::Native => {
             let new = [json(&init), json(&proxy)];
             match &spec.init_containers {
-                None => ops.add(&["spec", "initContainers"], Value::Array(new.to_vec())),
+                None => ops.add(&["spec", "initContainers"], Value::Array(new.into())),
                 Some(_) => {
                     for (i, c) in new.into_iter().enumerate() {
                         ops.add(&["spec", "initContainers", &i.to_string()], c);

@@ -56,6 +56,8 @@ pub enum Outcome {
     Skipped(SkipReason),
     /// Not a workload: written back unchanged.
     PassedThrough,
+    /// Holds pods the command does not reach (a `List`): written back unchanged.
+    Unsupported(String),
 }
 
 impl std::fmt::Display for Report {
@@ -65,6 +67,7 @@ impl std::fmt::Display for Report {
             Outcome::Injected(mode) => write!(f, "injected ({mode} sidecar)"),
             Outcome::Skipped(reason) => write!(f, "not injected: {reason}"),
             Outcome::PassedThrough => f.write_str("unchanged (no pod template)"),
+            Outcome::Unsupported(why) => write!(f, "unchanged: {why}"),
         }
     }
 }
@@ -188,11 +191,19 @@ pub fn inject(input: &str, config: &Config) -> Result<Offline, OfflineError> {
             continue;
         };
         if template_path(&head).is_none() {
+            let outcome = if head.kind.as_deref() == Some("List") {
+                Outcome::Unsupported(
+                    "the items of a List are not injected; put them in documents of their own"
+                        .to_owned(),
+                )
+            } else {
+                Outcome::PassedThrough
+            };
             reports.push(Report {
                 document: number,
                 line: doc.line,
                 object: object_name_from_head(&head, &text),
-                outcome: Outcome::PassedThrough,
+                outcome,
                 warnings: Vec::new(),
             });
             output.push_str(&text);

@@ -64,13 +64,25 @@ impl ServerConfig {
     }
 }
 
-/// The server could not start.
+/// The server could not start. Messages include their cause (nothing is chained).
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("TLS certificate: {0}")]
-    Tls(#[from] TlsError),
+    Tls(TlsError),
     #[error("TLS configuration: {0}")]
-    Rustls(#[from] rustls::Error),
+    Rustls(rustls::Error),
+}
+
+impl From<TlsError> for ServerError {
+    fn from(e: TlsError) -> Self {
+        Self::Tls(e)
+    }
+}
+
+impl From<rustls::Error> for ServerError {
+    fn from(e: rustls::Error) -> Self {
+        Self::Rustls(e)
+    }
 }
 
 struct State {

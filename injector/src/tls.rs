@@ -27,14 +27,14 @@ pub struct CertFiles {
     pub key: PathBuf,
 }
 
-/// A certificate or key that cannot be served; names the file and what to do.
+/// A certificate or key that cannot be served; names the file and what to do. The messages
+/// are complete (they include the cause), so no `source` is chained.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("reading {}: {source}", path.display())]
+    #[error("reading {}: {error}", path.display())]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{}: {reason}", path.display())]
     Pem { path: PathBuf, reason: String },
@@ -173,9 +173,9 @@ pub async fn watch(
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
+    std::fs::read(path).map_err(|error| TlsError::Read {
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 

@@ -39,13 +39,14 @@ pub fn namespace_injection(path: &str) -> Option<NamespaceInjection> {
 const API_VERSION: &str = "admission.k8s.io/v1";
 const KIND: &str = "AdmissionReview";
 
-/// A body that cannot be answered with an AdmissionReview (HTTP 400 with this text).
+/// A body that cannot be answered with an AdmissionReview (HTTP 400 with this text). Messages
+/// include their cause (nothing is chained).
 #[derive(Debug, thiserror::Error)]
 pub enum ReviewError {
     #[error("empty body: expected an admission.k8s.io/v1 AdmissionReview (JSON)")]
     EmptyBody,
     #[error("body is not an admission.k8s.io/v1 AdmissionReview: {0}")]
-    NotAReview(#[source] serde_json::Error),
+    NotAReview(serde_json::Error),
     #[error(
         "{kind} {api_version} is not supported: expected kind AdmissionReview, apiVersion \
          admission.k8s.io/v1 (set admissionReviewVersions: [v1] on the webhook)"
@@ -54,7 +55,7 @@ pub enum ReviewError {
     #[error("the AdmissionReview has no request")]
     NoRequest,
     #[error("encoding the answer failed: {0}")]
-    Encode(#[source] serde_json::Error),
+    Encode(serde_json::Error),
 }
 
 /// The answer and what happened, for the log.
@@ -96,17 +97,39 @@ pub fn review(
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ReviewError::EmptyBody);
     }
-    let review: AdmissionReview<DynamicObject> =
-        serde_json::from_slice(body).map_err(ReviewError::NotAReview)?;
-    if review.types.api_version != API_VERSION || review.types.kind != KIND {
-        return Err(ReviewError::Version {
-            api_version: review.types.api_version,
-            kind: review.types.kind,
-        });
-    }
-    let request: AdmissionRequest<DynamicObject> =
-        review.try_into().map_err(|_| ReviewError::NoRequest)?;
-    let mut response = AdmissionResponse::from(&request);
+    // Pods (all the webhook is sent) are read straight into `Pod`; anything that does not
+    // read as a pod review is read again generically, to answer it or say what is wrong.
+    let request = match serde_json::from_slice::<AdmissionReview<Pod>>(body) {
+        Ok(review) if is_v1(&review) => {
+            Some(review.try_into().map_err(|_| ReviewError::NoRequest)?)
+        }
+        _ => None,
+    };
+    let (request, pod): (Request, Result<Pod, Unhandled>) = match request {
+        Some(mut typed) => {
+            let pod = pod_check(&typed).and_then(|()| {
+                typed
+                    .object
+                    .take()
+                    .ok_or_else(|| Unhandled::Fail("the request has no object".to_owned()))
+            });
+            (Request::of(&typed), pod)
+        }
+        None => {
+            let review: AdmissionReview<DynamicObject> =
+                serde_json::from_slice(body).map_err(ReviewError::NotAReview)?;
+            if !is_v1(&review) {
+                return Err(ReviewError::Version {
+                    api_version: review.types.api_version,
+                    kind: review.types.kind,
+                });
+            }
+            let request: AdmissionRequest<DynamicObject> =
+                review.try_into().map_err(|_| ReviewError::NoRequest)?;
+            (Request::of(&request), pod_of(&request))
+        }
+    };
+    let mut response = request.response;
     let mut outcome = Outcome {
         uid: request.uid.clone(),
         namespace: request.namespace.clone().unwrap_or_default(),
@@ -115,7 +138,7 @@ pub fn review(
         result: Verdict::Ignored(String::new()),
     };
     let mut patch = None;
-    match pod_of(&request) {
+    match pod {
         Err(Unhandled::Ignore(why)) => outcome.result = Verdict::Ignored(why),
         Err(Unhandled::Fail(why)) => {
             response.warnings = Some(vec![format!("wasmesh: pod not injected: {why}")]);
@@ -174,7 +197,12 @@ enum Unhandled {
     Fail(String),
 }
 
-fn pod_of(request: &AdmissionRequest<DynamicObject>) -> Result<Pod, Unhandled> {
+fn is_v1<T: kube::core::Resource>(review: &AdmissionReview<T>) -> bool {
+    review.types.api_version == API_VERSION && review.types.kind == KIND
+}
+
+/// Whether a request is for us: a Pod being created (not a subresource).
+fn pod_check<T: kube::core::Resource>(request: &AdmissionRequest<T>) -> Result<(), Unhandled> {
     let kind = &request.kind;
     if !(kind.group.is_empty() && kind.kind == "Pod") {
         let group = if kind.group.is_empty() {
@@ -196,6 +224,12 @@ fn pod_of(request: &AdmissionRequest<DynamicObject>) -> Result<Pod, Unhandled> {
             request.operation
         )));
     }
+    Ok(())
+}
+
+/// The pod of a generically read request.
+fn pod_of(request: &AdmissionRequest<DynamicObject>) -> Result<Pod, Unhandled> {
+    pod_check(request)?;
     let object = request
         .object
         .as_ref()
@@ -203,6 +237,27 @@ fn pod_of(request: &AdmissionRequest<DynamicObject>) -> Result<Pod, Unhandled> {
     serde_json::to_value(object)
         .and_then(serde_json::from_value::<Pod>)
         .map_err(|e| Unhandled::Fail(format!("the object is not a valid Pod: {e}")))
+}
+
+/// What the answer needs from a request, whichever way it was read.
+struct Request {
+    response: AdmissionResponse,
+    uid: String,
+    name: String,
+    namespace: Option<String>,
+    dry_run: bool,
+}
+
+impl Request {
+    fn of<T: kube::core::Resource>(request: &AdmissionRequest<T>) -> Self {
+        Self {
+            response: AdmissionResponse::from(request),
+            uid: request.uid.clone(),
+            name: request.name.clone(),
+            namespace: request.namespace.clone(),
+            dry_run: request.dry_run,
+        }
+    }
 }
 
 fn display_name(pod: &Pod, request_name: &str) -> String {
