@@ -109,8 +109,9 @@ pub struct Config {
     pub token_audience: String,
     /// `expirationSeconds` of the projected token.
     pub token_expiration_seconds: i64,
-    /// Classic mode: how long the postStart hook waits for the proxy to be ready before it
-    /// gives up (the app container is then restarted by the kubelet).
+    /// Classic mode: how long the proxy's postStart hook waits for it to be ready before it
+    /// gives up (a failed hook makes the kubelet kill and restart the proxy container, per
+    /// the pod's restartPolicy).
     pub hold_timeout_seconds: u32,
 }
 
