@@ -1,34 +1,147 @@
-//! Moving bytes: both directions at once with large reusable buffers, half-close passed on
-//! (EOF on one side shuts down the write side of the other) until both sides are done. And
-//! the one way a proxied connection is refused: a TCP reset.
+//! Moving bytes: both directions at once, half-close passed on (EOF on one side shuts down the
+//! write side of the other) until both sides are done. And the one way a proxied connection is
+//! refused: a TCP reset.
+//!
+//! Two ways to copy ([`CopyMode`]):
+//! - `splice` (the default on Linux): socket → pipe → socket with splice(2), one pipe per
+//!   direction; the bytes never enter user space.
+//! - `buffered`: read into a 64 KiB buffer per direction and write it out.
+//!
+//! If a pipe cannot be made (e.g. the fd limit), the connection falls back to `buffered`.
 
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use crate::state::Stats;
 
-/// Buffer per direction.
+/// Buffer per direction (buffered mode).
 const BUF: usize = 64 * 1024;
+/// Pipe capacity asked for per direction (splice mode); the kernel may give less.
+const PIPE: usize = 256 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CopyMode {
+    #[default]
+    Splice,
+    Buffered,
+}
+
+impl std::str::FromStr for CopyMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "splice" => Ok(CopyMode::Splice),
+            "buffered" => Ok(CopyMode::Buffered),
+            _ => Err(format!("unknown copy mode {s:?}: use splice or buffered")),
+        }
+    }
+}
 
 /// Copies until both directions are finished; counts the bytes.
-pub async fn proxy(mut client: TcpStream, mut upstream: TcpStream, stats: &Stats) {
+pub async fn proxy(client: TcpStream, upstream: TcpStream, stats: &Stats, mode: CopyMode) {
     let _ = upstream.set_nodelay(true);
-    match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, BUF, BUF).await {
+    let pipes = match mode {
+        CopyMode::Splice => match (Pipe::new(), Pipe::new()) {
+            (Ok(a), Ok(b)) => Some((a, b)),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::debug!(error = %e, "no pipe for splice; copying through a buffer");
+                None
+            }
+        },
+        CopyMode::Buffered => None,
+    };
+    let result = match pipes {
+        Some((up, down)) => {
+            let (a, b) = tokio::join!(
+                splice_one(&client, &upstream, &up),
+                splice_one(&upstream, &client, &down)
+            );
+            a.and_then(|sent| b.map(|received| (sent, received)))
+        }
+        None => {
+            let (mut client, mut upstream) = (client, upstream);
+            let r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, BUF, BUF)
+                .await;
+            if r.is_err() {
+                reset(client);
+                reset(upstream);
+            }
+            return count(r, stats);
+        }
+    };
+    if result.is_err() {
+        // Pass an abort on as an abort.
+        reset(client);
+        reset(upstream);
+    }
+    count(result, stats);
+}
+
+fn count(r: io::Result<(u64, u64)>, stats: &Stats) {
+    match r {
         Ok((sent, received)) => {
-            stats
-                .bytes_sent
-                .fetch_add(sent, std::sync::atomic::Ordering::Relaxed);
-            stats
-                .bytes_received
-                .fetch_add(received, std::sync::atomic::Ordering::Relaxed);
+            stats.bytes_sent.fetch_add(sent, Ordering::Relaxed);
+            stats.bytes_received.fetch_add(received, Ordering::Relaxed);
         }
-        Err(e) => {
-            tracing::debug!(error = %e, "connection ended with an error");
-            // Pass an abort on as an abort.
-            reset(client);
-            reset(upstream);
+        Err(e) => tracing::debug!(error = %e, "connection ended with an error"),
+    }
+}
+
+/// A non-blocking pipe for one direction.
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    size: usize,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
+        let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        let size = fcntl(&write, FcntlArg::F_SETPIPE_SZ(PIPE as i32))
+            .map(|s| s as usize)
+            .unwrap_or(64 * 1024);
+        Ok(Pipe { read, write, size })
+    }
+}
+
+/// One direction: `from` → pipe → `to` until EOF, then shut down `to`'s write side.
+async fn splice_one(from: &TcpStream, to: &TcpStream, pipe: &Pipe) -> io::Result<u64> {
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    let mut total = 0u64;
+    loop {
+        let n = from
+            .async_io(Interest::READABLE, || {
+                splice(from, None, &pipe.write, None, pipe.size, flags).map_err(io::Error::from)
+            })
+            .await?;
+        if n == 0 {
+            // EOF: pass the half-close on; the other direction may go on.
+            let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+            return Ok(total);
         }
+        let mut left = n;
+        while left > 0 {
+            let m = to
+                .async_io(Interest::WRITABLE, || {
+                    splice(&pipe.read, None, to, None, left, flags).map_err(io::Error::from)
+                })
+                .await?;
+            if m == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "peer stopped accepting data",
+                ));
+            }
+            left -= m;
+        }
+        total += n as u64;
     }
 }
 
@@ -36,4 +149,59 @@ pub async fn proxy(mut client: TcpStream, mut upstream: TcpStream, stats: &Stats
 pub fn reset(stream: TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     drop(stream);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A client ↔ proxy ↔ echo-with-upper-case server, in both modes: every byte arrives, both
+    /// half-closes are passed on.
+    async fn roundtrip(mode: CopyMode) {
+        let server = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let saddr = server.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (mut s, _) = server.accept().await.expect("accept");
+            let mut all = Vec::new();
+            s.read_to_end(&mut all).await.expect("read");
+            s.write_all(&all.to_ascii_uppercase()).await.expect("write");
+            s.shutdown().await.expect("shutdown");
+        });
+        let front = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let faddr = front.local_addr().expect("addr");
+        let stats = std::sync::Arc::new(Stats::default());
+        let st = stats.clone();
+        let proxy_task = tokio::spawn(async move {
+            let (c, _) = front.accept().await.expect("accept");
+            let up = TcpStream::connect(saddr).await.expect("connect");
+            proxy(c, up, &st, mode).await;
+        });
+        let mut c = TcpStream::connect(faddr).await.expect("connect");
+        let payload: Vec<u8> = (0..3_000_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        let (mut r, mut w) = c.split();
+        let write = async {
+            w.write_all(&payload).await.expect("write");
+            w.shutdown().await.expect("half-close");
+        };
+        let mut got = Vec::new();
+        let read = r.read_to_end(&mut got);
+        let (_, n) = tokio::join!(write, read);
+        n.expect("read");
+        assert_eq!(got, payload.to_ascii_uppercase());
+        proxy_task.await.expect("proxy done");
+        assert_eq!(stats.bytes_sent.load(Ordering::Relaxed), 3_000_000);
+        assert_eq!(stats.bytes_received.load(Ordering::Relaxed), 3_000_000);
+    }
+
+    #[tokio::test]
+    async fn splice_moves_every_byte_and_passes_half_closes_on() {
+        roundtrip(CopyMode::Splice).await;
+    }
+
+    #[tokio::test]
+    async fn buffered_moves_every_byte_and_passes_half_closes_on() {
+        roundtrip(CopyMode::Buffered).await;
+    }
 }

@@ -24,6 +24,7 @@ pub struct Inbound {
     /// not redirected and is not passed on (it would loop).
     pub own_ports: Vec<u16>,
     pub connect_timeout: Duration,
+    pub copy: copy::CopyMode,
 }
 
 pub async fn serve(listener: TcpListener, inb: Arc<Inbound>) {
@@ -59,7 +60,7 @@ impl Inbound {
             return copy::reset(client);
         }
         match tokio::time::timeout(self.connect_timeout, connect_app(dst)).await {
-            Ok(Ok(app)) => copy::proxy(client, app, &self.state.stats).await,
+            Ok(Ok(app)) => copy::proxy(client, app, &self.state.stats, self.copy).await,
             Ok(Err(e)) => {
                 Stats::inc(&self.state.stats.inbound_app_refused);
                 tracing::debug!(%peer, %dst, error = %e, "app did not accept; resetting the client");

@@ -105,6 +105,11 @@ struct RunArgs {
     /// many milliseconds before exiting.
     #[arg(long, env = "WASMESH_DRAIN_TIMEOUT_MS", default_value_t = 5000)]
     drain_timeout_ms: u64,
+
+    /// How bytes are moved: splice (zero-copy through a kernel pipe) or buffered (through a
+    /// 64 KiB buffer per direction).
+    #[arg(long, env = "WASMESH_COPY", default_value = "splice")]
+    copy: wasmesh_proxy::copy::CopyMode,
 }
 
 #[derive(Debug, Args)]
@@ -250,6 +255,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             connect_timeout: Duration::from_millis(args.connect_timeout_ms.max(1)),
             connect_attempts: args.connect_attempts.max(1),
             table_wait: Duration::from_millis(args.table_wait_ms),
+            copy: args.copy,
         },
         reject_chain: args.reject_chain,
         drain_timeout: Duration::from_millis(args.drain_timeout_ms),

@@ -27,6 +27,7 @@ pub struct OutboundConfig {
     pub connect_attempts: usize,
     /// How long a connection captured before the first table waits for it.
     pub table_wait: Duration,
+    pub copy: copy::CopyMode,
 }
 
 impl Default for OutboundConfig {
@@ -36,6 +37,7 @@ impl Default for OutboundConfig {
             connect_timeout: Duration::from_secs(1),
             connect_attempts: 3,
             table_wait: Duration::from_secs(5),
+            copy: copy::CopyMode::default(),
         }
     }
 }
@@ -94,7 +96,9 @@ impl Outbound {
                 match tokio::time::timeout(self.config.connect_timeout * 3, TcpStream::connect(dst))
                     .await
                 {
-                    Ok(Ok(up)) => copy::proxy(client, up, &self.state.stats).await,
+                    Ok(Ok(up)) => {
+                        copy::proxy(client, up, &self.state.stats, self.config.copy).await
+                    }
                     _ => {
                         Stats::inc(&self.state.stats.outbound_failed);
                         copy::reset(client)
@@ -173,7 +177,7 @@ impl Outbound {
                     }
                     let _active = ep.load.open();
                     tracing::trace!(service = %sp.name(), endpoint = %ep.addr, "connected");
-                    return copy::proxy(client, up, stats).await;
+                    return copy::proxy(client, up, stats, self.config.copy).await;
                 }
                 Ok(Err(e)) => {
                     ep.load.record_failure();

@@ -109,6 +109,7 @@ pub async fn run(
         state: state.clone(),
         own_ports: vec![cfg.inbound_port, cfg.outbound_port, cfg.admin.port()],
         connect_timeout: Duration::from_secs(5),
+        copy: cfg.outbound.copy,
     });
 
     let who = WatchRequest {
