@@ -173,8 +173,33 @@ fn metrics(state: &ProxyState) -> String {
     out
 }
 
-fn respond(state: &ProxyState, path: &str) -> Response<Full<Bytes>> {
+fn respond(
+    state: &ProxyState,
+    method: &hyper::Method,
+    path: &str,
+    peer: std::net::SocketAddr,
+) -> Response<Full<Bytes>> {
     let (status, ctype, body) = match path {
+        // Ends the proxy (classic-mode sidecars in Jobs): only from inside the pod.
+        "/quitquitquit" if method != hyper::Method::POST => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "use POST\n".to_string(),
+        ),
+        "/quitquitquit" if !peer.ip().is_loopback() => (
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            "only from inside the pod (127.0.0.1)\n".to_string(),
+        ),
+        "/quitquitquit" => {
+            tracing::info!(%peer, "asked to quit");
+            state.quit.notify_one();
+            (
+                StatusCode::OK,
+                "text/plain",
+                "quitting: draining connections\n".to_string(),
+            )
+        }
         "/live" => (StatusCode::OK, "text/plain", "live\n".to_string()),
         "/ready" if state.is_ready() => (StatusCode::OK, "text/plain", "ready\n".to_string()),
         "/ready" => (
@@ -187,7 +212,7 @@ fn respond(state: &ProxyState, path: &str) -> Response<Full<Bytes>> {
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /ready, /live, /config or /metrics\n".to_string(),
+            "not found: try /ready, /live, /config, /metrics or POST /quitquitquit\n".to_string(),
         ),
     };
     let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -200,13 +225,13 @@ fn respond(state: &ProxyState, path: &str) -> Response<Full<Bytes>> {
 
 pub async fn serve(listener: TcpListener, state: Arc<ProxyState>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             continue;
         };
         let state = state.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let r = respond(&state, req.uri().path());
+                let r = respond(&state, req.method(), req.uri().path(), peer);
                 async move { Ok::<_, Infallible>(r) }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())

@@ -14,7 +14,7 @@
 //! - [`reject`] — optional: Services without endpoints refused in the kernel, like kube-proxy.
 //! - [`discovery`] — the control stream that keeps [`table`] current; [`state`] is what the
 //!   tasks share; [`admin`] (15000) serves `/ready`, `/live`, `/config`, `/metrics`;
-//!   [`run`] wires it all together (`wasmesh-proxy run`).
+//!   [`run`] wires it all together (`wasmesh-proxy run`); [`wait`] is `wasmesh-proxy wait`.
 
 pub mod admin;
 pub mod affinity;
@@ -29,3 +29,4 @@ pub mod reject;
 pub mod run;
 pub mod state;
 pub mod table;
+pub mod wait;

@@ -34,6 +34,22 @@ enum Command {
     /// to Services (kube-proxy semantics, balancing, failover) and pass inbound connections to
     /// the app. Admin endpoints: /ready, /live, /config, /metrics.
     Run(RunArgs),
+
+    /// Wait until the proxy on this pod is ready (its /ready answers 200), then exit 0; exit 1
+    /// after the timeout. Classic-mode sidecars run it as the proxy container's postStart hook,
+    /// which holds the app until the proxy can carry its traffic.
+    Wait(WaitArgs),
+}
+
+#[derive(Debug, Args)]
+struct WaitArgs {
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout_seconds: u64,
+
+    /// The proxy's admin address.
+    #[arg(long, env = "WASMESH_WAIT_ADMIN", default_value = "127.0.0.1:15000")]
+    admin: std::net::SocketAddr,
 }
 
 #[derive(Debug, Args)]
@@ -229,6 +245,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Init(args) => init(&args),
         Command::Run(args) => run(args),
+        Command::Wait(args) => wait(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -268,6 +285,23 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         wasmesh_proxy::run::run(cfg, shutdown_signal()).await?;
         Ok(())
     })
+}
+
+fn wait(args: &WaitArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let timeout = std::time::Duration::from_secs(args.timeout_seconds);
+    if rt.block_on(wasmesh_proxy::wait::wait(args.admin, timeout)) {
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "the proxy at {} was not ready after {}s (is `wasmesh-proxy run` running, and can it reach control?)",
+            args.admin,
+            args.timeout_seconds
+        )
+    }
 }
 
 async fn shutdown_signal() {

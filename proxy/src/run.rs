@@ -145,7 +145,10 @@ pub async fn run(
         accepting.spawn(outbound::serve(l, outbound));
     }
     accepting.spawn(inbound::serve(inb, inbound));
-    shutdown.await;
+    tokio::select! {
+        () = shutdown => {}
+        () = state.quit.notified() => {}
+    }
     // Stop accepting, fail /ready (admin keeps answering), let open connections finish.
     accepting.abort_all();
     let open = state.open_connections();

@@ -21,6 +21,8 @@ pub struct ProxyState {
     pub draining: AtomicBool,
     /// Proxied connections open right now (both directions).
     open: std::sync::atomic::AtomicUsize,
+    /// Set by `POST /quitquitquit`: shut down as on SIGTERM.
+    pub quit: tokio::sync::Notify,
     pub stats: Stats,
 }
 
@@ -70,6 +72,7 @@ impl ProxyState {
             control_connected: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             open: Default::default(),
+            quit: tokio::sync::Notify::new(),
             stats: Stats::default(),
         })
     }
