@@ -1,0 +1,740 @@
+//! The folder of Kubernetes YAML: what the user asked for.
+//!
+//! Every `*.yaml`, `*.yml` and `*.json` file below the folder (hidden ones excepted), many
+//! documents per file, `List`s expanded. Read: v1 Namespace, Pod, Service; apps/v1 Deployment;
+//! discovery.k8s.io/v1 EndpointSlice. Other kinds are skipped with a note. Services and
+//! EndpointSlices get the API server's defaults from control's own folder code
+//! ([`wasmesh_control::source::folder::default_and_validate`]), so both see the same objects.
+//!
+//! A document that does not parse, or an object the API server would refuse, is reported with
+//! file, line and reason; if its file loaded before, the file's last good version stays in
+//! force. Files are re-parsed only when their text changed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, PodSpec, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use wasmesh_control::source::Object;
+use wasmesh_control::source::folder::default_and_validate;
+
+/// A namespaced object's identity.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct NsName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl NsName {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for NsName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Everything the folder asks for.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Manifests {
+    pub namespaces: BTreeSet<String>,
+    pub pods: BTreeMap<NsName, Pod>,
+    pub deployments: BTreeMap<NsName, Deployment>,
+    pub services: BTreeMap<NsName, Service>,
+    pub slices: BTreeMap<NsName, EndpointSlice>,
+}
+
+/// One object from the folder.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Manifest {
+    Namespace(String),
+    Pod(NsName, Box<Pod>),
+    Deployment(NsName, Box<Deployment>),
+    Service(NsName, Box<Service>),
+    Slice(NsName, Box<EndpointSlice>),
+}
+
+impl Manifest {
+    fn describe(&self) -> String {
+        match self {
+            Manifest::Namespace(n) => format!("Namespace {n}"),
+            Manifest::Pod(k, _) => format!("Pod {k}"),
+            Manifest::Deployment(k, _) => format!("Deployment {k}"),
+            Manifest::Service(k, _) => format!("Service {k}"),
+            Manifest::Slice(k, _) => format!("EndpointSlice {k}"),
+        }
+    }
+}
+
+/// Something wrong in the folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: PathBuf,
+    /// 1-based document index (0: the file as a whole).
+    pub document: usize,
+    pub line: usize,
+    pub reason: String,
+    /// The file's last good version stays in force.
+    pub kept: bool,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if self.document > 0 {
+            write!(f, ":{} (document {})", self.line, self.document)?;
+        }
+        write!(f, ": {}", self.reason)?;
+        if self.kept {
+            f.write_str("; keeping the file's last good version")?;
+        }
+        Ok(())
+    }
+}
+
+/// A document of a kind wasmesh-local has no use for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    pub file: PathBuf,
+    pub line: usize,
+    pub kind: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for Skipped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}:{}: skipping {} {:?}: wasmesh-local has no use for this kind",
+            self.file.display(),
+            self.line,
+            self.kind,
+            self.name
+        )
+    }
+}
+
+/// The folder cannot be read at all.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read the manifests folder {path}: {source}")]
+pub struct FolderError {
+    pub path: PathBuf,
+    pub source: std::io::Error,
+}
+
+/// One parsed document.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Document {
+    pub index: usize,
+    pub line: usize,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Objects(Vec<Manifest>),
+    Skipped { kind: String, name: String },
+    Invalid(String),
+}
+
+#[derive(Debug, Default)]
+struct FileState {
+    text: String,
+    /// The objects of the last version of the file that loaded without problems.
+    good: Vec<Manifest>,
+    /// What the file contributes now.
+    current: Vec<Manifest>,
+}
+
+/// What a scan found. Problems and skipped documents are reported for changed files only.
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub manifests: Manifests,
+    pub problems: Vec<Problem>,
+    pub skipped: Vec<Skipped>,
+    /// Whether any file changed since the last scan.
+    pub changed: bool,
+}
+
+/// The folder between scans.
+#[derive(Debug)]
+pub struct Reader {
+    root: PathBuf,
+    files: BTreeMap<PathBuf, FileState>,
+}
+
+impl Reader {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self {
+            root: root.into(),
+            files: BTreeMap::new(),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn scan(&mut self) -> Result<Scan, FolderError> {
+        let paths = list_manifests(&self.root).map_err(|source| FolderError {
+            path: self.root.clone(),
+            source,
+        })?;
+        let mut scan = Scan::default();
+        let mut files = BTreeMap::new();
+        for path in paths {
+            let known = self.files.contains_key(&path);
+            let mut state = self.files.remove(&path).unwrap_or_default();
+            let text = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) => {
+                    scan.problems.push(Problem {
+                        file: path.clone(),
+                        document: 0,
+                        line: 0,
+                        reason: format!("cannot read: {e}"),
+                        kept: !state.current.is_empty(),
+                    });
+                    files.insert(path, state);
+                    continue;
+                }
+            };
+            if !known || text != state.text {
+                scan.changed = true;
+                let docs = parse_text(&text);
+                let mut objects = Vec::new();
+                let mut bad = Vec::new();
+                for doc in docs {
+                    match doc.outcome {
+                        Outcome::Objects(o) => objects.extend(o),
+                        Outcome::Skipped { kind, name } => scan.skipped.push(Skipped {
+                            file: path.clone(),
+                            line: doc.line,
+                            kind,
+                            name,
+                        }),
+                        Outcome::Invalid(reason) => bad.push((doc.index, doc.line, reason)),
+                    }
+                }
+                let keep = !bad.is_empty() && !state.good.is_empty();
+                for (document, line, reason) in bad.iter().cloned() {
+                    scan.problems.push(Problem {
+                        file: path.clone(),
+                        document,
+                        line,
+                        reason,
+                        kept: keep,
+                    });
+                }
+                if keep {
+                    state.current = state.good.clone();
+                } else {
+                    if bad.is_empty() {
+                        state.good = objects.clone();
+                    }
+                    state.current = objects;
+                }
+                state.text = text;
+            }
+            files.insert(path, state);
+        }
+        // What is left was deleted.
+        scan.changed |= !self.files.is_empty();
+        self.files = files;
+
+        let mut origin: BTreeMap<String, PathBuf> = BTreeMap::new();
+        for (path, state) in &self.files {
+            for m in &state.current {
+                let what = m.describe();
+                if let Some(other) = origin.insert(what.clone(), path.clone())
+                    && scan.changed
+                {
+                    scan.problems.push(Problem {
+                        file: path.clone(),
+                        document: 0,
+                        line: 0,
+                        reason: format!(
+                            "{what} is also defined in {}; using this one",
+                            other.display()
+                        ),
+                        kept: false,
+                    });
+                }
+                add(&mut scan.manifests, m.clone());
+            }
+        }
+        Ok(scan)
+    }
+}
+
+fn add(out: &mut Manifests, m: Manifest) {
+    match m {
+        Manifest::Namespace(n) => {
+            out.namespaces.insert(n);
+        }
+        Manifest::Pod(k, p) => {
+            out.namespaces.insert(k.namespace.clone());
+            out.pods.insert(k, *p);
+        }
+        Manifest::Deployment(k, d) => {
+            out.namespaces.insert(k.namespace.clone());
+            out.deployments.insert(k, *d);
+        }
+        Manifest::Service(k, s) => {
+            out.namespaces.insert(k.namespace.clone());
+            out.services.insert(k, *s);
+        }
+        Manifest::Slice(k, s) => {
+            out.namespaces.insert(k.namespace.clone());
+            out.slices.insert(k, *s);
+        }
+    }
+}
+
+fn list_manifests(root: &Path) -> std::io::Result<Vec<PathBuf>> {
+    if !std::fs::metadata(root)?.is_dir() {
+        return Err(std::io::Error::other("not a directory"));
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let path = entry.path();
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            if entry.file_type()?.is_dir() {
+                stack.push(path);
+            } else if matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml" | "json")
+            ) {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Splits a file on `---` lines and parses every document that is not empty.
+pub fn parse_text(text: &str) -> Vec<Document> {
+    let mut docs = Vec::new();
+    let mut body = String::new();
+    let mut start = 1;
+    let flush = |body: &str, start: usize, docs: &mut Vec<Document>| {
+        let blank = |l: &str| l.trim().is_empty() || l.trim_start().starts_with('#');
+        if body.lines().all(blank) {
+            return;
+        }
+        let skip = body.lines().take_while(|l| blank(l)).count();
+        let index = docs.len() + 1;
+        docs.push(Document {
+            index,
+            line: start + skip,
+            outcome: parse_document(body),
+        });
+    };
+    for (n, line) in text.lines().enumerate() {
+        let t = line.trim_end();
+        if t == "---" || t.starts_with("--- ") {
+            flush(&body, start, &mut docs);
+            body.clear();
+            start = n + 2;
+        } else {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    flush(&body, start, &mut docs);
+    docs
+}
+
+fn parse_document(body: &str) -> Outcome {
+    let value: Value = match serde_saphyr::from_str(body) {
+        Ok(v) => v,
+        Err(e) => {
+            let msg = e.to_string();
+            return Outcome::Invalid(format!(
+                "not valid YAML: {}",
+                msg.lines().next().unwrap_or(&msg).trim()
+            ));
+        }
+    };
+    match objects(value) {
+        Ok(Parsed::Objects(o)) => Outcome::Objects(o),
+        Ok(Parsed::Skipped { kind, name }) => Outcome::Skipped { kind, name },
+        Err(reason) => Outcome::Invalid(reason),
+    }
+}
+
+enum Parsed {
+    Objects(Vec<Manifest>),
+    Skipped { kind: String, name: String },
+}
+
+fn objects(value: Value) -> Result<Parsed, String> {
+    let Value::Object(map) = &value else {
+        return Err("a manifest must be a mapping with apiVersion and kind".into());
+    };
+    let api = map.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+    let kind = map
+        .get("kind")
+        .and_then(Value::as_str)
+        .ok_or("missing `kind`")?
+        .to_string();
+    if kind == "List" {
+        let mut out = Vec::new();
+        for item in map
+            .get("items")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if let Parsed::Objects(o) = objects(item.clone())? {
+                out.extend(o);
+            }
+        }
+        return Ok(Parsed::Objects(out));
+    }
+    let meta = map.get("metadata");
+    let name = meta
+        .and_then(|m| m.get("name"))
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let namespace = meta
+        .and_then(|m| m.get("namespace"))
+        .and_then(Value::as_str)
+        .unwrap_or("default")
+        .to_string();
+    let known = matches!(
+        (api, kind.as_str()),
+        ("v1", "Namespace" | "Pod" | "Service")
+            | ("apps/v1", "Deployment")
+            | ("discovery.k8s.io/v1", "EndpointSlice")
+    );
+    if !known {
+        if matches!(
+            kind.as_str(),
+            "Namespace" | "Pod" | "Service" | "Deployment" | "EndpointSlice"
+        ) {
+            return Err(format!(
+                "{kind} with apiVersion `{api}`: wasmesh-local reads v1 Namespace/Pod/Service, apps/v1 Deployment and discovery.k8s.io/v1 EndpointSlice"
+            ));
+        }
+        return Ok(Parsed::Skipped { kind, name });
+    }
+    if name.is_empty() {
+        return Err(format!("{kind} without metadata.name"));
+    }
+    if kind == "Namespace" {
+        check_label(&name).map_err(|e| format!("Namespace {name:?}: {e}"))?;
+        return Ok(Parsed::Objects(vec![Manifest::Namespace(name)]));
+    }
+    let key = NsName::new(namespace, name);
+    let fail = |e: String| format!("{kind} {key}: {e}");
+    check_label(&key.namespace).map_err(|e| fail(format!("metadata.namespace: {e}")))?;
+    check_subdomain(&key.name).map_err(|e| fail(format!("metadata.name: {e}")))?;
+    let m = match kind.as_str() {
+        "Pod" => {
+            let mut pod: Pod = typed(value).map_err(fail)?;
+            pod.metadata.namespace = Some(key.namespace.clone());
+            let spec = pod.spec.as_ref().ok_or_else(|| fail("no spec".into()))?;
+            check_pod_spec(spec).map_err(fail)?;
+            Manifest::Pod(key, Box::new(pod))
+        }
+        "Deployment" => {
+            let mut d: Deployment = typed(value).map_err(fail)?;
+            d.metadata.namespace = Some(key.namespace.clone());
+            check_deployment(&d).map_err(fail)?;
+            Manifest::Deployment(key, Box::new(d))
+        }
+        "Service" => {
+            let svc: Service = typed(value).map_err(fail)?;
+            let mut obj = Object::Service(svc);
+            obj.meta_mut().namespace = Some(key.namespace.clone());
+            default_and_validate(&mut obj).map_err(fail)?;
+            let Object::Service(svc) = obj else {
+                return Err(fail("not a Service".into()));
+            };
+            Manifest::Service(key, Box::new(svc))
+        }
+        _ => {
+            let slice: EndpointSlice = typed(value).map_err(fail)?;
+            let mut obj = Object::EndpointSlice(slice);
+            obj.meta_mut().namespace = Some(key.namespace.clone());
+            default_and_validate(&mut obj).map_err(fail)?;
+            let Object::EndpointSlice(slice) = obj else {
+                return Err(fail("not an EndpointSlice".into()));
+            };
+            Manifest::Slice(key, Box::new(slice))
+        }
+    };
+    Ok(Parsed::Objects(vec![m]))
+}
+
+fn typed<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, String> {
+    serde_json::from_value(value).map_err(|e| e.to_string())
+}
+
+/// What a pod needs to run here: a command for every container (images are ignored).
+fn check_pod_spec(spec: &PodSpec) -> Result<(), String> {
+    if spec.containers.is_empty() {
+        return Err("spec.containers is empty".into());
+    }
+    let mut names = BTreeSet::new();
+    for (i, c) in spec.containers.iter().enumerate() {
+        if !names.insert(c.name.as_str()) {
+            return Err(format!(
+                "spec.containers[{i}]: name {:?} is used twice",
+                c.name
+            ));
+        }
+        if c.command.as_ref().is_none_or(Vec::is_empty) {
+            return Err(format!(
+                "container {:?} has no `command`: wasmesh-local ignores images and runs the command on this machine, so every container needs one (e.g. command: [\"wasmesh-demo\", \"backend\"])",
+                c.name
+            ));
+        }
+        let mut port_names = BTreeSet::new();
+        for p in c.ports.iter().flatten() {
+            if !(1..=65535).contains(&p.container_port) {
+                return Err(format!(
+                    "container {:?}: containerPort {} is not a valid port",
+                    c.name, p.container_port
+                ));
+            }
+            if let Some(n) = &p.name
+                && !port_names.insert(n.clone())
+            {
+                return Err(format!(
+                    "container {:?}: port name {n:?} is used twice",
+                    c.name
+                ));
+            }
+        }
+    }
+    if let Some(p) = spec.restart_policy.as_deref()
+        && !matches!(p, "Always" | "OnFailure" | "Never")
+    {
+        return Err(format!(
+            "spec.restartPolicy {p:?} is not Always, OnFailure or Never"
+        ));
+    }
+    if let Some(n) = spec.node_name.as_deref() {
+        check_subdomain(n).map_err(|e| format!("spec.nodeName: {e}"))?;
+    }
+    Ok(())
+}
+
+fn check_deployment(d: &Deployment) -> Result<(), String> {
+    let spec = d.spec.as_ref().ok_or("no spec")?;
+    if spec.replicas.is_some_and(|r| r < 0) {
+        return Err("spec.replicas is negative".into());
+    }
+    if spec
+        .selector
+        .match_expressions
+        .as_ref()
+        .is_some_and(|e| !e.is_empty())
+    {
+        return Err(
+            "spec.selector.matchExpressions are not supported by wasmesh-local; use matchLabels"
+                .into(),
+        );
+    }
+    let selector = spec.selector.match_labels.clone().unwrap_or_default();
+    if selector.is_empty() {
+        return Err("spec.selector.matchLabels is empty".into());
+    }
+    let labels = spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
+    for (k, v) in &selector {
+        if labels.get(k) != Some(v) {
+            return Err(format!(
+                "spec.selector does not match the template's labels ({k}={v} is missing): `selector` does not match template `labels`"
+            ));
+        }
+    }
+    let pod = spec
+        .template
+        .spec
+        .as_ref()
+        .ok_or("spec.template.spec is missing")?;
+    if pod.restart_policy.as_deref().is_some_and(|p| p != "Always") {
+        return Err("spec.template.spec.restartPolicy must be Always in a Deployment".into());
+    }
+    check_pod_spec(pod).map_err(|e| format!("spec.template: {e}"))
+}
+
+/// RFC 1123 label: namespaces, and the parts of names.
+fn check_label(s: &str) -> Result<(), String> {
+    if s.len() > 63 {
+        return Err(format!("{s:?} is longer than 63 characters"));
+    }
+    check_subdomain(s)?;
+    if s.contains('.') {
+        return Err(format!("{s:?} must not contain dots"));
+    }
+    Ok(())
+}
+
+/// RFC 1123 subdomain: object names. They become file and namespace names here, so this is
+/// also what keeps `/` and `..` out of paths.
+fn check_subdomain(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 253
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+        && !s.contains("..");
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{s:?} is not a valid name (lowercase letters, digits, '-' and '.', starting and ending with a letter or digit)"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(yaml: &str) -> Outcome {
+        let docs = parse_text(yaml);
+        assert_eq!(docs.len(), 1, "{docs:?}");
+        docs.into_iter()
+            .next()
+            .map(|d| d.outcome)
+            .expect("one document")
+    }
+
+    #[test]
+    fn kinds_are_read_skipped_or_refused() {
+        let docs = parse_text(
+            "# comment\napiVersion: v1\nkind: Namespace\nmetadata: {name: demo}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: cfg}\n---\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\nspec: {selector: {app: web}, ports: [{port: 80}]}\n",
+        );
+        assert_eq!(docs.len(), 3);
+        assert_eq!(docs[0].line, 2);
+        assert_eq!(
+            docs[0].outcome,
+            Outcome::Objects(vec![Manifest::Namespace("demo".into())])
+        );
+        assert_eq!(
+            docs[1].outcome,
+            Outcome::Skipped {
+                kind: "ConfigMap".into(),
+                name: "cfg".into()
+            }
+        );
+        assert_eq!(docs[2].line, 11);
+        let Outcome::Objects(o) = &docs[2].outcome else {
+            panic!("{:?}", docs[2]);
+        };
+        let Manifest::Service(k, svc) = &o[0] else {
+            panic!("{o:?}");
+        };
+        assert_eq!(k, &NsName::new("demo", "web"));
+        // The API server's defaults, from control's folder code.
+        let spec = svc.spec.as_ref().expect("spec");
+        assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
+        assert_eq!(
+            spec.ports.as_ref().expect("ports")[0].protocol.as_deref(),
+            Some("TCP")
+        );
+    }
+
+    #[test]
+    fn containers_need_a_command() {
+        let out = one(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: c, image: nginx}]}\n",
+        );
+        let Outcome::Invalid(reason) = out else {
+            panic!("{out:?}");
+        };
+        assert!(
+            reason.contains("Pod default/p") && reason.contains("no `command`"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn deployments_are_checked_like_the_api_server_does() {
+        let out = one(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec:\n  selector: {matchLabels: {app: x}}\n  template:\n    metadata: {labels: {app: other}}\n    spec: {containers: [{name: c, command: [sleep, '1']}]}\n",
+        );
+        assert!(
+            matches!(&out, Outcome::Invalid(r) if r.contains("does not match")),
+            "{out:?}"
+        );
+        let out = one(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d, namespace: prod}\nspec:\n  replicas: 2\n  selector: {matchLabels: {app: x}}\n  template:\n    metadata: {labels: {app: x}}\n    spec: {containers: [{name: c, command: [sleep, '1']}]}\n",
+        );
+        assert!(
+            matches!(&out, Outcome::Objects(o) if matches!(&o[0], Manifest::Deployment(k, _) if k.name == "d" && k.namespace == "prod")),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn names_that_would_make_bad_paths_are_refused() {
+        for name in ["../x", "a/b", "A", "a_b", ""] {
+            let out = one(&format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name:?}}}\nspec: {{containers: [{{name: c, command: [x]}}]}}\n"
+            ));
+            assert!(matches!(out, Outcome::Invalid(_)), "{name}: {out:?}");
+        }
+    }
+
+    #[test]
+    fn a_broken_file_keeps_its_last_good_version() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("a.yaml");
+        let good =
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{port: 80}]}\n";
+        std::fs::write(&file, good).expect("write");
+        let mut reader = Reader::new(dir.path());
+        let scan = reader.scan().expect("scan");
+        assert!(scan.changed);
+        assert!(scan.problems.is_empty());
+        assert_eq!(scan.manifests.services.len(), 1);
+        let again = reader.scan().expect("scan");
+        assert!(!again.changed);
+
+        std::fs::write(&file, "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{port: 70000}]}\n").expect("write");
+        let scan = reader.scan().expect("scan");
+        assert!(scan.changed);
+        assert_eq!(scan.problems.len(), 1);
+        assert!(scan.problems[0].kept, "{}", scan.problems[0]);
+        assert!(
+            scan.problems[0]
+                .to_string()
+                .contains("a.yaml:1 (document 1)"),
+            "{}",
+            scan.problems[0]
+        );
+        assert_eq!(scan.manifests.services.len(), 1);
+
+        std::fs::remove_file(&file).expect("rm");
+        let scan = reader.scan().expect("scan");
+        assert!(scan.changed);
+        assert!(scan.manifests.services.is_empty());
+    }
+}
