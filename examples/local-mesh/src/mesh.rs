@@ -677,7 +677,7 @@ impl Mesh {
                 r.sidecar,
                 r.ready,
                 r.deletion.and_then(time),
-                time(r.created).unwrap_or_else(|| Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)),
+                time(r.created).unwrap_or(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)),
             );
             objects::add(
                 &mut out,

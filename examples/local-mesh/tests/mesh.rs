@@ -474,7 +474,7 @@ impl UpProcess {
         state: &std::path::Path,
         prefix: &str,
     ) -> Self {
-        let log_path = dir.with_extension("log");
+        let log_path = dir.join(".up.log");
         let log = std::fs::File::create(&log_path).expect("log");
         let child = local(bins)
             .args(["up"])

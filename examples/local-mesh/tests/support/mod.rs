@@ -148,22 +148,22 @@ impl TestMesh {
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// Waits until exactly `n` pods whose names start with `name` run and are ready in `ns`
-    /// (none terminating), and returns them.
+    /// Waits until exactly `n` pods named `name` (a prefix when it ends with `-`) run and
+    /// are ready in `ns` (none terminating), and returns them.
     pub fn ready_pods(&self, ns: &str, name: &str, n: usize) -> Vec<PodStatus> {
-        let s = self.wait(&format!("{n} ready pods {ns}/{name}*"), |s| {
-            let pods: Vec<_> = s
-                .pods
-                .iter()
-                .filter(|p| p.namespace == ns && p.name.starts_with(name))
-                .collect();
+        let matches = |p: &PodStatus| {
+            p.namespace == ns
+                && if name.ends_with('-') {
+                    p.name.starts_with(name)
+                } else {
+                    p.name == name
+                }
+        };
+        let s = self.wait(&format!("{n} ready pods {ns}/{name}"), |s| {
+            let pods: Vec<_> = s.pods.iter().filter(|p| matches(p)).collect();
             pods.len() == n && pods.iter().all(|p| p.phase == Phase::Running && p.ready)
         });
-        s.pods
-            .iter()
-            .filter(|p| p.namespace == ns && p.name.starts_with(name))
-            .cloned()
-            .collect()
+        s.pods.iter().filter(|p| matches(p)).cloned().collect()
     }
 
     /// Runs `argv` in a pod (as root, with the pod's /etc/hosts), bounded to 30 s.
@@ -249,15 +249,13 @@ impl TestMesh {
         serde_json::from_slice(&out.stdout).expect("config JSON")
     }
 
-    /// Waits until the sidecar in `ns/pod` sees `want(endpoints)` for Service `svc_ns/svc`
-    /// port `port` (endpoints as (address, ready, serving, terminating)).
+    /// Waits until the sidecar in `ns/pod` sees `want(endpoints)` for the Service port
+    /// `(namespace, name, port)`.
     pub fn wait_proxy(
         &self,
         ns: &str,
         pod: &str,
-        svc_ns: &str,
-        svc: &str,
-        port: u16,
+        (svc_ns, svc, port): (&str, &str, u16),
         what: &str,
         want: impl Fn(&[ProxyEndpoint]) -> bool,
     ) {
@@ -349,7 +347,8 @@ impl Calls {
             output: format!("{stdout}{stderr}"),
             ..Default::default()
         };
-        for line in stdout.lines() {
+        // Call lines start with `#<i> `; the last line is a summary.
+        for line in stdout.lines().filter(|l| l.starts_with('#')) {
             let line = line.split("  |").next().unwrap_or(line);
             if let Some(rest) = line.split_once(" answered by ").map(|(_, r)| r) {
                 // `<pod> (<ms> ms) served at <addr> for <peer>`
