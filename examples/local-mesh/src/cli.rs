@@ -242,13 +242,23 @@ pub fn exec_command(
     Ok(cmd)
 }
 
-/// `logs [-f]`: a container's output. Following ends once the pod is gone.
+/// How `logs` reads.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogOptions {
+    /// Keep printing as the log grows, until the pod is gone.
+    pub follow: bool,
+    /// Start with only the last this many lines (`Some(0)`: only what comes next).
+    pub tail: Option<usize>,
+}
+
+/// `logs [-f] [--tail N]`: a container's output. A closed stdout (e.g. `| head`) ends it
+/// quietly.
 pub fn logs(
     state_dir: &Path,
     namespace: &str,
     pod: &str,
     container: Option<&str>,
-    follow: bool,
+    opts: LogOptions,
     out: &mut impl std::io::Write,
 ) -> Result<(), CliError> {
     let status = state::read_status(state_dir)?;
@@ -270,6 +280,7 @@ pub fn logs(
         source,
     };
     let mut pos = 0u64;
+    let mut first = true;
     let mut gone_since: Option<Instant> = None;
     loop {
         if let Ok(mut f) = std::fs::File::open(&path) {
@@ -277,10 +288,19 @@ pub fn logs(
             let mut buf = Vec::new();
             f.read_to_end(&mut buf).map_err(io)?;
             pos += buf.len() as u64;
-            out.write_all(&buf).map_err(io)?;
-            out.flush().map_err(io)?;
+            let mut show: &[u8] = &buf;
+            if first && let Some(n) = opts.tail {
+                show = last_lines(&buf, n);
+            }
+            first = false;
+            let written = out.write_all(show).and_then(|()| out.flush());
+            match written {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+                Err(e) => return Err(io(e)),
+            }
         }
-        if !follow {
+        if !opts.follow {
             return Ok(());
         }
         let here = state::read_status(state_dir).ok().is_some_and(|s| {
@@ -294,6 +314,24 @@ pub fn logs(
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The last `n` lines of `buf` (a final line without a newline counts).
+fn last_lines(buf: &[u8], n: usize) -> &[u8] {
+    if n == 0 {
+        return &[];
+    }
+    let body = buf.strip_suffix(b"\n").unwrap_or(buf);
+    match body
+        .iter()
+        .enumerate()
+        .rev()
+        .filter(|(_, b)| **b == b'\n')
+        .nth(n - 1)
+    {
+        Some((i, _)) => &buf[i + 1..],
+        None => buf,
     }
 }
 
@@ -430,6 +468,14 @@ mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn tail_lines() {
+        assert_eq!(last_lines(b"a\nb\nc\n", 2), b"b\nc\n");
+        assert_eq!(last_lines(b"a\nb\nc", 1), b"c");
+        assert_eq!(last_lines(b"a\nb\n", 5), b"a\nb\n");
+        assert_eq!(last_lines(b"a\nb\n", 0), b"");
     }
 
     #[test]

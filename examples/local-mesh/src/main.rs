@@ -104,6 +104,9 @@ enum Command {
         /// Keep printing as it grows, until the pod is gone.
         #[arg(short = 'f', long)]
         follow: bool,
+        /// Start with only the last this many lines (0: only new ones).
+        #[arg(long)]
+        tail: Option<usize>,
         #[command(flatten)]
         state: StateArgs,
     },
@@ -197,6 +200,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             pod,
             container,
             follow,
+            tail,
             state,
         } => {
             let mut out = std::io::stdout();
@@ -205,7 +209,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 &ns.namespace,
                 &pod,
                 container.as_deref(),
-                follow,
+                cli::LogOptions { follow, tail },
                 &mut out,
             )?;
             Ok(ExitCode::SUCCESS)
