@@ -11,7 +11,9 @@
 //! - for an ExternalName Service, whatever its target resolves to here (another Service's
 //!   name, or an IP address); an outside name does not resolve (nothing leaves the mesh).
 //!
-//! The file is rewritten in place (same inode) so the bind mounts see every change.
+//! The file is rewritten in place (same inode) so the bind mounts see every change, and never
+//! shortened (a shorter version is padded with a comment), so a lookup at that moment never
+//! reads an empty or cut file ([`write_in_place`]).
 //! `resolv.conf` points at 127.0.0.1, where nothing answers, so an unknown name fails at once.
 
 use std::collections::BTreeMap;
@@ -153,6 +155,32 @@ pub fn render_resolv_conf(namespace: &str) -> String {
     )
 }
 
+/// Overwrites `path` from its start without truncating it first: content shorter than the file
+/// is padded with a comment line to the old length.
+pub fn write_in_place(path: &std::path::Path, content: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let old = std::fs::metadata(path)
+        .map(|m| m.len() as usize)
+        .unwrap_or(0);
+    let mut text = content.to_string();
+    if text.len() < old {
+        let pad = old - text.len();
+        if pad == 1 {
+            text.push('\n');
+        } else {
+            text.push('#');
+            text.push_str(&" ".repeat(pad - 2));
+            text.push('\n');
+        }
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    f.write_all(text.as_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,6 +273,28 @@ mod tests {
 10.96.0.20\tweb.other.svc.cluster.local web.other.svc web.other
 ";
         assert_eq!(hosts, expected);
+    }
+
+    #[test]
+    fn rewriting_never_shortens_the_file() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let p = tmp.path().join("hosts");
+        write_in_place(&p, "1.2.3.4 a\n5.6.7.8 b\n").expect("write");
+        let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&p).expect("meta"));
+        write_in_place(&p, "1.2.3.4 a\n").expect("write");
+        let text = std::fs::read_to_string(&p).expect("read");
+        assert_eq!(text.len(), 20);
+        assert!(text.starts_with("1.2.3.4 a\n#"), "{text:?}");
+        assert!(text.ends_with('\n'));
+        write_in_place(&p, "1.2.3.4 a\n5.6.7.8 b\n9.9.9.9 c\n").expect("write");
+        assert_eq!(
+            std::fs::read_to_string(&p).expect("read"),
+            "1.2.3.4 a\n5.6.7.8 b\n9.9.9.9 c\n"
+        );
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&p).expect("meta")),
+            ino
+        );
     }
 
     #[test]

@@ -59,6 +59,10 @@ pub enum MeshError {
         "another `wasmesh-local up` (pid {pid}) is running with state directory {dir}: stop it first (`wasmesh-local down --state-dir {dir}`)"
     )]
     AlreadyRunning { pid: u32, dir: PathBuf },
+    #[error(
+        "another `wasmesh-local up` (pid {pid}) uses the prefix {prefix:?}: starting would remove its namespaces; give this mesh another --prefix (and --state-dir)"
+    )]
+    PrefixInUse { pid: u32, prefix: String },
     #[error("cannot start wasmesh-control: {0}")]
     Control(std::io::Error),
     #[error("cannot start the runtime: {0}")]
@@ -225,6 +229,12 @@ impl Mesh {
             return Err(MeshError::AlreadyRunning {
                 pid: old.pid,
                 dir: cfg.state_dir.clone(),
+            });
+        }
+        if let Some(pid) = process::other_up_with_prefix(&cfg.prefix) {
+            return Err(MeshError::PrefixInUse {
+                pid,
+                prefix: cfg.prefix.clone(),
             });
         }
         let removed = netns::cleanup(&cfg.prefix, &cfg.node_netns())?;
@@ -703,7 +713,7 @@ impl Mesh {
             if hosts != r.hosts {
                 // In place: the pod's processes see this inode through a bind mount.
                 let path = netns::etc_dir(&r.netns).join("hosts");
-                match std::fs::write(&path, &hosts) {
+                match dns::write_in_place(&path, &hosts) {
                     Ok(()) => r.hosts = hosts,
                     Err(e) => tracing::error!(pod = %r.plan.key, "{}: {e}", path.display()),
                 }

@@ -76,6 +76,48 @@ pub fn cmdline_contains(pid: u32, needle: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// A running `wasmesh-local up` other than this process whose prefix (`--prefix`, default
+/// [`crate::config::DEFAULT_PREFIX`]) is `prefix`.
+pub fn other_up_with_prefix(prefix: &str) -> Option<u32> {
+    let me = std::process::id();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == me || !alive(pid) {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = raw
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let is_up = args.first().is_some_and(|a| a.ends_with("wasmesh-local"))
+            && args.get(1).is_some_and(|a| a == "up");
+        if is_up && up_prefix(&args) == prefix {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// The prefix an `up` command line uses.
+fn up_prefix(args: &[String]) -> String {
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--prefix" {
+            if let Some(v) = it.next() {
+                return v.clone();
+            }
+        } else if let Some(v) = a.strip_prefix("--prefix=") {
+            return v.to_string();
+        }
+    }
+    crate::config::DEFAULT_PREFIX.to_string()
+}
+
 /// The output of a command that must succeed.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -134,6 +176,17 @@ mod tests {
         assert!(!alive(pid));
         let _ = child.wait();
         assert!(!alive(pid));
+    }
+
+    #[test]
+    fn prefixes_of_up_command_lines() {
+        let args = |s: &str| s.split(' ').map(str::to_string).collect::<Vec<_>>();
+        assert_eq!(up_prefix(&args("wasmesh-local up dir")), "wm-");
+        assert_eq!(
+            up_prefix(&args("wasmesh-local up dir --prefix wmdemo-")),
+            "wmdemo-"
+        );
+        assert_eq!(up_prefix(&args("wasmesh-local up --prefix=x- dir")), "x-");
     }
 
     #[test]
