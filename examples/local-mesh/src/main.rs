@@ -167,7 +167,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             proxy_args,
         } => up(dir, state.state_dir, !no_sidecar, prefix, proxy_args),
         Command::Down { state, prefix } => {
-            for line in cli::down(&state.state_dir, prefix.as_deref())? {
+            let done = cli::down(&state.state_dir, prefix.as_deref())?;
+            if done.is_empty() {
+                println!("nothing to remove");
+            }
+            for line in done {
                 println!("{line}");
             }
             Ok(ExitCode::SUCCESS)

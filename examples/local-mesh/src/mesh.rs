@@ -216,7 +216,7 @@ pub async fn run(
 
 impl Mesh {
     async fn start(
-        cfg: MeshConfig,
+        mut cfg: MeshConfig,
         agents_tx: mpsc::UnboundedSender<(String, AgentMsg)>,
         status_tx: watch::Sender<Arc<Status>>,
     ) -> Result<Self, MeshError> {
@@ -245,6 +245,12 @@ impl Mesh {
             );
         }
         state::prepare(&cfg.state_dir)?;
+        // Pod agents and control run from `/`: every path they get must be absolute.
+        for path in [&mut cfg.state_dir, &mut cfg.manifests] {
+            if let Ok(abs) = std::fs::canonicalize(&*path) {
+                *path = abs;
+            }
+        }
         netns::add_node(&cfg.node_netns())?;
         tracing::info!(
             netns = %cfg.node_netns(),
