@@ -1,0 +1,385 @@
+//! The figures: every round's values per pair, reported as medians in Markdown tables with the
+//! ratios the issue's targets are stated in.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use crate::Params;
+
+/// pair → metric → one value per round.
+#[derive(Debug, Default)]
+pub struct Results {
+    by_pair: BTreeMap<String, BTreeMap<String, Vec<f64>>>,
+    order: Vec<String>,
+}
+
+impl Results {
+    pub fn add(&mut self, pair: &str, values: BTreeMap<String, f64>) {
+        if !self.order.iter().any(|p| p == pair) {
+            self.order.push(pair.to_string());
+        }
+        let m = self.by_pair.entry(pair.to_string()).or_default();
+        for (k, v) in values {
+            m.entry(k).or_default().push(v);
+        }
+    }
+
+    /// Median over the rounds.
+    pub fn get(&self, pair: &str, key: &str) -> Option<f64> {
+        let mut v = self.by_pair.get(pair)?.get(key)?.clone();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        Some(if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        })
+    }
+
+    /// Highest over the rounds.
+    fn max(&self, pair: &str, key: &str) -> Option<f64> {
+        let v = self.by_pair.get(pair)?.get(key)?;
+        v.iter().copied().reduce(f64::max)
+    }
+
+    /// Lowest and highest over the rounds, when there was more than one.
+    fn spread(&self, pair: &str, key: &str) -> Option<(f64, f64)> {
+        let v = self.by_pair.get(pair)?.get(key)?;
+        if v.len() < 2 {
+            return None;
+        }
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        Some((lo, hi))
+    }
+
+    /// Whether any pair has this measure (its phase ran).
+    fn measured(&self, key: &str) -> bool {
+        self.by_pair.values().any(|m| m.contains_key(key))
+    }
+
+    fn has(&self, pair: &str) -> bool {
+        self.by_pair.contains_key(pair)
+    }
+
+    fn ratio(&self, a: &str, b: &str, key: &str) -> Option<f64> {
+        let (x, y) = (self.get(a, key)?, self.get(b, key)?);
+        (y != 0.0).then(|| x / y)
+    }
+}
+
+fn f(v: Option<f64>, digits: usize) -> String {
+    match v {
+        Some(v) => format!("{v:.digits$}"),
+        None => "—".into(),
+    }
+}
+
+fn x(v: Option<f64>) -> String {
+    match v {
+        Some(v) => format!("{v:.2}×"),
+        None => "—".into(),
+    }
+}
+
+/// "12.3 (11.9–12.8)" when there were several rounds.
+fn with_spread(r: &Results, pair: &str, key: &str, digits: usize) -> String {
+    let m = f(r.get(pair, key), digits);
+    match r.spread(pair, key) {
+        Some((lo, hi)) => format!("{m} ({lo:.digits$}–{hi:.digits$})"),
+        None => m,
+    }
+}
+
+fn pct(v: Option<f64>) -> String {
+    match v {
+        Some(v) => format!("{:.0} %", v * 100.0),
+        None => "—".into(),
+    }
+}
+
+pub fn render(header: &[String], p: &Params, r: &Results) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "```");
+    for h in header {
+        let _ = writeln!(s, "{h}");
+    }
+    let _ = writeln!(s, "```\n");
+    let rounds = if p.rounds > 1 {
+        format!("median of {} rounds (lowest–highest)", p.rounds)
+    } else {
+        "one round".to_string()
+    };
+    let pairs = r.order.clone();
+    // Other work on the machine during the phases: the worst phase per pair.
+    let mut busy = Vec::new();
+    for pair in &pairs {
+        let worst = ["bulk1", "bulk4", "conns", "rr", "lat"]
+            .iter()
+            .filter_map(|ph| r.max(pair, &format!("{ph}.other")))
+            .fold(0.0, f64::max);
+        if worst > 0.10 {
+            busy.push(format!("{pair} {:.0} %", worst * 100.0));
+        }
+    }
+    let _ = writeln!(
+        s,
+        "Other load on the machine during a phase (CPU not used by the pair, its app or its load \
+         generator, as a share of both cores; worst phase): {}\n",
+        if busy.is_empty() {
+            "under 10 % in every phase".to_string()
+        } else {
+            busy.join(", ")
+        }
+    );
+    let proxied = |pair: &str| pair != "direct";
+    let cores = |pair: &str, phase: &str| {
+        format!(
+            "{} / {}",
+            pct(r.get(pair, &format!("{phase}.core0"))),
+            pct(r.get(pair, &format!("{phase}.core1")))
+        )
+    };
+
+    if r.measured("bulk1.gbps") || r.measured("bulk4.gbps") {
+        // Bulk.
+        let _ = writeln!(
+            s,
+            "**Bulk throughput** (Gbit/s, {rounds}; {} s per phase; the server counts what it received)\n",
+            p.secs
+        );
+        let _ = writeln!(
+            s,
+            "| pair | 1 stream | × direct | 4 streams | × direct | proxy CPU s per GB (1 / 4 streams) | core 0 / core 1 busy (1 stream) |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+        for pair in &pairs {
+            let per_gb = |ph: &str| {
+                if !proxied(pair) {
+                    return None;
+                }
+                Some(r.get(pair, &format!("{ph}.cpu"))? / r.get(pair, &format!("{ph}.gb"))?)
+            };
+            let _ = writeln!(
+                s,
+                "| {pair} | {} | {} | {} | {} | {} / {} | {} |",
+                with_spread(r, pair, "bulk1.gbps", 2),
+                x(r.ratio(pair, "direct", "bulk1.gbps")),
+                with_spread(r, pair, "bulk4.gbps", 2),
+                x(r.ratio(pair, "direct", "bulk4.gbps")),
+                f(per_gb("bulk1"), 2),
+                f(per_gb("bulk4"), 2),
+                cores(pair, "bulk1"),
+            );
+        }
+        if pairs
+            .iter()
+            .any(|pair| r.get(pair, "iperf3.gbps").is_some())
+        {
+            let _ = writeln!(s, "\niperf3, one stream (cross-check): {}", {
+                pairs
+                    .iter()
+                    .map(|pair| format!("{pair} {} Gbit/s", f(r.get(pair, "iperf3.gbps"), 2)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            });
+        }
+    }
+
+    if r.measured("conns.per_s") {
+        // New connections.
+        let _ = writeln!(
+            s,
+            "\n**New connections per second** (8 at a time, each: connect, 64-byte request, 64-byte \
+             response, close; up to {} connections or {} s; {rounds})\n",
+            p.conns,
+            (p.secs * 2.0).max(5.0)
+        );
+        let _ = writeln!(
+            s,
+            "| pair | conn/s | × direct | first → last quarter | one connection p50 / p99 (µs) | proxy CPU µs per connection | core 0 / core 1 busy | failed |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+        for pair in &pairs {
+            let per = proxied(pair)
+                .then(|| Some(r.get(pair, "conns.cpu")? / r.get(pair, "conns.ok")? * 1e6))
+                .flatten();
+            let _ = writeln!(
+                s,
+                "| {pair} | {} | {} | {} → {} | {} / {} | {} | {} | {} |",
+                with_spread(r, pair, "conns.per_s", 0),
+                x(r.ratio(pair, "direct", "conns.per_s")),
+                f(r.get(pair, "conns.first_quarter_per_s"), 0),
+                f(r.get(pair, "conns.last_quarter_per_s"), 0),
+                f(r.get(pair, "conns.p50_us"), 0),
+                f(r.get(pair, "conns.p99_us"), 0),
+                f(per, 1),
+                cores(pair, "conns"),
+                f(r.get(pair, "conns.failed"), 0),
+            );
+        }
+    }
+
+    if r.measured("rr.per_s") {
+        // Requests per second.
+        let _ = writeln!(
+            s,
+            "\n**Requests per second on persistent connections** (16 connections, each sends a 64-byte \
+             request when the previous response arrived; {} s; {rounds})\n",
+            p.secs
+        );
+        let _ = writeln!(
+            s,
+            "| pair | req/s | × direct | proxy CPU µs per request | core 0 / core 1 busy |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|");
+        for pair in &pairs {
+            let per = proxied(pair)
+                .then(|| Some(r.get(pair, "rr.cpu")? / r.get(pair, "rr.requests")? * 1e6))
+                .flatten();
+            let _ = writeln!(
+                s,
+                "| {pair} | {} | {} | {} | {} |",
+                with_spread(r, pair, "rr.per_s", 0),
+                x(r.ratio(pair, "direct", "rr.per_s")),
+                f(per, 2),
+                cores(pair, "rr"),
+            );
+        }
+    }
+
+    if r.measured("lat.p99_us") {
+        // Latency.
+        let _ = writeln!(
+            s,
+            "\n**Round-trip latency at a fixed rate** ({} req/s over {} persistent connections, 64-byte \
+             messages, {} s after 1 s of warm-up; µs from each request's *scheduled* send time, so a \
+             stall delays and counts against the requests behind it; {rounds})\n",
+            p.rate, p.latency_conns, p.latency_secs
+        );
+        let _ = writeln!(
+            s,
+            "| pair | p50 | p90 | p99 | p99.9 | max | from the actual send p50 / p99 | proxy CPU (share of a core) |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+        for pair in &pairs {
+            let share = proxied(pair)
+                .then(|| Some(r.get(pair, "lat.cpu")? / r.get(pair, "lat.secs")?))
+                .flatten();
+            let _ = writeln!(
+                s,
+                "| {pair} | {} | {} | {} | {} | {} | {} / {} | {} |",
+                f(r.get(pair, "lat.p50_us"), 0),
+                f(r.get(pair, "lat.p90_us"), 0),
+                with_spread(r, pair, "lat.p99_us", 0),
+                f(r.get(pair, "lat.p999_us"), 0),
+                f(r.get(pair, "lat.max_us"), 0),
+                f(r.get(pair, "lat.service_p50_us"), 0),
+                f(r.get(pair, "lat.service_p99_us"), 0),
+                pct(share),
+            );
+        }
+    }
+
+    // Memory.
+    let _ = writeln!(
+        s,
+        "\n**Proxy memory** (MiB; idle = 1 s after the first request, before any load; RSS \
+         includes the mapped binary, anon does not; peak = VmHWM after all phases; {rounds})\n"
+    );
+    let _ = writeln!(
+        s,
+        "| pair | idle RSS client-side / server-side | idle anon client / server | peak RSS during load client / server |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|");
+    for pair in pairs.iter().filter(|p| proxied(p)) {
+        let _ = writeln!(
+            s,
+            "| {pair} | {} / {} | {} / {} | {} / {} |",
+            f(r.get(pair, "idle.rss.client"), 1),
+            f(r.get(pair, "idle.rss.server"), 1),
+            f(r.get(pair, "idle.anon.client"), 1),
+            f(r.get(pair, "idle.anon.server"), 1),
+            f(r.get(pair, "hwm.client"), 1),
+            f(r.get(pair, "hwm.server"), 1),
+        );
+    }
+
+    // Ratios and targets.
+    if r.has("wasmesh") {
+        let w = "wasmesh";
+        let _ = writeln!(s, "\n**Ratios and the issue's targets**\n");
+        let _ = writeln!(
+            s,
+            "| measure | wasmesh / direct | wasmesh / Envoy | wasmesh / HAProxy | target | met |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|");
+        let met = |ok: Option<bool>| match ok {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "—",
+        };
+        let row = |s: &mut String, name: &str, key: &str, target: &str, ok: Option<bool>| {
+            let _ = writeln!(
+                s,
+                "| {name} | {} | {} | {} | {target} | {} |",
+                x(r.ratio(w, "direct", key)),
+                x(r.ratio(w, "envoy", key)),
+                x(r.ratio(w, "haproxy", key)),
+                met(ok)
+            );
+        };
+        let bulk1 = r.ratio(w, "direct", "bulk1.gbps");
+        row(
+            &mut s,
+            "bulk, 1 stream",
+            "bulk1.gbps",
+            "≥ 0.6× direct",
+            bulk1.map(|v| v >= 0.6),
+        );
+        row(
+            &mut s,
+            "bulk, 4 streams",
+            "bulk4.gbps",
+            "≥ 0.6× direct",
+            r.ratio(w, "direct", "bulk4.gbps").map(|v| v >= 0.6),
+        );
+        row(
+            &mut s,
+            "new connections/s",
+            "conns.per_s",
+            "≥ HAProxy",
+            r.ratio(w, "haproxy", "conns.per_s").map(|v| v >= 1.0),
+        );
+        row(
+            &mut s,
+            "requests/s, persistent",
+            "rr.per_s",
+            "≥ HAProxy",
+            r.ratio(w, "haproxy", "rr.per_s").map(|v| v >= 1.0),
+        );
+        row(
+            &mut s,
+            "p99 at the fixed rate",
+            "lat.p99_us",
+            "< Envoy",
+            r.ratio(w, "envoy", "lat.p99_us").map(|v| v < 1.0),
+        );
+        let idle = match (r.get(w, "idle.rss.client"), r.get(w, "idle.rss.server")) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            _ => None,
+        };
+        let _ = writeln!(
+            s,
+            "| idle RSS per proxy | {} MiB | Envoy {} MiB | HAProxy {} MiB | < 15 MiB | {} |",
+            f(idle, 1),
+            f(r.get("envoy", "idle.rss.client"), 1),
+            f(r.get("haproxy", "idle.rss.client"), 1),
+            met(idle.map(|v| v < 15.0))
+        );
+    }
+    s
+}
