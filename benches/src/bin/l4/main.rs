@@ -383,20 +383,21 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
         None => None,
     };
     // Run copies: a build elsewhere in the workspace must not swap a binary mid-run.
-    let snapshot = |src: &Path| -> anyhow::Result<PathBuf> {
-        let name = src.file_name().context("binary without a name")?;
+    // Named l4-*, not after the originals, so that someone's `pkill -f wasmesh-proxy` meant
+    // for their own processes does not end ours.
+    let snapshot = |src: &Path, name: &str| -> anyhow::Result<PathBuf> {
         let dst = dir.path.join(name);
         std::fs::copy(src, &dst).with_context(|| format!("copying {}", src.display()))?;
         Ok(dst)
     };
     let proxy_src = proxy;
-    let proxy = snapshot(&proxy_src)?;
-    let control = snapshot(&control)?;
-    let proto = snapshot(&proto)?;
-    let me = snapshot(&me)?;
+    let proxy = snapshot(&proxy_src, "l4-sidecar")?;
+    let control = snapshot(&control, "l4-control")?;
+    let proto = snapshot(&proto, "l4-proto")?;
+    let me = snapshot(&me, "l4-tool")?;
     let mut alts = p.alts.clone();
     for (i, alt) in alts.iter_mut().enumerate() {
-        let dst = dir.path.join(format!("alt-{i}-wasmesh-proxy"));
+        let dst = dir.path.join(format!("l4-alt-{i}"));
         std::fs::copy(&alt.path, &dst)
             .with_context(|| format!("copying --alt {}", alt.path.display()))?;
         alt.path = dst;
@@ -427,6 +428,16 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
     }
     if let Some(h) = &haproxy {
         header.push(format!("haproxy: {}", version(h, "-v")));
+    }
+    for alt in &p.alts {
+        let env: Vec<String> = alt.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        header.push(format!(
+            "alt {}: {} (built {}) {}",
+            alt.name,
+            alt.path.display(),
+            modified(&alt.path),
+            env.join(" ")
+        ));
     }
     header.push(format!("kernel: {}", version(Path::new("uname"), "-r")));
     header.push(format!(
@@ -460,6 +471,34 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
     let ticks = procfs::clock_ticks();
 
     let mut results = Results::default();
+    let outcome = measure_all(
+        p,
+        &tools,
+        &mut topo,
+        (client_host, server_host),
+        ticks,
+        &mut results,
+        iperf3.as_deref(),
+    );
+    // What was measured is printed even if the run stopped early (and says so).
+    let mut text = report::render(&header, p, &results);
+    if let Err(e) = &outcome {
+        text = format!("**Incomplete run** (stopped: {e:#}); rounds done so far:\n\n{text}");
+    }
+    println!("{text}");
+    outcome
+}
+
+/// Every round of every pair: fresh pods, the pair started, measured, stopped, pods removed.
+fn measure_all(
+    p: &Params,
+    tools: &Tools,
+    topo: &mut Topology,
+    (client_host, server_host): (u8, u8),
+    ticks: f64,
+    results: &mut Results,
+    iperf3: Option<&Path>,
+) -> anyhow::Result<()> {
     for round in 1..=p.rounds {
         for kind in &p.pairs {
             if interrupted() {
@@ -470,36 +509,35 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
             let name = kind.name();
             let client = topo.add_pod(&format!("{name}-c"), client_host)?;
             let server = topo.add_pod(&format!("{name}-s"), server_host)?;
-            if kind.intercepted() {
-                for pod in [&client, &server] {
-                    netns::exec_in(&pod.ns, &proxy.to_string_lossy(), &["init"])
-                        .with_context(|| format!("`wasmesh-proxy init` in {}", pod.ns))?;
-                }
-            }
             let pair = Pair {
                 kind: *kind,
                 client,
                 server,
             };
-            let measured = pair.start(&tools, round).and_then(|mut running| {
-                measure_pair(
-                    p,
-                    &tools,
-                    &pair,
-                    &mut running,
-                    ticks,
-                    &mut results,
-                    iperf3.as_deref(),
-                )
-            });
-            topo.remove_pod(&pair.client)?;
-            topo.remove_pod(&pair.server)?;
+            let measured = init_rules(tools, &pair)
+                .and_then(|()| pair.start(tools, round))
+                .and_then(|mut running| {
+                    measure_pair(p, tools, &pair, &mut running, ticks, results, iperf3)
+                });
+            let removed = topo
+                .remove_pod(&pair.client)
+                .and_then(|()| topo.remove_pod(&pair.server));
             measured.with_context(|| format!("measuring {name}"))?;
+            removed?;
             eprintln!("  done in {:.0} s", started.elapsed().as_secs_f64());
         }
     }
-    let text = report::render(&header, p, &results);
-    println!("{text}");
+    Ok(())
+}
+
+/// `wasmesh-proxy init` in both pods of a proxied pair (the same rules for every proxy).
+fn init_rules(tools: &Tools, pair: &Pair) -> anyhow::Result<()> {
+    if pair.kind.intercepted() {
+        for pod in [&pair.client, &pair.server] {
+            netns::exec_in(&pod.ns, &tools.proxy.to_string_lossy(), &["init"])
+                .with_context(|| format!("`wasmesh-proxy init` in {}", pod.ns))?;
+        }
+    }
     Ok(())
 }
 
@@ -625,6 +663,8 @@ struct Cost {
     cores: Vec<f64>,
     /// Busy CPU seconds of the whole machine (every core) during the phase.
     machine_cpu: f64,
+    /// Share of the cores' time stolen by the hypervisor.
+    steal: f64,
     peak_rss_mib: f64,
     secs: f64,
 }
@@ -652,6 +692,7 @@ fn measure_phase(
     let cores1 = procfs::CoreTimes::now();
     let cores = cores0.busy_since(&cores1);
     let machine_cpu = cores0.busy_seconds_since(&cores1, ticks);
+    let steal = cores0.steal_since(&cores1);
     let out = out?;
     let proxy_cpu = pids
         .iter()
@@ -668,6 +709,7 @@ fn measure_phase(
             app_cpu,
             cores,
             machine_cpu,
+            steal,
             peak_rss_mib: peaks.values().copied().max().unwrap_or(0) as f64 / 1024.0,
             secs,
         },
@@ -849,6 +891,7 @@ fn measure_pair(
         // CPU used by anything but this pair's proxies, app and load generator, as a share of
         // the two cores: other work on the machine (builds, tests), plus interrupt time.
         let ours = cost.proxy_cpu.iter().sum::<f64>() + cost.app_cpu + num("client_cpu_s");
+        rec.insert(format!("{phase}.steal"), cost.steal);
         rec.insert(
             format!("{phase}.other"),
             ((cost.machine_cpu - ours) / (2.0 * cost.secs)).max(0.0),

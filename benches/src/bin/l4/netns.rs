@@ -140,9 +140,11 @@ impl Topology {
         // A deleted namespace is freed asynchronously; delete the veth now so the next pod
         // can take its name.
         let veth = format!("v{}", pod.ip.octets()[3]);
-        ip(&["-n", &self.node, "link", "del", &veth])?;
-        ip(&["netns", "del", &pod.ns])?;
         self.created.retain(|n| n != &pod.ns);
+        // Both fail only if the namespaces are gone already (someone removed them): say so.
+        let link = ip(&["-n", &self.node, "link", "del", &veth]);
+        ip(&["netns", "del", &pod.ns])?;
+        link?;
         let _ = ip(&[
             "-n",
             &self.node,

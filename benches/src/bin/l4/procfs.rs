@@ -76,14 +76,16 @@ pub fn memory(pid: u32) -> anyhow::Result<Memory> {
     Ok(m)
 }
 
-/// Busy and total jiffies of each core, from /proc/stat.
+/// Busy and total jiffies of each core, from /proc/stat, and steal (time the hypervisor
+/// gave to other guests, counted as busy).
 #[derive(Debug, Clone, Default)]
-pub struct CoreTimes(Vec<(u64, u64)>);
+pub struct CoreTimes(Vec<(u64, u64)>, u64);
 
 impl CoreTimes {
     pub fn now() -> Self {
         let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
         let mut cores = Vec::new();
+        let mut steal = 0;
         for line in stat.lines() {
             let Some(rest) = line.strip_prefix("cpu") else {
                 continue;
@@ -99,9 +101,10 @@ impl CoreTimes {
             // user nice system idle iowait irq softirq steal (guest time is inside user).
             let total: u64 = v.iter().take(8).sum();
             let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+            steal += v.get(7).copied().unwrap_or(0);
             cores.push((total.saturating_sub(idle), total));
         }
-        Self(cores)
+        Self(cores, steal)
     }
 
     /// Busy seconds of all cores together between `self` and `later`.
@@ -111,6 +114,21 @@ impl CoreTimes {
             .zip(&later.0)
             .map(|((b0, _), (b1, _))| b1.saturating_sub(*b0) as f64 / ticks)
             .sum()
+    }
+
+    /// Steal as a share of all cores' time between `self` and `later`.
+    pub fn steal_since(&self, later: &CoreTimes) -> f64 {
+        let total: u64 = later
+            .0
+            .iter()
+            .zip(&self.0)
+            .map(|((_, t1), (_, t0))| t1.saturating_sub(*t0))
+            .sum();
+        if total == 0 {
+            0.0
+        } else {
+            later.1.saturating_sub(self.1) as f64 / total as f64
+        }
     }
 
     /// Fraction of each core that was busy between `self` and `later`.

@@ -116,7 +116,11 @@ pub fn render(header: &[String], p: &Params, r: &Results) -> String {
     let pairs = r.order.clone();
     // Other work on the machine during the phases: the worst phase per pair.
     let mut busy = Vec::new();
+    let mut steal: f64 = 0.0;
     for pair in &pairs {
+        for ph in ["bulk1", "bulk4", "conns", "rr", "lat"] {
+            steal = steal.max(r.max(pair, &format!("{ph}.steal")).unwrap_or(0.0));
+        }
         let worst = ["bulk1", "bulk4", "conns", "rr", "lat"]
             .iter()
             .filter_map(|ph| r.max(pair, &format!("{ph}.other")))
@@ -128,12 +132,13 @@ pub fn render(header: &[String], p: &Params, r: &Results) -> String {
     let _ = writeln!(
         s,
         "Other load on the machine during a phase (CPU not used by the pair, its app or its load \
-         generator, as a share of both cores; worst phase): {}\n",
+         generator, as a share of both cores; worst phase): {}; hypervisor steal at most {:.0} %\n",
         if busy.is_empty() {
             "under 10 % in every phase".to_string()
         } else {
             busy.join(", ")
-        }
+        },
+        steal * 100.0
     );
     let proxied = |pair: &str| pair != "direct";
     let cores = |pair: &str, phase: &str| {
