@@ -285,7 +285,6 @@ impl ServicePortEntry {
                 .collect(),
             endpoints: self.endpoints.iter().map(EndpointEntry::to_proto).collect(),
             http_routes: Vec::new(),
-            endpoints: self.endpoints.iter().map(EndpointEntry::to_proto).collect(),
         }
     }
 }
