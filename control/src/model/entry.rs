@@ -283,6 +283,7 @@ impl ServicePortEntry {
                     prefix_len: u32::from(c.prefix),
                 })
                 .collect(),
+            options: self.options.clone().into_iter().collect(),
             endpoints: self.endpoints.iter().map(EndpointEntry::to_proto).collect(),
             http_routes: Vec::new(),
         }
