@@ -70,7 +70,7 @@ fn config(state: &ProxyState) -> String {
 
 fn metrics(state: &ProxyState) -> String {
     let s = &state.stats;
-    let counters: [(&str, &str, &AtomicU64); 14] = [
+    let counters: [(&str, &str, &AtomicU64); 21] = [
         (
             "wasmesh_outbound_connections_total",
             "Outbound connections accepted",
@@ -135,6 +135,41 @@ fn metrics(state: &ProxyState) -> String {
             "wasmesh_tcp_received_bytes_total",
             "Bytes from upstreams to clients",
             &s.bytes_received,
+        ),
+        (
+            "wasmesh_http_connections_total",
+            "Outbound connections served as HTTP",
+            &s.http_connections,
+        ),
+        (
+            "wasmesh_detected_opaque_total",
+            "Outbound connections to undeclared ports that detection left as TCP",
+            &s.detected_opaque,
+        ),
+        (
+            "wasmesh_http_requests_total",
+            "HTTP requests from the app",
+            &s.http_requests,
+        ),
+        (
+            "wasmesh_http_proxy_errors_total",
+            "HTTP requests the proxy answered itself (x-wasmesh-error)",
+            &s.http_errors,
+        ),
+        (
+            "wasmesh_http_timeouts_total",
+            "HTTP tries that ran out of time",
+            &s.http_timeouts,
+        ),
+        (
+            "wasmesh_http_retries_total",
+            "HTTP requests sent again (status code, failure or timeout)",
+            &s.http_retries,
+        ),
+        (
+            "wasmesh_http_retries_over_budget_total",
+            "HTTP retries the retry budget refused",
+            &s.http_retries_over_budget,
         ),
         (
             "wasmesh_control_reconnects_total",

@@ -7,6 +7,11 @@
 //!   connections wins. Nearly as good as least-conn at spreading load, without its herd
 //!   behaviour when many proxies see the same counts.
 //!
+//! At L7 ([`Unit::Request`]) the same names balance requests: `least-conn` counts requests in
+//! flight, and `p2c` compares peak-EWMA cost — the endpoint's recent response time (jumping up
+//! at once on a slow response, decaying over [`EWMA_DECAY`]) times its requests in flight plus
+//! one, as Finagle and Linkerd do — so a slow or overloaded replica gets less traffic.
+//!
 //! Every balancer skips endpoints that failed a connect in the last few seconds (passive
 //! outlier detection) unless all of them did.
 
@@ -48,23 +53,50 @@ impl std::str::FromStr for BalancerKind {
     }
 }
 
+/// How fast the peak-EWMA response time forgets a slow response.
+pub const EWMA_DECAY: Duration = Duration::from_secs(10);
+/// Added to every endpoint's response time in the cost, so requests in flight count even for
+/// an endpoint with no measurement yet (whose response time is taken as 0: new and long-idle
+/// endpoints are tried, not starved by a measured one).
+const BASE_COST_US: u64 = 50;
+
+/// What is being balanced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    Connection,
+    Request,
+}
+
 /// What this proxy knows about one endpoint's load, shared by every Service port that lists it
 /// and kept across table updates.
 #[derive(Debug, Default)]
 pub struct EndpointLoad {
     active: AtomicUsize,
+    /// HTTP requests in flight.
+    pending: AtomicUsize,
+    /// Peak-EWMA response time in µs (0 = not measured yet) and when it was last updated
+    /// (µs on [`clock_us`]).
+    ewma_us: AtomicU64,
+    ewma_at: AtomicU64,
+    /// Requests sent, for `/config` and tests.
+    pub requests: AtomicU64,
     /// Milliseconds (on [`clock`]) until which the endpoint is avoided.
     failed_until: AtomicU64,
     /// Connections made, for `/config` and tests.
     pub picked: AtomicU64,
 }
 
-fn clock() -> u64 {
+fn start() -> std::time::Instant {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    START
-        .get_or_init(std::time::Instant::now)
-        .elapsed()
-        .as_millis() as u64
+    *START.get_or_init(std::time::Instant::now)
+}
+
+fn clock() -> u64 {
+    start().elapsed().as_millis() as u64
+}
+
+fn clock_us() -> u64 {
+    start().elapsed().as_micros() as u64
 }
 
 impl EndpointLoad {
@@ -92,6 +124,73 @@ impl EndpointLoad {
 
     pub fn recently_failed(&self) -> bool {
         self.failed_until.load(Ordering::Relaxed) > clock()
+    }
+
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request in flight until the guard drops; [`RequestGuard::observe`] records its
+    /// response time.
+    pub fn request(self: &Arc<Self>) -> RequestGuard {
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        RequestGuard(self.clone())
+    }
+
+    /// The peak-EWMA response time now, in µs (0 = never measured). It decays while the
+    /// endpoint gets no requests, so an endpoint that was slow once is tried again later.
+    pub fn ewma_us(&self) -> u64 {
+        let v = self.ewma_us.load(Ordering::Relaxed);
+        if v == 0 {
+            return 0;
+        }
+        let age = clock_us().saturating_sub(self.ewma_at.load(Ordering::Relaxed));
+        let w = (-(age as f64) / EWMA_DECAY.as_micros() as f64).exp();
+        (v as f64 * w) as u64
+    }
+
+    fn observe(&self, rtt: Duration) {
+        let rtt = (rtt.as_micros() as u64).max(1);
+        let now = clock_us();
+        let cur = self.ewma_us();
+        let next = if rtt > cur {
+            rtt
+        } else {
+            let age = now.saturating_sub(self.ewma_at.load(Ordering::Relaxed));
+            let w = (-(age as f64) / EWMA_DECAY.as_micros() as f64).exp();
+            (cur as f64 * w + rtt as f64 * (1.0 - w)) as u64
+        };
+        self.ewma_us.store(next.max(1), Ordering::Relaxed);
+        self.ewma_at.store(now, Ordering::Relaxed);
+    }
+
+    /// What [`pick`] compares: lower is better.
+    fn weight(&self, unit: Unit, kind: BalancerKind) -> u64 {
+        match (unit, kind) {
+            (Unit::Connection, _) => self.active() as u64,
+            (Unit::Request, BalancerKind::P2c) => {
+                (self.ewma_us() + BASE_COST_US) * (self.pending() as u64 + 1)
+            }
+            (Unit::Request, _) => self.pending() as u64,
+        }
+    }
+}
+
+/// One request in flight to an endpoint.
+#[derive(Debug)]
+pub struct RequestGuard(Arc<EndpointLoad>);
+
+impl RequestGuard {
+    /// Records how long the endpoint took to answer (response headers).
+    pub fn observe(&self, rtt: Duration) {
+        self.0.observe(rtt);
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -123,6 +222,7 @@ impl Loads {
 /// Picks one of `candidates` (indices into `loads`), never one in `tried`.
 pub fn pick(
     kind: BalancerKind,
+    unit: Unit,
     candidates: &[usize],
     loads: &dyn Fn(usize) -> Arc<EndpointLoad>,
     tried: &[usize],
@@ -148,12 +248,9 @@ pub fn pick(
         BalancerKind::Random => pool[rng.random_range(0..pool.len())],
         BalancerKind::RoundRobin => pool[rr.fetch_add(1, Ordering::Relaxed) % pool.len()],
         BalancerKind::LeastConn => {
-            let min = pool.iter().map(|i| loads(*i).active()).min().unwrap_or(0);
-            let least: Vec<usize> = pool
-                .iter()
-                .copied()
-                .filter(|i| loads(*i).active() == min)
-                .collect();
+            let w = |i: usize| loads(i).weight(unit, kind);
+            let min = pool.iter().map(|i| w(*i)).min().unwrap_or(0);
+            let least: Vec<usize> = pool.iter().copied().filter(|i| w(*i) == min).collect();
             least[rng.random_range(0..least.len())]
         }
         BalancerKind::P2c => {
@@ -166,7 +263,7 @@ pub fn pick(
                     b += 1;
                 }
                 let (a, b) = (pool[a], pool[b]);
-                if loads(b).active() < loads(a).active() {
+                if loads(b).weight(unit, kind) < loads(a).weight(unit, kind) {
                     b
                 } else {
                     a
@@ -190,7 +287,8 @@ mod tests {
         let cands: Vec<usize> = (0..n).collect();
         let mut counts = vec![0; n];
         for _ in 0..picks {
-            let i = pick(kind, &cands, &|i| l[i].clone(), &[], &rr).expect("pick");
+            let i =
+                pick(kind, Unit::Connection, &cands, &|i| l[i].clone(), &[], &rr).expect("pick");
             counts[i] += 1;
         }
         counts
@@ -223,14 +321,28 @@ mod tests {
         let cands = [0, 1, 2];
         for _ in 0..100 {
             assert_ne!(
-                pick(BalancerKind::LeastConn, &cands, &|i| l[i].clone(), &[], &rr),
+                pick(
+                    BalancerKind::LeastConn,
+                    Unit::Connection,
+                    &cands,
+                    &|i| l[i].clone(),
+                    &[],
+                    &rr
+                ),
                 Some(0)
             );
         }
         // p2c picks the busy one only when both draws land on it, which cannot happen.
         for _ in 0..100 {
             assert_ne!(
-                pick(BalancerKind::P2c, &cands, &|i| l[i].clone(), &[], &rr),
+                pick(
+                    BalancerKind::P2c,
+                    Unit::Connection,
+                    &cands,
+                    &|i| l[i].clone(),
+                    &[],
+                    &rr
+                ),
                 Some(0)
             );
         }
@@ -246,6 +358,7 @@ mod tests {
         for _ in 0..50 {
             let p = pick(
                 BalancerKind::Random,
+                Unit::Connection,
                 &[0, 1, 2],
                 &|i| l[i].clone(),
                 &[0],
@@ -255,11 +368,25 @@ mod tests {
         }
         // Everything left has failed: try it anyway.
         assert_eq!(
-            pick(BalancerKind::Random, &[0, 1], &|i| l[i].clone(), &[0], &rr),
+            pick(
+                BalancerKind::Random,
+                Unit::Connection,
+                &[0, 1],
+                &|i| l[i].clone(),
+                &[0],
+                &rr
+            ),
             Some(1)
         );
         assert_eq!(
-            pick(BalancerKind::Random, &[0], &|i| l[i].clone(), &[0], &rr),
+            pick(
+                BalancerKind::Random,
+                Unit::Connection,
+                &[0],
+                &|i| l[i].clone(),
+                &[0],
+                &rr
+            ),
             None
         );
         l[1].record_success();
@@ -270,5 +397,57 @@ mod tests {
     fn balancer_names_parse() {
         assert_eq!("least-conn".parse(), Ok(BalancerKind::LeastConn));
         assert!("fastest".parse::<BalancerKind>().is_err());
+    }
+
+    #[test]
+    fn p2c_per_request_avoids_the_slow_endpoint() {
+        let l = loads(2);
+        // Endpoint 0 answered in 50 ms, endpoint 1 in 1 ms.
+        l[0].request().observe(Duration::from_millis(50));
+        l[1].request().observe(Duration::from_millis(1));
+        let rr = AtomicUsize::new(0);
+        let mut to_slow = 0;
+        for _ in 0..200 {
+            let i = pick(
+                BalancerKind::P2c,
+                Unit::Request,
+                &[0, 1],
+                &|i| l[i].clone(),
+                &[],
+                &rr,
+            )
+            .expect("pick");
+            to_slow += usize::from(i == 0);
+        }
+        assert_eq!(
+            to_slow, 0,
+            "with two endpoints p2c compares both: never the slow one"
+        );
+        // Requests piling up on the fast one make the slow one worth it again.
+        let _inflight: Vec<_> = (0..100).map(|_| l[1].request()).collect();
+        let i = pick(
+            BalancerKind::P2c,
+            Unit::Request,
+            &[0, 1],
+            &|i| l[i].clone(),
+            &[],
+            &rr,
+        );
+        assert_eq!(i, Some(0));
+    }
+
+    #[test]
+    fn ewma_jumps_up_and_decays_down() {
+        let l = Arc::new(EndpointLoad::default());
+        assert_eq!(l.ewma_us(), 0);
+        l.request().observe(Duration::from_millis(20));
+        assert!(l.ewma_us() >= 19_000, "peak: {}", l.ewma_us());
+        l.request().observe(Duration::from_micros(100));
+        assert!(
+            l.ewma_us() > 10_000,
+            "a fast answer lowers it slowly: {}",
+            l.ewma_us()
+        );
+        assert_eq!(l.pending(), 0);
     }
 }

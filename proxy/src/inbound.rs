@@ -75,11 +75,20 @@ impl Inbound {
     }
 }
 
-async fn connect_app(dst: SocketAddr) -> std::io::Result<TcpStream> {
+pub(crate) async fn connect_app(dst: SocketAddr) -> std::io::Result<TcpStream> {
     let (socket, src) = match dst.ip() {
         IpAddr::V4(_) => (TcpSocket::new_v4()?, IpAddr::V4(PASSTHROUGH_V4)),
         IpAddr::V6(_) => (TcpSocket::new_v6()?, IpAddr::V6(PASSTHROUGH_V6)),
     };
+    // Without this, bind() reserves a source port for every connection whatever its
+    // destination, and each bind scans further through ports held in TIME_WAIT: new
+    // connections get slower and slower until the range runs out. With it the port is chosen at
+    // connect(), shared among distinct 4-tuples.
+    let _ = nix::sys::socket::setsockopt(
+        &socket,
+        nix::sys::socket::sockopt::IpBindAddressNoPort,
+        &true,
+    );
     if dst.ip().is_loopback() || socket.bind(SocketAddr::new(src, 0)).is_err() {
         let lo = match dst.ip() {
             IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),

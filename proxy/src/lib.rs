@@ -10,6 +10,9 @@
 //! - [`outbound`] (15001) — the app's connections: [`table`] says whether the destination is a
 //!   Service port and which endpoints this pod may use; [`balance`] and [`affinity`] pick one;
 //!   connect failures fail over to another endpoint; [`copy`] moves the bytes.
+//! - [`detect`] — on a Service port, is it HTTP? Declared (`appProtocol`, port name), opaque,
+//!   or detected from the first bytes; HTTP goes to [`http`] (routes, per-request balancing,
+//!   retries, timeouts), the rest stays L4.
 //! - [`inbound`] (15006) — connections to the pod, handed to the app.
 //! - [`reject`] — optional: Services without endpoints refused in the kernel, like kube-proxy.
 //! - [`discovery`] — the control stream that keeps [`table`] current; [`state`] is what the
@@ -20,7 +23,9 @@ pub mod admin;
 pub mod affinity;
 pub mod balance;
 pub mod copy;
+pub mod detect;
 pub mod discovery;
+pub mod http;
 pub mod inbound;
 pub mod intercept;
 pub mod orig_dst;

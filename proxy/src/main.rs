@@ -126,6 +126,12 @@ struct RunArgs {
     /// 64 KiB buffer per direction).
     #[arg(long, env = "WASMESH_COPY", default_value = "splice")]
     copy: wasmesh_proxy::copy::CopyMode,
+
+    /// On a Service port that declares no protocol, how long to wait for the client's first
+    /// bytes to tell HTTP from anything else (milliseconds). A silent client (the server
+    /// speaks first: MySQL, SMTP, …) is proxied as plain TCP after this.
+    #[arg(long, env = "WASMESH_DETECT_TIMEOUT_MS", default_value_t = 500)]
+    detect_timeout_ms: u64,
 }
 
 #[derive(Debug, Args)]
@@ -273,6 +279,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             connect_attempts: args.connect_attempts.max(1),
             table_wait: Duration::from_millis(args.table_wait_ms),
             copy: args.copy,
+            detect_timeout: Duration::from_millis(args.detect_timeout_ms),
         },
         reject_chain: args.reject_chain,
         drain_timeout: Duration::from_millis(args.drain_timeout_ms),

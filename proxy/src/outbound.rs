@@ -10,11 +10,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::affinity::Affinity;
 use crate::balance::{self, BalancerKind};
 use crate::copy;
+use crate::detect::{self, Declared, Protocol};
+use crate::http::forward::{Conn4, Forwarder};
+use crate::http::pool::{Dial, Pools};
+use crate::http::retry::Budget;
 use crate::state::{ProxyState, Stats};
 use crate::table::{Route, Selection, ServicePort, Via};
 
@@ -28,6 +33,9 @@ pub struct OutboundConfig {
     /// How long a connection captured before the first table waits for it.
     pub table_wait: Duration,
     pub copy: copy::CopyMode,
+    /// How long a connection to an undeclared Service port may stay silent before it is
+    /// treated as L4 (server-speaks-first protocols wait this long once).
+    pub detect_timeout: Duration,
 }
 
 impl Default for OutboundConfig {
@@ -38,6 +46,7 @@ impl Default for OutboundConfig {
             connect_attempts: 3,
             table_wait: Duration::from_secs(5),
             copy: copy::CopyMode::default(),
+            detect_timeout: Duration::from_millis(500),
         }
     }
 }
@@ -49,6 +58,8 @@ pub struct Outbound {
     pub config: OutboundConfig,
     /// The listener's own addresses: a connection made straight to them is not proxied.
     pub own: Vec<SocketAddr>,
+    /// Connection pools and the retry budget of the HTTP path.
+    pub http: Forwarder,
 }
 
 /// Accepts on `listener` forever.
@@ -76,8 +87,21 @@ pub async fn serve(listener: TcpListener, out: Arc<Outbound>) {
 }
 
 impl Outbound {
+    pub fn new(state: Arc<ProxyState>, config: OutboundConfig, own: Vec<SocketAddr>) -> Self {
+        Self {
+            http: Forwarder {
+                pools: Pools::new(Dial::Direct, config.connect_timeout),
+                budget: Budget::default(),
+            },
+            state,
+            affinity: Affinity::default(),
+            config,
+            own,
+        }
+    }
+
     /// Proxies one connection from `peer` that was headed for `dst`.
-    pub async fn handle(&self, client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+    pub async fn handle(self: &Arc<Self>, client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
         Stats::inc(&self.state.stats.outbound_accepted);
         let _open = self.state.open_connection();
         let _ = client.set_nodelay(true);
@@ -110,7 +134,54 @@ impl Outbound {
                 tracing::debug!(%peer, %dst, "no Service port at this virtual IP and port; refusing");
                 copy::reset(client)
             }
-            Route::Service(sp, via) => self.to_service(client, peer, dst, &sp, via).await,
+            Route::Service(sp, via) => self.by_protocol(client, peer, dst, sp, via).await,
+        }
+    }
+
+    /// HTTP to the L7 path, everything else L4 ([`crate::detect`]).
+    async fn by_protocol(
+        self: &Arc<Self>,
+        mut client: TcpStream,
+        peer: SocketAddr,
+        dst: SocketAddr,
+        sp: Arc<ServicePort>,
+        via: Via,
+    ) {
+        if sp.protocol == Declared::Opaque {
+            return self.to_service(client, peer, dst, &sp, via, &[]).await;
+        }
+        let detected = match detect::detect(&mut client, self.config.detect_timeout).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::debug!(%peer, %dst, error = %e, "connection failed during protocol detection");
+                return copy::reset(client);
+            }
+        };
+        match detected.protocol {
+            Protocol::Http1 | Protocol::Http2 => {
+                Stats::inc(&self.state.stats.http_connections);
+                let c = Conn4 { peer, dst, via };
+                crate::http::server::serve_outbound(
+                    self.clone(),
+                    client,
+                    detected.protocol,
+                    detected.prefix,
+                    c,
+                )
+                .await
+            }
+            Protocol::Opaque if sp.protocol != Declared::Detect && !detected.prefix.is_empty() => {
+                crate::http::server::bad_request(
+                    client,
+                    "not HTTP, on a Service port declared HTTP",
+                )
+                .await
+            }
+            Protocol::Opaque => {
+                Stats::inc(&self.state.stats.detected_opaque);
+                self.to_service(client, peer, dst, &sp, via, &detected.prefix)
+                    .await
+            }
         }
     }
 
@@ -121,6 +192,7 @@ impl Outbound {
         dst: SocketAddr,
         sp: &ServicePort,
         via: Via,
+        prefix: &[u8],
     ) {
         let stats = &self.state.stats;
         let candidates = match sp.selection(via, dst) {
@@ -154,6 +226,7 @@ impl Outbound {
             let Some(i) = first.take().or_else(|| {
                 balance::pick(
                     kind,
+                    balance::Unit::Connection,
                     candidates,
                     &|i| sp.endpoints[i].load.clone(),
                     &tried,
@@ -170,8 +243,13 @@ impl Outbound {
             match tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(ep.addr))
                 .await
             {
-                Ok(Ok(up)) => {
+                Ok(Ok(mut up)) => {
                     ep.load.record_success();
+                    // Bytes protocol detection read go first.
+                    if !prefix.is_empty() && up.write_all(prefix).await.is_err() {
+                        Stats::inc(&stats.outbound_failed);
+                        return copy::reset(client);
+                    }
                     if let Some(t) = sp.affinity {
                         self.affinity.record(&sp.id, peer.ip(), ep.addr, t);
                     }

@@ -7,7 +7,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use wasmesh_api::WatchRequest;
 
-use crate::affinity::Affinity;
 use crate::discovery::{self, DiscoveryConfig};
 use crate::inbound::{self, Inbound};
 use crate::outbound::{self, Outbound, OutboundConfig};
@@ -71,6 +70,7 @@ pub async fn run(
     let me = Locality {
         node: cfg.node_name.clone(),
         zone: cfg.zone.clone(),
+        namespace: Some(cfg.pod_namespace.clone()).filter(|n| !n.is_empty()),
     };
     let state = ProxyState::new(me);
 
@@ -99,12 +99,7 @@ pub async fn run(
     {
         own.push(a);
     }
-    let outbound = Arc::new(Outbound {
-        state: state.clone(),
-        affinity: Affinity::default(),
-        config: cfg.outbound.clone(),
-        own,
-    });
+    let outbound = Arc::new(Outbound::new(state.clone(), cfg.outbound.clone(), own));
     let inbound = Arc::new(Inbound {
         state: state.clone(),
         own_ports: vec![cfg.inbound_port, cfg.outbound_port, cfg.admin.port()],

@@ -53,6 +53,16 @@ pub struct Stats {
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
     pub control_reconnects: AtomicU64,
+    /// HTTP requests from the app (outbound L7).
+    pub http_requests: AtomicU64,
+    /// Requests the proxy answered itself (no route, no endpoint, timeout, …).
+    pub http_errors: AtomicU64,
+    pub http_timeouts: AtomicU64,
+    pub http_retries: AtomicU64,
+    pub http_retries_over_budget: AtomicU64,
+    /// Connections served as HTTP after detection or declaration, and those detection left L4.
+    pub http_connections: AtomicU64,
+    pub detected_opaque: AtomicU64,
 }
 
 impl Stats {

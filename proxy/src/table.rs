@@ -21,6 +21,8 @@ use wasmesh_api::discovery as pb;
 use wasmesh_api::table::{PortId, port_id};
 
 use crate::balance::{BalancerKind, EndpointLoad, Loads};
+use crate::detect::{self, Declared};
+use crate::http::route::Routes;
 use crate::reject::{Verdict, Verdicts};
 
 /// Who this proxy serves: its pod's node and zone decide node-local and zone-local endpoints.
@@ -28,6 +30,8 @@ use crate::reject::{Verdict, Verdicts};
 pub struct Locality {
     pub node: Option<String>,
     pub zone: Option<String>,
+    /// The pod's namespace: consumer HTTPRoutes apply only to clients in their namespace.
+    pub namespace: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -72,6 +76,14 @@ pub struct ServicePort {
     pub balancer: Option<BalancerKind>,
     pub options: BTreeMap<String, String>,
     pub node_port: Option<u16>,
+    pub app_protocol: Option<String>,
+    /// HTTP, HTTP/2, opaque or detect ([`crate::detect`]).
+    pub protocol: Declared,
+    /// The HTTPRoutes attached to this port, compiled for this proxy's namespace.
+    #[serde(skip)]
+    pub routes: Routes,
+    /// `namespace/name` of the routes in force, for `/config`.
+    pub http_routes: Vec<String>,
     pub endpoints: Vec<Endpoint>,
     /// Usable endpoints per way in ([`Via`]) and address family (IPv4, IPv6): kube-proxy never
     /// translates families. Connections to a clusterIP obey internalTrafficPolicy; connections
@@ -138,6 +150,8 @@ type Cell = Arc<ArcSwap<ServicePort>>;
 #[derive(Debug, Default)]
 pub struct Table {
     by_addr: HashMap<SocketAddr, (Cell, Via)>,
+    /// (namespace, Service, port number): HTTPRoute backendRefs name Services this way.
+    by_name: HashMap<(String, String, u16), Cell>,
     vips: HashSet<IpAddr>,
     pub version: u64,
 }
@@ -149,6 +163,18 @@ impl Table {
             None if self.vips.contains(&dst.ip()) => Route::UnknownPort,
             None => Route::Passthrough,
         }
+    }
+
+    /// A Service port by name, for HTTPRoute backendRefs.
+    pub fn service_port(
+        &self,
+        namespace: &str,
+        service: &str,
+        port: u16,
+    ) -> Option<Arc<ServicePort>> {
+        self.by_name
+            .get(&(namespace.to_string(), service.to_string(), port))
+            .map(|c| c.load_full())
     }
 
     pub fn len(&self) -> usize {
@@ -301,6 +327,24 @@ pub fn decode(sp: &pb::ServicePort, me: &Locality, loads: &mut Loads) -> Option<
         }
     }
     let options: BTreeMap<String, String> = sp.options.clone().into_iter().collect();
+    let (routes, errors) =
+        Routes::compile(&sp.http_routes, &key.namespace, me.namespace.as_deref());
+    for e in errors {
+        tracing::warn!(service = %key.service, namespace = %key.namespace, error = %e, "HTTPRoute left out");
+    }
+    let mut protocol = detect::declared(&sp.app_protocol, &key.port_name);
+    if detect::is_opaque_port(port, options.get("opaque-ports").map(String::as_str)) {
+        protocol = Declared::Opaque;
+    } else if protocol == Declared::Detect && !sp.http_routes.is_empty() {
+        // A route attached says HTTP; detection still tells HTTP/1 from HTTP/2.
+        protocol = Declared::Http;
+    }
+    let mut http_routes: Vec<String> = sp
+        .http_routes
+        .iter()
+        .map(|r| format!("{}/{}", r.namespace, r.name))
+        .collect();
+    http_routes.dedup();
     Some(ServicePort {
         namespace: key.namespace.clone(),
         service: key.service.clone(),
@@ -315,6 +359,10 @@ pub fn decode(sp: &pb::ServicePort, me: &Locality, loads: &mut Loads) -> Option<
         node_port: u16::try_from(sp.node_port)
             .ok()
             .filter(|p| *p != 0 && !udp_or_sctp),
+        app_protocol: opt(&sp.app_protocol),
+        protocol,
+        routes,
+        http_routes,
         endpoints,
         selections,
         id: port_id(key),
@@ -417,6 +465,10 @@ impl TableBuilder {
         };
         for cell in self.cells.values() {
             let sp = cell.load();
+            t.by_name.insert(
+                (sp.namespace.clone(), sp.service.clone(), sp.port),
+                cell.clone(),
+            );
             for (addr, via) in &sp.addrs {
                 t.by_addr.insert(*addr, (cell.clone(), *via));
                 if *via == Via::ClusterIp {
@@ -495,6 +547,7 @@ mod tests {
         Locality {
             node: Some(node.into()),
             zone: zone.map(String::from),
+            namespace: None,
         }
     }
 

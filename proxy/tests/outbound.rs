@@ -15,7 +15,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use wasmesh_control::source::folder::{Outcome, parse_file};
 use wasmesh_control::source::{Event, EventSender, Kind, Object};
-use wasmesh_proxy::affinity::Affinity;
 use wasmesh_proxy::outbound::{Outbound, OutboundConfig};
 use wasmesh_proxy::state::ProxyState;
 use wasmesh_proxy::table::Locality;
@@ -71,7 +70,7 @@ fn service(extra_spec: &str, annotations: &str) -> String {
         "apiVersion: v1
 kind: Service
 metadata: {{name: web, namespace: default, annotations: {{{annotations}}}}}
-spec: {{clusterIP: 10.96.0.10, externalIPs: [203.0.113.7], ports: [{{name: http, port: 80}}]{extra_spec}}}
+spec: {{clusterIP: 10.96.0.10, externalIPs: [203.0.113.7], ports: [{{name: tcp-web, port: 80}}]{extra_spec}}}
 "
     )
 }
@@ -86,7 +85,7 @@ fn slice(name: &str, port: u16, endpoints: &[(&str, &str)]) -> String {
 kind: EndpointSlice
 metadata: {{name: {name}, namespace: default, labels: {{kubernetes.io/service-name: web}}}}
 addressType: IPv4
-ports: [{{name: http, port: {port}}}]
+ports: [{{name: tcp-web, port: {port}}}]
 endpoints: [{}]
 ",
         eps.join(", ")
@@ -132,6 +131,7 @@ async fn mesh_with(yaml: &str, config: OutboundConfig, wait: bool) -> Mesh {
     let state = ProxyState::new(Locality {
         node: Some("node-a".into()),
         zone: None,
+        namespace: None,
     });
     let who = wasmesh_api::WatchRequest {
         pod_name: "client".into(),
@@ -148,12 +148,7 @@ async fn mesh_with(yaml: &str, config: OutboundConfig, wait: bool) -> Mesh {
     if wait {
         assert!(state.wait_ready(WAIT).await, "proxy got a table");
     }
-    let out = Arc::new(Outbound {
-        state: state.clone(),
-        affinity: Affinity::default(),
-        config,
-        own: vec![],
-    });
+    let out = Arc::new(Outbound::new(state.clone(), config, vec![]));
     Mesh {
         events,
         out,

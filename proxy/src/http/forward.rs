@@ -1,0 +1,607 @@
+//! One outbound HTTP request, from the app to an endpoint: route → rule filters → backend by
+//! weight → endpoint by the per-request balancer → pooled connection, with the rule's timeouts
+//! and retries. Every failure comes back as an [`HttpError`] (made into a response by
+//! [`respond`](super::respond)).
+//!
+//! Retries: a failed connect moves on to another endpoint whatever the route says (nothing was
+//! sent). Status retries (`HTTPRouteRule.retry`) and retries after a per-try timeout happen
+//! only for idempotent methods whose body is empty or small enough to keep (64 KiB), with a
+//! jittered, doubling backoff, within the proxy's [`Budget`](super::retry::Budget).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::body::{Body as _, Incoming};
+use rand::Rng;
+
+use super::headers::{authority, is_grpc, is_upgrade, set_target, strip_hop_by_hop};
+use super::pool::{Conn, Pools, Sent, Wire};
+use super::respond::HttpError;
+use super::retry::{Budget, idempotent};
+use super::route::{Backend, Pick, Redirect, RequestView, Rule, rewrite_path};
+use super::{Body, boxed, full};
+use crate::balance::{self, Unit};
+use crate::detect::Declared;
+use crate::outbound::Outbound;
+use crate::state::Stats;
+use crate::table::{Route, Selection, ServicePort, Via};
+
+/// Bodies up to this size are kept so the request can be retried.
+const MAX_REPLAY_BODY: u64 = 64 * 1024;
+/// Requests a reused connection never sent (closed while idle) are re-sent at most this often.
+const MAX_NOT_SENT: usize = 3;
+
+/// What the outbound HTTP path keeps between requests.
+#[derive(Debug)]
+pub struct Forwarder {
+    pub pools: Pools,
+    pub budget: Budget,
+}
+
+/// Where the request came from and where it was going.
+#[derive(Debug, Clone, Copy)]
+pub struct Conn4 {
+    pub peer: SocketAddr,
+    pub dst: SocketAddr,
+    pub via: Via,
+}
+
+impl Outbound {
+    /// Answers one request from the app: the endpoint's response, or the proxy's own.
+    pub async fn forward(&self, req: Request<Incoming>, c: Conn4) -> Response<Body> {
+        let grpc = is_grpc(req.headers());
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let version = req.version();
+        match self.forward_inner(req, c).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                Stats::inc(&self.state.stats.http_errors);
+                tracing::info!(peer = %c.peer, dst = %c.dst, %method, %path, cause = e.cause(), error = %e, "answered by the proxy");
+                let close = matches!(e, HttpError::BadRequest(_)) && version < Version::HTTP_2;
+                let mut resp = e.into_response(grpc);
+                if close {
+                    // After a malformed request the connection's state is not to be trusted.
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                resp
+            }
+        }
+    }
+
+    async fn forward_inner(
+        &self,
+        mut req: Request<Incoming>,
+        c: Conn4,
+    ) -> Result<Response<Body>, HttpError> {
+        let started = Instant::now();
+        let stats = &self.state.stats;
+        Stats::inc(&stats.http_requests);
+        let client_version = req.version();
+        if client_version == Version::HTTP_11 && !req.headers().contains_key(header::HOST) {
+            return Err(HttpError::BadRequest(
+                "HTTP/1.1 request without Host".into(),
+            ));
+        }
+        let upgrade = is_upgrade(&req);
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers, upgrade);
+        // hyper answers `Expect: 100-continue` when the body is first read; the endpoint gets
+        // the body without having to ask.
+        parts.headers.remove(header::EXPECT);
+
+        let table = self.state.table.load();
+        let Route::Service(sp, via) = table.route(c.dst) else {
+            return Err(HttpError::NoService);
+        };
+        let view = RequestView {
+            method: &parts.method,
+            path: parts.uri.path(),
+            query: parts.uri.query(),
+            headers: &parts.headers,
+        };
+        let (rule, matched_prefix): (Option<Arc<Rule>>, Option<String>) =
+            match sp.routes.pick(&view) {
+                Pick::Default => (None, None),
+                Pick::NoMatch => return Err(HttpError::NoRoute),
+                Pick::Rule(r) => (
+                    Some(r.clone()),
+                    sp.routes.matched_prefix(r, &view).map(str::to_string),
+                ),
+            };
+        let mut path = parts.uri.path().to_string();
+        let query = parts.uri.query().map(str::to_string);
+        let mut host = authority(&parts.uri, &parts.headers);
+        if let Some(rule) = &rule {
+            if let Some(rd) = &rule.redirect {
+                return Ok(redirect(
+                    rd,
+                    &path,
+                    query.as_deref(),
+                    host.as_deref(),
+                    matched_prefix.as_deref(),
+                ));
+            }
+            if let Some(m) = &rule.request_headers {
+                m.apply(&mut parts.headers);
+            }
+            if let Some(rw) = &rule.rewrite {
+                if let Some(p) = &rw.path {
+                    path = rewrite_path(&path, p, matched_prefix.as_deref());
+                }
+                if let Some(h) = &rw.hostname {
+                    host = Some(h.clone());
+                }
+            }
+        }
+        let backend: Option<Backend> = match &rule {
+            None => None,
+            Some(r) => Some(
+                r.pick_backend(&mut |n| rand::rng().random_range(0..n))
+                    .cloned()
+                    .ok_or(HttpError::NoBackend)?,
+            ),
+        };
+        let (target, target_via) = match &backend {
+            None => (sp.clone(), via),
+            Some(b) => {
+                let port = if b.port == 0 { sp.port } else { b.port };
+                if b.namespace == sp.namespace && b.service == sp.service && port == sp.port {
+                    (sp.clone(), via)
+                } else {
+                    let t = table
+                        .service_port(&b.namespace, &b.service, port)
+                        .ok_or_else(|| {
+                            HttpError::BackendNotFound(format!(
+                                "{}/{}:{port}",
+                                b.namespace, b.service
+                            ))
+                        })?;
+                    (t, Via::ClusterIp)
+                }
+            }
+        };
+        if let Some(m) = backend.as_ref().and_then(|b| b.request_headers.as_ref()) {
+            m.apply(&mut parts.headers);
+        }
+        let candidates: Vec<usize> = match target.selection(target_via, c.dst) {
+            Selection::Endpoints(e) => e.clone(),
+            Selection::Reject | Selection::Drop => {
+                return Err(HttpError::NoEndpoints(target.name()));
+            }
+        };
+
+        let wire = if upgrade {
+            Wire::Http1
+        } else if client_version == Version::HTTP_2 || target.protocol == Declared::Http2 {
+            Wire::Http2
+        } else {
+            Wire::Http1
+        };
+        let version = match wire {
+            Wire::Http1 => Version::HTTP_11,
+            Wire::Http2 => Version::HTTP_2,
+        };
+        let path_and_query = match &query {
+            Some(q) => format!("{path}?{q}"),
+            None => path.clone(),
+        };
+        set_target(&mut parts, host.as_deref(), &path_and_query, version)
+            .map_err(|e| HttpError::BadRequest(format!("cannot form the request target: {e}")))?;
+
+        // Retries beyond failed connects need a body that can be sent again.
+        let retry = rule
+            .as_ref()
+            .and_then(|r| r.retry.clone())
+            .filter(|_| idempotent(&parts.method) && !upgrade);
+        let deadline = rule
+            .as_ref()
+            .and_then(|r| r.request_timeout)
+            .map(|t| (started + t, t));
+        let per_try = rule.as_ref().and_then(|r| r.backend_timeout);
+        let (replay, mut body): (Option<Bytes>, Option<Body>) = if body.is_end_stream() {
+            (Some(Bytes::new()), None)
+        } else if retry.is_some()
+            && body
+                .size_hint()
+                .upper()
+                .is_some_and(|n| n <= MAX_REPLAY_BODY)
+        {
+            let collect = body.collect();
+            let bytes = match deadline {
+                Some((at, t)) => tokio::time::timeout_at(at.into(), collect)
+                    .await
+                    .map_err(|_| HttpError::Timeout(t))?,
+                None => collect.await,
+            }
+            .map_err(|e| HttpError::BadRequest(format!("reading the request body: {e}")))?
+            .to_bytes();
+            (Some(bytes), None)
+        } else {
+            (None, Some(boxed(body)))
+        };
+
+        let kind = target.balancer.unwrap_or(self.config.balancer);
+        let mut tried: Vec<usize> = Vec::new();
+        let mut connect_failures = 0usize;
+        let mut not_sent = 0usize;
+        let mut status_retries = 0u32;
+        let mut last_error = String::from("no endpoint could be tried");
+        let mut pending_conn: Option<(usize, Conn)> = None;
+        self.http.budget.deposit();
+        loop {
+            // The endpoint: kept from a request that was not sent; else affinity; else the
+            // balancer, preferring endpoints this request has not tried.
+            let (i, conn) = match pending_conn.take() {
+                Some(p) => p,
+                None => {
+                    let i = self
+                        .affinity_pick(&target, c, &candidates)
+                        .or_else(|| {
+                            balance::pick(
+                                kind,
+                                Unit::Request,
+                                &candidates,
+                                &|i| target.endpoints[i].load.clone(),
+                                &tried,
+                                &target.rr,
+                            )
+                        })
+                        .or_else(|| {
+                            // Every endpoint tried: a status retry may go to any of them again.
+                            (status_retries > 0)
+                                .then(|| {
+                                    balance::pick(
+                                        kind,
+                                        Unit::Request,
+                                        &candidates,
+                                        &|i| target.endpoints[i].load.clone(),
+                                        &[],
+                                        &target.rr,
+                                    )
+                                })
+                                .flatten()
+                        });
+                    let Some(i) = i else { break };
+                    tried.push(i);
+                    let ep = &target.endpoints[i];
+                    let checkout = async {
+                        if upgrade {
+                            self.http.pools.dedicated_h1(ep.addr).await
+                        } else {
+                            self.http.pools.checkout(ep.addr, wire).await
+                        }
+                    };
+                    let conn = match deadline {
+                        Some((at, t)) => tokio::time::timeout_at(at.into(), checkout)
+                            .await
+                            .map_err(|_| HttpError::Timeout(t))?,
+                        None => checkout.await,
+                    };
+                    match conn {
+                        Ok(conn) => (i, conn),
+                        Err(e) => {
+                            ep.load.record_failure();
+                            Stats::inc(&stats.outbound_connect_failures);
+                            tracing::info!(service = %target.name(), endpoint = %ep.addr, error = %e, "connect failed; trying another endpoint");
+                            last_error = e.to_string();
+                            connect_failures += 1;
+                            if connect_failures >= self.config.connect_attempts.max(1) {
+                                break;
+                            }
+                            Stats::inc(&stats.outbound_failovers);
+                            continue;
+                        }
+                    }
+                }
+            };
+            let ep = &target.endpoints[i];
+            let this_body = match (&replay, body.take()) {
+                (Some(bytes), _) => full(bytes.clone()),
+                (None, Some(b)) => b,
+                // A streamed body already went out on an earlier try: nothing left to resend.
+                (None, None) => break,
+            };
+            let req = rebuild(&parts, this_body);
+            let guard = ep.load.request();
+            let t0 = Instant::now();
+            let limit = match (per_try, deadline) {
+                (Some(p), Some((at, _))) => Some((at.min(Instant::now() + p), p)),
+                (Some(p), None) => Some((Instant::now() + p, p)),
+                (None, Some((at, t))) => Some((at, t)),
+                (None, None) => None,
+            };
+            let sent = match limit {
+                Some((at, t)) => match tokio::time::timeout_at(at.into(), conn.send(req)).await {
+                    Ok(s) => s,
+                    Err(_) => {
+                        Stats::inc(&stats.http_timeouts);
+                        let overall = deadline.is_some_and(|(d, _)| Instant::now() >= d);
+                        if !overall
+                            && retry.is_some()
+                            && replay.is_some()
+                            && self.may_retry(&retry, &mut status_retries)
+                        {
+                            tracing::debug!(service = %target.name(), endpoint = %ep.addr, "try timed out; retrying");
+                            continue;
+                        }
+                        return Err(HttpError::Timeout(
+                            deadline.map(|(_, t)| t).filter(|_| overall).unwrap_or(t),
+                        ));
+                    }
+                },
+                None => conn.send(req).await,
+            };
+            match sent {
+                Sent::Response(mut resp) => {
+                    guard.observe(t0.elapsed());
+                    ep.load.record_success();
+                    if let Some(t) = target.affinity {
+                        self.affinity.record(&target.id, c.peer.ip(), ep.addr, t);
+                    }
+                    let status = resp.status().as_u16();
+                    if let Some(r) = &retry
+                        && r.codes.contains(&status)
+                        && replay.is_some()
+                        && self.may_retry(&retry, &mut status_retries)
+                    {
+                        // A fast failure would otherwise look like the best endpoint to the
+                        // latency balancer: avoid it for a while, as after a failed connect.
+                        ep.load.record_failure();
+                        tracing::debug!(service = %target.name(), endpoint = %ep.addr, status, "retrying");
+                        backoff(r.backoff, status_retries).await;
+                        continue;
+                    }
+                    let upstream_upgrade = (resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                        || (parts.method == http::Method::CONNECT && resp.status().is_success()))
+                    .then(|| hyper::upgrade::on(&mut resp));
+                    if let (Some(client), Some(upstream)) = (client_upgrade, upstream_upgrade) {
+                        tunnel(client, upstream, target.name());
+                    }
+                    return Ok(finish(
+                        resp,
+                        client_version,
+                        rule.as_deref(),
+                        backend.as_ref(),
+                    ));
+                }
+                Sent::NotSent(req, e) => {
+                    // The connection closed while idle; the request is intact.
+                    not_sent += 1;
+                    if not_sent > MAX_NOT_SENT {
+                        return Err(HttpError::Upstream(e.to_string()));
+                    }
+                    body = Some(req.into_body());
+                    let conn = self.http.pools.checkout(ep.addr, wire).await.map_err(|e| {
+                        HttpError::ConnectFailed {
+                            service: target.name(),
+                            tried: tried.len(),
+                            last: e.to_string(),
+                        }
+                    })?;
+                    pending_conn = Some((i, conn));
+                }
+                Sent::Failed(e) => {
+                    ep.load.record_failure();
+                    last_error = e.to_string();
+                    if replay.is_some()
+                        && retry.is_some()
+                        && self.may_retry(&retry, &mut status_retries)
+                    {
+                        continue;
+                    }
+                    return Err(HttpError::Upstream(e.to_string()));
+                }
+            }
+        }
+        Stats::inc(&stats.outbound_failed);
+        Err(HttpError::ConnectFailed {
+            service: target.name(),
+            tried: tried.len(),
+            last: last_error,
+        })
+    }
+
+    fn affinity_pick(&self, sp: &ServicePort, c: Conn4, candidates: &[usize]) -> Option<usize> {
+        let t = sp.affinity?;
+        let ep = self.affinity.lookup(&sp.id, c.peer.ip(), t, |a| {
+            candidates.iter().any(|i| sp.endpoints[*i].addr == a)
+        })?;
+        candidates
+            .iter()
+            .copied()
+            .find(|i| sp.endpoints[*i].addr == ep)
+    }
+
+    /// One more status or timeout retry, if the rule and the budget allow it.
+    fn may_retry(&self, retry: &Option<super::route::Retry>, done: &mut u32) -> bool {
+        let Some(r) = retry else { return false };
+        if *done >= r.attempts {
+            return false;
+        }
+        if !self.http.budget.withdraw() {
+            Stats::inc(&self.state.stats.http_retries_over_budget);
+            return false;
+        }
+        *done += 1;
+        Stats::inc(&self.state.stats.http_retries);
+        true
+    }
+}
+
+/// A copy of the request head with a new body (the head is kept for retries).
+fn rebuild(parts: &http::request::Parts, body: Body) -> Request<Body> {
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    req
+}
+
+async fn backoff(base: Duration, attempt: u32) {
+    let exp = base.saturating_mul(1 << attempt.saturating_sub(1).min(6));
+    let jitter = rand::rng().random_range(0.5..1.5);
+    tokio::time::sleep(exp.mul_f64(jitter)).await;
+}
+
+/// The endpoint's response, made fit for the client.
+fn finish(
+    resp: Response<Incoming>,
+    client_version: Version,
+    rule: Option<&Rule>,
+    backend: Option<&Backend>,
+) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    let upgraded = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+    strip_hop_by_hop(&mut parts.headers, upgraded);
+    if let Some(m) = rule.and_then(|r| r.response_headers.as_ref()) {
+        m.apply(&mut parts.headers);
+    }
+    if let Some(m) = backend.and_then(|b| b.response_headers.as_ref()) {
+        m.apply(&mut parts.headers);
+    }
+    parts.version = if client_version == Version::HTTP_2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    Response::from_parts(parts, boxed(body))
+}
+
+/// After a 101 (or a CONNECT's 2xx), bytes flow both ways between the client's and the
+/// endpoint's connections until both sides close.
+fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade, service: String) {
+    tokio::spawn(async move {
+        let (c, u) = match tokio::try_join!(client, upstream) {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::debug!(%service, error = %e, "upgrade did not complete");
+                return;
+            }
+        };
+        let mut c = hyper_util::rt::TokioIo::new(c);
+        let mut u = hyper_util::rt::TokioIo::new(u);
+        if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+            tracing::debug!(%service, error = %e, "upgraded connection ended");
+        }
+    });
+}
+
+/// `host[:port]` (IPv6 literals in brackets).
+fn split_authority(a: &str) -> (String, Option<u16>) {
+    let (host, port) = if let Some(rest) = a.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((h, p)) => (format!("[{h}]"), p.strip_prefix(':')),
+            None => (a.to_string(), None),
+        }
+    } else {
+        match a.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (a.to_string(), None),
+        }
+    };
+    (host, port.and_then(|p| p.parse().ok()))
+}
+
+/// The answer of a RequestRedirect filter.
+fn redirect(
+    rd: &Redirect,
+    path: &str,
+    query: Option<&str>,
+    authority: Option<&str>,
+    matched_prefix: Option<&str>,
+) -> Response<Body> {
+    let (req_host, req_port) = authority.map(split_authority).unwrap_or_default();
+    let scheme = rd.scheme.clone().unwrap_or_else(|| "http".into());
+    let host = rd.hostname.clone().unwrap_or(req_host);
+    // Gateway API: the port is kept unless set; when the scheme changes and no port is set,
+    // the new scheme's default is used (and left out).
+    let port = match (rd.port, &rd.scheme) {
+        (Some(p), _) => Some(p),
+        (None, Some(_)) => None,
+        (None, None) => req_port,
+    };
+    let port =
+        port.filter(|p| !((scheme == "http" && *p == 80) || (scheme == "https" && *p == 443)));
+    let new_path = match &rd.path {
+        Some(m) => rewrite_path(path, m, matched_prefix),
+        None => path.to_string(),
+    };
+    let mut location = format!("{scheme}://{host}");
+    if let Some(p) = port {
+        location.push_str(&format!(":{p}"));
+    }
+    location.push_str(&new_path);
+    if let Some(q) = query {
+        location.push('?');
+        location.push_str(q);
+    }
+    let mut resp = Response::new(super::empty());
+    *resp.status_mut() = StatusCode::from_u16(rd.status).unwrap_or(StatusCode::FOUND);
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::route::PathModifier;
+
+    fn rd(
+        scheme: Option<&str>,
+        host: Option<&str>,
+        port: Option<u16>,
+        path: Option<PathModifier>,
+    ) -> Redirect {
+        Redirect {
+            scheme: scheme.map(String::from),
+            hostname: host.map(String::from),
+            path,
+            port,
+            status: 301,
+        }
+    }
+
+    fn location(r: &Response<Body>) -> &str {
+        r.headers()[header::LOCATION].to_str().unwrap()
+    }
+
+    #[test]
+    fn redirects() {
+        let r = redirect(
+            &rd(None, Some("new"), None, None),
+            "/a",
+            Some("x=1"),
+            Some("web:8080"),
+            None,
+        );
+        assert_eq!(r.status(), 301);
+        assert_eq!(location(&r), "http://new:8080/a?x=1");
+        let r = redirect(
+            &rd(Some("https"), None, None, None),
+            "/a",
+            None,
+            Some("web:8080"),
+            None,
+        );
+        assert_eq!(location(&r), "https://web/a");
+        let r = redirect(
+            &rd(None, None, None, Some(PathModifier::Prefix("/v2".into()))),
+            "/v1/items",
+            None,
+            Some("web"),
+            Some("/v1"),
+        );
+        assert_eq!(location(&r), "http://web/v2/items");
+    }
+}

@@ -1,0 +1,46 @@
+//! L7: HTTP/1.1, HTTP/2 and gRPC, on the outbound and inbound paths.
+//!
+//! A connection [`crate::detect`] found to be HTTP is served by hyper ([`server`]); each request
+//! goes through [`forward`]: the route ([`route`], Gateway API HTTPRoute attached to the
+//! Service) is chosen, its filters applied, a backend picked by weight, an endpoint by the
+//! per-request balancer, and the request sent on a pooled connection ([`pool`]) with the rule's
+//! timeouts and retries ([`retry`]). Failures the proxy answers itself are made into responses
+//! in one place ([`respond`]).
+
+pub mod forward;
+pub mod headers;
+pub mod pool;
+pub mod prefixed;
+pub mod respond;
+pub mod retry;
+pub mod route;
+pub mod server;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use http_body_util::combinators::BoxBody;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Every body the proxy sends or forwards.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+pub fn empty() -> Body {
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+pub fn full(bytes: Bytes) -> Body {
+    http_body_util::Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+pub fn boxed<B>(body: B) -> Body
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed()
+}

@@ -1,0 +1,282 @@
+//! Connections to endpoints, kept for reuse: per endpoint address, idle HTTP/1.1 connections
+//! (one request at a time each) and one shared HTTP/2 connection (every request multiplexed).
+//!
+//! Getting a connection ([`Pools::checkout`]) is separate from sending on it, so a refused or
+//! timed-out connect can move on to another endpoint before the request (and its body) is
+//! handed over. A request a reused connection never started to send (the server closed it
+//! while idle) is given back ([`Sent::NotSent`]) to be sent on a fresh one.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use super::Body;
+
+/// At most this many idle HTTP/1.1 connections are kept per endpoint.
+const MAX_IDLE_H1: usize = 64;
+
+/// The HTTP version spoken to an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Wire {
+    Http1,
+    Http2,
+}
+
+/// How connections to endpoints are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dial {
+    /// Straight to the address (outbound).
+    Direct,
+    /// To the local app, from 127.0.0.6 so the pod's rules let it through (inbound).
+    LocalApp,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect to {addr} failed: {source}")]
+    Io {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("connect to {addr} timed out after {after:?}")]
+    Timeout { addr: SocketAddr, after: Duration },
+    #[error("HTTP handshake with {addr} failed: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+}
+
+#[derive(Debug, Default)]
+pub struct EndpointPool {
+    idle_h1: Mutex<Vec<http1::SendRequest<Body>>>,
+    h2: tokio::sync::Mutex<Option<http2::SendRequest<Body>>>,
+}
+
+/// Every endpoint's connections.
+#[derive(Debug)]
+pub struct Pools {
+    dial: Dial,
+    connect_timeout: Duration,
+    map: Mutex<HashMap<(SocketAddr, Wire), Arc<EndpointPool>>>,
+}
+
+/// A connection ready for one request.
+pub enum Conn {
+    Http1 {
+        tx: http1::SendRequest<Body>,
+        pool: Arc<EndpointPool>,
+        reused: bool,
+    },
+    Http2 {
+        tx: http2::SendRequest<Body>,
+    },
+}
+
+/// What sending did.
+pub enum Sent {
+    Response(Response<Incoming>),
+    /// The connection closed before the request was written: it can go elsewhere.
+    NotSent(Request<Body>, hyper::Error),
+    /// It failed after (part of) the request may have been written.
+    Failed(hyper::Error),
+}
+
+impl Pools {
+    pub fn new(dial: Dial, connect_timeout: Duration) -> Self {
+        Self {
+            dial,
+            connect_timeout,
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn pool(&self, addr: SocketAddr, wire: Wire) -> Arc<EndpointPool> {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry((addr, wire)).or_default().clone()
+    }
+
+    /// A connection to `addr`, reused if one is idle.
+    pub async fn checkout(&self, addr: SocketAddr, wire: Wire) -> Result<Conn, ConnectError> {
+        let pool = self.pool(addr, wire);
+        match wire {
+            Wire::Http1 => {
+                let idle = {
+                    let mut idle = pool.idle_h1.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut found = None;
+                    while let Some(tx) = idle.pop() {
+                        if tx.is_ready() {
+                            found = Some(tx);
+                            break;
+                        }
+                    }
+                    found
+                };
+                if let Some(tx) = idle {
+                    return Ok(Conn::Http1 {
+                        tx,
+                        pool,
+                        reused: true,
+                    });
+                }
+                let tx = self.handshake_h1(addr, false).await?;
+                Ok(Conn::Http1 {
+                    tx,
+                    pool,
+                    reused: false,
+                })
+            }
+            Wire::Http2 => {
+                let mut slot = pool.h2.lock().await;
+                if let Some(tx) = slot.as_ref()
+                    && !tx.is_closed()
+                {
+                    return Ok(Conn::Http2 { tx: tx.clone() });
+                }
+                let io = self.dial(addr).await?;
+                let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .initial_stream_window_size(1 << 20)
+                    .initial_connection_window_size(4 << 20)
+                    .adaptive_window(true)
+                    .keep_alive_interval(Duration::from_secs(30))
+                    .keep_alive_while_idle(false)
+                    .handshake(TokioIo::new(io))
+                    .await
+                    .map_err(|source| ConnectError::Handshake { addr, source })?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(endpoint = %addr, error = %e, "HTTP/2 connection to endpoint ended");
+                    }
+                });
+                *slot = Some(tx.clone());
+                Ok(Conn::Http2 { tx })
+            }
+        }
+    }
+
+    /// A connection of its own for one request that upgrades (WebSocket, CONNECT): never
+    /// pooled, since after the upgrade it carries raw bytes.
+    pub async fn dedicated_h1(&self, addr: SocketAddr) -> Result<Conn, ConnectError> {
+        let tx = self.handshake_h1(addr, true).await?;
+        Ok(Conn::Http1 {
+            tx,
+            pool: Arc::default(),
+            reused: false,
+        })
+    }
+
+    async fn handshake_h1(
+        &self,
+        addr: SocketAddr,
+        upgrades: bool,
+    ) -> Result<http1::SendRequest<Body>, ConnectError> {
+        let io = self.dial(addr).await?;
+        let (tx, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|source| ConnectError::Handshake { addr, source })?;
+        tokio::spawn(async move {
+            let r = if upgrades {
+                conn.with_upgrades().await
+            } else {
+                conn.await
+            };
+            if let Err(e) = r {
+                tracing::debug!(endpoint = %addr, error = %e, "HTTP/1.1 connection to endpoint ended");
+            }
+        });
+        Ok(tx)
+    }
+
+    async fn dial(&self, addr: SocketAddr) -> Result<TcpStream, ConnectError> {
+        let connect = async {
+            match self.dial {
+                Dial::Direct => TcpStream::connect(addr).await,
+                Dial::LocalApp => crate::inbound::connect_app(addr).await,
+            }
+        };
+        match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                Ok(s)
+            }
+            Ok(Err(source)) => Err(ConnectError::Io { addr, source }),
+            Err(_) => Err(ConnectError::Timeout {
+                addr,
+                after: self.connect_timeout,
+            }),
+        }
+    }
+
+    /// Drops idle connections that closed, and pools left empty (endpoints that went away).
+    pub fn sweep(&self) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, pool| {
+            let mut idle = pool.idle_h1.lock().unwrap_or_else(|e| e.into_inner());
+            idle.retain(|tx| !tx.is_closed());
+            let h2_open = pool
+                .h2
+                .try_lock()
+                .map(|s| s.as_ref().is_some_and(|tx| !tx.is_closed()))
+                .unwrap_or(true);
+            !idle.is_empty() || h2_open || Arc::strong_count(pool) > 1
+        });
+    }
+
+    /// Idle HTTP/1.1 and open HTTP/2 connections, for `/config` and tests.
+    pub fn idle(&self) -> usize {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.values()
+            .map(|p| p.idle_h1.lock().map(|v| v.len()).unwrap_or(0))
+            .sum()
+    }
+}
+
+impl Conn {
+    pub fn reused(&self) -> bool {
+        matches!(self, Conn::Http1 { reused: true, .. })
+    }
+
+    /// Sends one request. An HTTP/1.1 connection goes back to its pool once the response body
+    /// has been read to the end.
+    pub async fn send(self, req: Request<Body>) -> Sent {
+        match self {
+            Conn::Http1 { mut tx, pool, .. } => {
+                let result = tx.try_send_request(req).await;
+                match result {
+                    Ok(resp) => {
+                        tokio::spawn(async move {
+                            if tx.ready().await.is_ok() {
+                                let mut idle =
+                                    pool.idle_h1.lock().unwrap_or_else(|e| e.into_inner());
+                                if idle.len() < MAX_IDLE_H1 {
+                                    idle.push(tx);
+                                }
+                            }
+                        });
+                        Sent::Response(resp)
+                    }
+                    Err(mut e) => match e.take_message() {
+                        Some(req) => Sent::NotSent(req, e.into_error()),
+                        None => Sent::Failed(e.into_error()),
+                    },
+                }
+            }
+            Conn::Http2 { mut tx } => match tx.try_send_request(req).await {
+                Ok(resp) => Sent::Response(resp),
+                Err(mut e) => match e.take_message() {
+                    Some(req) => Sent::NotSent(req, e.into_error()),
+                    None => Sent::Failed(e.into_error()),
+                },
+            },
+        }
+    }
+}
