@@ -631,3 +631,222 @@ impl Routes {
             })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Precedence and matching per the Gateway API spec (HTTPRouteRule, "Matches").
+    use super::*;
+
+    fn m(path: (pb::MatchType, &str)) -> pb::HttpRouteMatch {
+        pb::HttpRouteMatch {
+            path: Some(pb::StringMatch {
+                r#type: path.0 as i32,
+                value: path.1.into(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn with_headers(mut x: pb::HttpRouteMatch, n: usize) -> pb::HttpRouteMatch {
+        for i in 0..n {
+            x.headers.push(pb::NamedMatch {
+                r#type: pb::MatchType::Exact as i32,
+                name: format!("h{i}"),
+                value: "1".into(),
+            });
+        }
+        x
+    }
+
+    fn rule(name: &str, matches: Vec<pb::HttpRouteMatch>) -> pb::HttpRouteRule {
+        pb::HttpRouteRule {
+            name: name.into(),
+            matches,
+            backends: vec![pb::HttpBackendRef {
+                namespace: "default".into(),
+                service: "web".into(),
+                weight: 1,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn route(ns: &str, name: &str, created: i64, rules: Vec<pb::HttpRouteRule>) -> pb::HttpRoute {
+        pb::HttpRoute {
+            namespace: ns.into(),
+            name: name.into(),
+            created_unix: created,
+            rules,
+        }
+    }
+
+    fn pick(routes: &Routes, method: &str, uri: &str, headers: &[(&str, &str)]) -> String {
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
+        let uri: http::Uri = uri.parse().unwrap();
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let view = RequestView {
+            method: &method,
+            path: uri.path(),
+            query: uri.query(),
+            headers: &h,
+        };
+        match routes.pick(&view) {
+            Pick::Default => "default".into(),
+            Pick::NoMatch => "404".into(),
+            Pick::Rule(r) => r.name.rsplit('/').next().unwrap().to_string(),
+        }
+    }
+
+    use pb::MatchType::{Exact, PathPrefix, RegularExpression};
+
+    #[test]
+    fn precedence_across_rules_and_routes() {
+        let routes = vec![
+            route(
+                "default",
+                "a",
+                10,
+                vec![
+                    rule("prefix-root", vec![m((PathPrefix, "/"))]),
+                    rule("prefix-api", vec![m((PathPrefix, "/api"))]),
+                    rule("prefix-api-v1", vec![m((PathPrefix, "/api/v1"))]),
+                    rule("exact", vec![m((Exact, "/api/v1"))]),
+                    rule("regex", vec![m((RegularExpression, "/api/v[0-9]+/items"))]),
+                    rule("headers2", vec![with_headers(m((PathPrefix, "/api")), 2)]),
+                    rule("headers1", vec![with_headers(m((PathPrefix, "/api")), 1)]),
+                ],
+            ),
+            // Same match in an older route: it wins the tie.
+            route("default", "b", 5, vec![rule("older", vec![m((PathPrefix, "/tie"))])]),
+            route("default", "c", 7, vec![rule("newer", vec![m((PathPrefix, "/tie"))])]),
+        ];
+        let (r, errors) = Routes::compile(&routes, "default", Some("default"));
+        assert!(errors.is_empty());
+        let cases = [
+            ("GET", "/", vec![], "prefix-root"),
+            ("GET", "/api", vec![], "prefix-api"),
+            ("GET", "/apix", vec![], "prefix-root"),
+            ("GET", "/api/v1", vec![], "exact"),
+            ("GET", "/api/v1/", vec![], "prefix-api-v1"),
+            ("GET", "/api/v2/items", vec![], "regex"),
+            ("GET", "/api/v2/items/x", vec![], "prefix-api"),
+            ("GET", "/api/x", vec![("h0", "1")], "headers1"),
+            ("GET", "/api/x", vec![("h0", "1"), ("h1", "1")], "headers2"),
+            ("GET", "/tie/1", vec![], "older"),
+        ];
+        for (method, uri, headers, want) in cases {
+            assert_eq!(pick(&r, method, uri, &headers), want, "{method} {uri} {headers:?}");
+        }
+    }
+
+    #[test]
+    fn method_query_and_header_regex() {
+        let mut by_method = m((PathPrefix, "/"));
+        by_method.method = "POST".into();
+        let mut by_query = m((PathPrefix, "/"));
+        by_query.query_params.push(pb::NamedMatch {
+            r#type: Exact as i32,
+            name: "tenant".into(),
+            value: "a b".into(),
+        });
+        let mut by_regex_header = m((PathPrefix, "/"));
+        by_regex_header.headers.push(pb::NamedMatch {
+            r#type: RegularExpression as i32,
+            name: "user-agent".into(),
+            value: ".*mobile.*".into(),
+        });
+        let routes = vec![route(
+            "default",
+            "r",
+            1,
+            vec![
+                rule("method", vec![by_method]),
+                rule("query", vec![by_query]),
+                rule("ua", vec![by_regex_header]),
+            ],
+        )];
+        let (r, _) = Routes::compile(&routes, "default", None);
+        assert_eq!(pick(&r, "POST", "/x", &[]), "method");
+        assert_eq!(pick(&r, "GET", "/x?tenant=a%20b", &[]), "query");
+        assert_eq!(pick(&r, "GET", "/x?other=1&tenant=a+b", &[]), "query");
+        assert_eq!(pick(&r, "GET", "/x?tenant=b", &[]), "404");
+        assert_eq!(pick(&r, "GET", "/x", &[("user-agent", "my mobile app")]), "ua");
+        assert_eq!(pick(&r, "GET", "/x", &[("user-agent", "desktop")]), "404");
+    }
+
+    #[test]
+    fn consumer_routes_apply_only_in_their_namespace_and_win_there() {
+        let routes = vec![
+            route("default", "producer", 1, vec![rule("producer", vec![])]),
+            route("team-a", "consumer", 2, vec![rule("consumer", vec![])]),
+        ];
+        let (in_a, _) = Routes::compile(&routes, "default", Some("team-a"));
+        assert_eq!(pick(&in_a, "GET", "/", &[]), "consumer");
+        let (in_b, _) = Routes::compile(&routes, "default", Some("team-b"));
+        assert_eq!(pick(&in_b, "GET", "/", &[]), "producer");
+        let (none, _) = Routes::compile(&[], "default", Some("team-b"));
+        assert_eq!(pick(&none, "GET", "/", &[]), "default");
+    }
+
+    #[test]
+    fn a_bad_route_is_left_out_and_reported() {
+        let routes = vec![
+            route("default", "bad", 1, vec![rule("bad", vec![m((RegularExpression, "(("))])]),
+            route("default", "good", 2, vec![rule("good", vec![m((PathPrefix, "/"))])]),
+        ];
+        let (r, errors) = Routes::compile(&routes, "default", None);
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].to_string().contains("default/bad"), "{}", errors[0]);
+        assert_eq!(pick(&r, "GET", "/", &[]), "good");
+    }
+
+    #[test]
+    fn weights_and_paths() {
+        let rule = Rule {
+            name: "r".into(),
+            request_headers: None,
+            response_headers: None,
+            redirect: None,
+            rewrite: None,
+            backends: ["a", "b", "z"]
+                .iter()
+                .zip([3, 1, 0])
+                .map(|(s, w)| Backend {
+                    namespace: "default".into(),
+                    service: (*s).into(),
+                    port: 0,
+                    weight: w,
+                    request_headers: None,
+                    response_headers: None,
+                })
+                .collect(),
+            request_timeout: None,
+            backend_timeout: None,
+            retry: None,
+        };
+        let picks: Vec<String> = (0..4)
+            .map(|r| {
+                let mut roll = |_n: u64| r;
+                rule.pick_backend(&mut roll).unwrap().service.clone()
+            })
+            .collect();
+        assert_eq!(picks, vec!["a", "a", "a", "b"]);
+
+        assert!(path_prefix_matches("/", "/anything"));
+        assert!(path_prefix_matches("/foo/", "/foo"));
+        assert!(!path_prefix_matches("/foo", "/foobar"));
+        let p = PathModifier::Prefix("/new".into());
+        assert_eq!(rewrite_path("/old/x", &p, Some("/old")), "/new/x");
+        assert_eq!(rewrite_path("/old", &p, Some("/old")), "/new");
+        let root = PathModifier::Prefix("/".into());
+        assert_eq!(rewrite_path("/old/x", &root, Some("/old")), "/x");
+        assert_eq!(rewrite_path("/old", &root, Some("/old")), "/");
+    }
+}
