@@ -8,9 +8,10 @@
 //!   behaviour when many proxies see the same counts.
 //!
 //! At L7 ([`Unit::Request`]) the same names balance requests: `least-conn` counts requests in
-//! flight, and `p2c` compares peak-EWMA cost — the endpoint's recent response time (jumping up
-//! at once on a slow response, decaying over [`EWMA_DECAY`]) times its requests in flight plus
-//! one, as Finagle and Linkerd do — so a slow or overloaded replica gets less traffic.
+//! flight, and `p2c` compares a cost — the endpoint's recent response time (an exponentially
+//! weighted moving average over time, [`EWMA_DECAY`]) times its requests in flight plus one,
+//! after Finagle's and Linkerd's — so a slow or overloaded replica gets less traffic, while
+//! equally fast replicas share it evenly.
 //!
 //! Every balancer skips endpoints that failed a connect in the last few seconds (passive
 //! outlier detection) unless all of them did.
@@ -53,8 +54,11 @@ impl std::str::FromStr for BalancerKind {
     }
 }
 
-/// How fast the peak-EWMA response time forgets a slow response.
-pub const EWMA_DECAY: Duration = Duration::from_secs(10);
+/// The time constant of the response-time average: a measurement this old weighs 1/e.
+pub const EWMA_DECAY: Duration = Duration::from_secs(2);
+/// Each new measurement moves the average at least this much of the way, so a persistent
+/// change shows within tens of requests even at high rates.
+const MIN_ALPHA: f64 = 0.05;
 /// Added to every endpoint's response time in the cost, so requests in flight count even for
 /// an endpoint with no measurement yet (whose response time is taken as 0: new and long-idle
 /// endpoints are tried, not starved by a measured one).
@@ -74,7 +78,7 @@ pub struct EndpointLoad {
     active: AtomicUsize,
     /// HTTP requests in flight.
     pending: AtomicUsize,
-    /// Peak-EWMA response time in µs (0 = not measured yet) and when it was last updated
+    /// Average response time in µs (0 = not measured yet) and when it was last updated
     /// (µs on [`clock_us`]).
     ewma_us: AtomicU64,
     ewma_at: AtomicU64,
@@ -138,7 +142,7 @@ impl EndpointLoad {
         RequestGuard(self.clone())
     }
 
-    /// The peak-EWMA response time now, in µs (0 = never measured). It decays while the
+    /// The average response time now, in µs (0 = never measured). It decays while the
     /// endpoint gets no requests, so an endpoint that was slow once is tried again later.
     pub fn ewma_us(&self) -> u64 {
         let v = self.ewma_us.load(Ordering::Relaxed);
@@ -153,13 +157,15 @@ impl EndpointLoad {
     fn observe(&self, rtt: Duration) {
         let rtt = (rtt.as_micros() as u64).max(1);
         let now = clock_us();
-        let cur = self.ewma_us();
-        let next = if rtt > cur {
+        let cur = self.ewma_us.load(Ordering::Relaxed);
+        let next = if cur == 0 {
+            // The first measurement is taken as it is.
             rtt
         } else {
+            // A single slow answer moves the average a little; a lasting slowdown, all the way.
             let age = now.saturating_sub(self.ewma_at.load(Ordering::Relaxed));
-            let w = (-(age as f64) / EWMA_DECAY.as_micros() as f64).exp();
-            (cur as f64 * w + rtt as f64 * (1.0 - w)) as u64
+            let alpha = (1.0 - (-(age as f64) / EWMA_DECAY.as_micros() as f64).exp()).max(MIN_ALPHA);
+            (cur as f64 * (1.0 - alpha) + rtt as f64 * alpha) as u64
         };
         self.ewma_us.store(next.max(1), Ordering::Relaxed);
         self.ewma_at.store(now, Ordering::Relaxed);
@@ -437,11 +443,11 @@ mod tests {
     }
 
     #[test]
-    fn ewma_jumps_up_and_decays_down() {
+    fn ewma_takes_the_first_measurement_and_moves_gradually() {
         let l = Arc::new(EndpointLoad::default());
         assert_eq!(l.ewma_us(), 0);
         l.request().observe(Duration::from_millis(20));
-        assert!(l.ewma_us() >= 19_000, "peak: {}", l.ewma_us());
+        assert!(l.ewma_us() >= 19_000, "first: {}", l.ewma_us());
         l.request().observe(Duration::from_micros(100));
         assert!(
             l.ewma_us() > 10_000,

@@ -159,6 +159,7 @@ impl Outbound {
         };
         match detected.protocol {
             Protocol::Http1 | Protocol::Http2 => {
+                Stats::inc(&self.state.stats.outbound_to_service);
                 Stats::inc(&self.state.stats.http_connections);
                 let c = Conn4 { peer, dst, via };
                 crate::http::server::serve_outbound(

@@ -3,6 +3,9 @@
 //! client in one pod calls a Service by name. What is checked is what the client sees (which
 //! pod answered, or that the call failed and how fast) and, where it matters, the sidecars'
 //! counters. Needs root; see `tests/support/mod.rs`.
+//!
+//! The Service ports are named `tcp…`, so the sidecars treat them as opaque TCP even though
+//! the demo app speaks HTTP: the L4 path is what is under test here (HTTP: `l7.rs`).
 
 mod support;
 
@@ -51,7 +54,7 @@ fn every_replica_is_reached_with_a_roughly_even_spread() {
             ("web.yaml", backend(NS, "web", 3, &[("http", 8080)], "")),
             (
                 "svc.yaml",
-                service(NS, "web", "web", &[("http", 80, "http")], ""),
+                service(NS, "web", "web", &[("tcp", 80, "http")], ""),
             ),
             ("client.yaml", client(NS, "client", "")),
         ],
@@ -99,7 +102,7 @@ fn a_named_target_port_reaches_each_pod_on_its_own_number() {
             ("b.yaml", web("web-b", 9090)),
             (
                 "svc.yaml",
-                service(NS, "web", "web", &[("http", 80, "http")], ""),
+                service(NS, "web", "web", &[("tcp", 80, "http")], ""),
             ),
             ("client.yaml", client(NS, "client", "")),
         ],
@@ -137,7 +140,7 @@ fn each_port_of_a_multi_port_service_goes_to_its_own_target_port() {
                     NS,
                     "web",
                     "web",
-                    &[("http", 80, "http"), ("admin", 81, "9090")],
+                    &[("tcp", 80, "http"), ("tcp-admin", 81, "9090")],
                     "",
                 ),
             ),
@@ -184,7 +187,7 @@ fn a_removed_endpoint_gets_no_new_connections_a_second_after_the_change() {
             ("web.yaml", deploy(3)),
             (
                 "svc.yaml",
-                service(NS, "web", "web", &[("http", 80, "http")], ""),
+                service(NS, "web", "web", &[("tcp", 80, "http")], ""),
             ),
             ("client.yaml", client(NS, "client", "")),
         ],
@@ -234,7 +237,7 @@ fn a_service_without_endpoints_fails_at_once() {
             ("ns.yaml", namespace()),
             (
                 "svc.yaml",
-                service(NS, "nothing", "nobody", &[("http", 80, "8080")], ""),
+                service(NS, "nothing", "nobody", &[("tcp", 80, "8080")], ""),
             ),
             ("client.yaml", client(NS, "client", "")),
         ],
@@ -282,7 +285,7 @@ fn with_every_endpoint_terminating_the_serving_ones_are_still_used() {
             ("web.yaml", deploy(2)),
             (
                 "svc.yaml",
-                service(NS, "web", "web", &[("http", 80, "http")], ""),
+                service(NS, "web", "web", &[("tcp", 80, "http")], ""),
             ),
             ("client.yaml", client(NS, "client", "")),
         ],
@@ -323,7 +326,7 @@ fn client_ip_affinity_sticks_and_is_chosen_again_after_the_timeout() {
                     NS,
                     "web",
                     "web",
-                    &[("http", 80, "http")],
+                    &[("tcp", 80, "http")],
                     "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 1}}\n",
                 ),
             ),
@@ -372,7 +375,7 @@ fn headless_services_and_pod_ips_pass_through_the_sidecar() {
                     NS,
                     "web-headless",
                     "web",
-                    &[("http", 8080, "8080")],
+                    &[("tcp", 8080, "8080")],
                     "  clusterIP: None\n",
                 ),
             ),
@@ -428,7 +431,7 @@ fn an_external_name_service_reaches_what_its_name_points_to() {
             ("web.yaml", backend(NS, "web", 2, &[("http", 8080)], "")),
             (
                 "svc.yaml",
-                service(NS, "web", "web", &[("http", 80, "http")], ""),
+                service(NS, "web", "web", &[("tcp", 80, "http")], ""),
             ),
             (
                 "alias.yaml",
@@ -556,7 +559,7 @@ spec:
                     NS,
                     "web",
                     "web",
-                    &[("http", 80, "http")],
+                    &[("tcp", 80, "http")],
                     "  internalTrafficPolicy: Local\n",
                 ),
             ),
@@ -607,7 +610,7 @@ fn traffic_continues_when_control_stops() {
             ("web.yaml", backend(NS, "web", 3, &[("http", 8080)], "")),
             (
                 "svc.yaml",
-                service(NS, "web", "web", &[("http", 80, "http")], ""),
+                service(NS, "web", "web", &[("tcp", 80, "http")], ""),
             ),
             ("client.yaml", client(NS, "client", "")),
         ],
@@ -659,7 +662,7 @@ fn the_rules_exclusions_really_bypass_the_proxy() {
             ),
             (
                 "svc.yaml",
-                service(NS, "web", "web", &[("http", 80, "http")], ""),
+                service(NS, "web", "web", &[("tcp", 80, "http")], ""),
             ),
             ("client.yaml", client(NS, "client", "")),
             (
