@@ -164,7 +164,8 @@ impl EndpointLoad {
         } else {
             // A single slow answer moves the average a little; a lasting slowdown, all the way.
             let age = now.saturating_sub(self.ewma_at.load(Ordering::Relaxed));
-            let alpha = (1.0 - (-(age as f64) / EWMA_DECAY.as_micros() as f64).exp()).max(MIN_ALPHA);
+            let alpha =
+                (1.0 - (-(age as f64) / EWMA_DECAY.as_micros() as f64).exp()).max(MIN_ALPHA);
             (cur as f64 * (1.0 - alpha) + rtt as f64 * alpha) as u64
         };
         self.ewma_us.store(next.max(1), Ordering::Relaxed);

@@ -2,12 +2,19 @@
 //! write side of the other) until both sides are done. And the one way a proxied connection is
 //! refused: a TCP reset.
 //!
-//! Two ways to copy ([`CopyMode`]):
-//! - `splice` (the default on Linux): socket → pipe → socket with splice(2), one pipe per
+//! Three ways to copy ([`CopyMode`]):
+//! - `auto` (the default): each direction starts with read(2)/write(2) through a small buffer,
+//!   and moves to splice once it carries bulk (two reads in a row fill the buffer). Small
+//!   request/response exchanges and short connections never pay for a pipe (two pipe2, two
+//!   fcntl and four close calls per connection, and two splice calls per message where a read
+//!   and a write would do); long transfers get splice's zero copy. HAProxy's `splice-auto`
+//!   works the same way.
+//! - `splice`: socket → pipe → socket with splice(2) from the first byte, one pipe per
 //!   direction; the bytes never enter user space.
 //! - `buffered`: read into a 64 KiB buffer per direction and write it out.
 //!
-//! If a pipe cannot be made (e.g. the fd limit), the connection falls back to `buffered`.
+//! If a pipe cannot be made (e.g. the fd limit), the connection goes on copying through a
+//! buffer.
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -24,10 +31,15 @@ use crate::state::Stats;
 const BUF: usize = 64 * 1024;
 /// Pipe capacity asked for per direction (splice mode); the kernel may give less.
 const PIPE: usize = 256 * 1024;
+/// The buffer a direction starts with in `auto` mode.
+const SMALL: usize = 16 * 1024;
+/// Full reads in a row after which an `auto` direction moves to splice.
+const BULK_READS: u32 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CopyMode {
     #[default]
+    Auto,
     Splice,
     Buffered,
 }
@@ -37,9 +49,12 @@ impl std::str::FromStr for CopyMode {
 
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
+            "auto" => Ok(CopyMode::Auto),
             "splice" => Ok(CopyMode::Splice),
             "buffered" => Ok(CopyMode::Buffered),
-            _ => Err(format!("unknown copy mode {s:?}: use splice or buffered")),
+            _ => Err(format!(
+                "unknown copy mode {s:?}: use auto, splice or buffered"
+            )),
         }
     }
 }
@@ -56,6 +71,15 @@ pub async fn proxy(client: TcpStream, upstream: TcpStream, stats: &Stats, mode: 
             }
         },
         CopyMode::Buffered => None,
+        CopyMode::Auto => {
+            let (a, b) = tokio::join!(auto_one(&client, &upstream), auto_one(&upstream, &client));
+            let result = a.and_then(|sent| b.map(|received| (sent, received)));
+            if result.is_err() {
+                reset(client);
+                reset(upstream);
+            }
+            return count(result, stats);
+        }
     };
     let result = match pipes {
         Some((up, down)) => {
@@ -145,6 +169,50 @@ async fn splice_one(from: &TcpStream, to: &TcpStream, pipe: &Pipe) -> io::Result
     }
 }
 
+/// One direction in `auto` mode: through a small buffer while the traffic is small, then
+/// through a pipe.
+async fn auto_one(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
+    let mut buf = vec![0u8; SMALL];
+    let mut total = 0u64;
+    let mut full = 0u32;
+    loop {
+        let n = from
+            .async_io(Interest::READABLE, || from.try_read(&mut buf))
+            .await?;
+        if n == 0 {
+            let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+            return Ok(total);
+        }
+        let mut off = 0;
+        while off < n {
+            let m = to
+                .async_io(Interest::WRITABLE, || to.try_write(&buf[off..n]))
+                .await?;
+            if m == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "peer stopped accepting data",
+                ));
+            }
+            off += m;
+        }
+        total += n as u64;
+        full = if n == SMALL { full + 1 } else { 0 };
+        if full >= BULK_READS {
+            match Pipe::new() {
+                Ok(pipe) => {
+                    drop(buf);
+                    return splice_one(from, to, &pipe).await.map(|more| total + more);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "no pipe for splice; going on through a buffer");
+                    full = 0;
+                }
+            }
+        }
+    }
+}
+
 /// Closes with RST (SO_LINGER 0): the peer sees "connection reset" at once, never a hang.
 pub fn reset(stream: TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
@@ -198,6 +266,11 @@ mod tests {
     #[tokio::test]
     async fn splice_moves_every_byte_and_passes_half_closes_on() {
         roundtrip(CopyMode::Splice).await;
+    }
+
+    #[tokio::test]
+    async fn auto_moves_every_byte_and_passes_half_closes_on() {
+        roundtrip(CopyMode::Auto).await;
     }
 
     #[tokio::test]

@@ -122,9 +122,10 @@ struct RunArgs {
     #[arg(long, env = "WASMESH_DRAIN_TIMEOUT_MS", default_value_t = 5000)]
     drain_timeout_ms: u64,
 
-    /// How bytes are moved: splice (zero-copy through a kernel pipe) or buffered (through a
-    /// 64 KiB buffer per direction).
-    #[arg(long, env = "WASMESH_COPY", default_value = "splice")]
+    /// How bytes are moved: auto (through a small buffer, then zero-copy splice once a
+    /// direction carries bulk), splice (zero-copy through a kernel pipe from the start) or
+    /// buffered (through a 64 KiB buffer per direction).
+    #[arg(long, env = "WASMESH_COPY", default_value = "auto")]
     copy: wasmesh_proxy::copy::CopyMode,
 
     /// On a Service port that declares no protocol, how long to wait for the client's first

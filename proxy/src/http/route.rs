@@ -724,8 +724,18 @@ mod tests {
                 ],
             ),
             // Same match in an older route: it wins the tie.
-            route("default", "b", 5, vec![rule("older", vec![m((PathPrefix, "/tie"))])]),
-            route("default", "c", 7, vec![rule("newer", vec![m((PathPrefix, "/tie"))])]),
+            route(
+                "default",
+                "b",
+                5,
+                vec![rule("older", vec![m((PathPrefix, "/tie"))])],
+            ),
+            route(
+                "default",
+                "c",
+                7,
+                vec![rule("newer", vec![m((PathPrefix, "/tie"))])],
+            ),
         ];
         let (r, errors) = Routes::compile(&routes, "default", Some("default"));
         assert!(errors.is_empty());
@@ -742,7 +752,11 @@ mod tests {
             ("GET", "/tie/1", vec![], "older"),
         ];
         for (method, uri, headers, want) in cases {
-            assert_eq!(pick(&r, method, uri, &headers), want, "{method} {uri} {headers:?}");
+            assert_eq!(
+                pick(&r, method, uri, &headers),
+                want,
+                "{method} {uri} {headers:?}"
+            );
         }
     }
 
@@ -777,7 +791,10 @@ mod tests {
         assert_eq!(pick(&r, "GET", "/x?tenant=a%20b", &[]), "query");
         assert_eq!(pick(&r, "GET", "/x?other=1&tenant=a+b", &[]), "query");
         assert_eq!(pick(&r, "GET", "/x?tenant=b", &[]), "404");
-        assert_eq!(pick(&r, "GET", "/x", &[("user-agent", "my mobile app")]), "ua");
+        assert_eq!(
+            pick(&r, "GET", "/x", &[("user-agent", "my mobile app")]),
+            "ua"
+        );
         assert_eq!(pick(&r, "GET", "/x", &[("user-agent", "desktop")]), "404");
     }
 
@@ -798,12 +815,26 @@ mod tests {
     #[test]
     fn a_bad_route_is_left_out_and_reported() {
         let routes = vec![
-            route("default", "bad", 1, vec![rule("bad", vec![m((RegularExpression, "(("))])]),
-            route("default", "good", 2, vec![rule("good", vec![m((PathPrefix, "/"))])]),
+            route(
+                "default",
+                "bad",
+                1,
+                vec![rule("bad", vec![m((RegularExpression, "(("))])],
+            ),
+            route(
+                "default",
+                "good",
+                2,
+                vec![rule("good", vec![m((PathPrefix, "/"))])],
+            ),
         ];
         let (r, errors) = Routes::compile(&routes, "default", None);
         assert_eq!(errors.len(), 1);
-        assert!(errors[0].to_string().contains("default/bad"), "{}", errors[0]);
+        assert!(
+            errors[0].to_string().contains("default/bad"),
+            "{}",
+            errors[0]
+        );
         assert_eq!(pick(&r, "GET", "/", &[]), "good");
     }
 
