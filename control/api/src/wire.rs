@@ -139,6 +139,7 @@ mod tests {
             nodes: vec![node],
             removed_nodes: vec!["gone".into()],
             complete: true,
+            ..Default::default()
         };
         assert_eq!(got, want);
     }
