@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::discovery::{Hub, publisher, server};
+use crate::identity::IdentityService;
 use crate::model::{Cidr, Model};
 use crate::source::folder::{DEFAULT_SERVICE_CIDR, FolderSource};
 use crate::source::kube::KubeSource;
@@ -119,6 +120,18 @@ pub async fn serve(
     removal_grace: Duration,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), SourceError> {
+    serve_with_identity(source, listener, admin, removal_grace, None, shutdown).await
+}
+
+/// [`serve`], and the identity service (control as the CA) on the same port if given.
+pub async fn serve_with_identity(
+    source: Source,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    removal_grace: Duration,
+    identity: Option<IdentityService>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), SourceError> {
     let running = start(source, removal_grace);
     let hub = running.hub.clone();
     if let Some(admin) = admin {
@@ -129,7 +142,7 @@ pub async fn serve(
     } = running;
     tokio::pin!(source);
     let result = tokio::select! {
-        _ = server::serve(listener, hub, shutdown) => Ok(()),
+        _ = server::serve_with_identity(listener, hub, identity, shutdown) => Ok(()),
         r = &mut source => match r {
             Ok(r) => r,
             Err(e) => Err(SourceError::Folder { path: String::new(), reason: format!("source task failed: {e}") }),

@@ -8,12 +8,15 @@
 //!   endpoints merged from every EndpointSlice, the way kube-proxy reads them).
 //! - [`discovery`]: the publisher folds events into deltas, the hub keeps the table encoded
 //!   and fans deltas out, the server speaks the `Watch` gRPC stream.
+//! - [`identity`]: control as the mesh's certificate authority (SPIFFE workload certificates,
+//!   token proofs, trust bundle rotation), served next to discovery.
 //! - [`app`]: the wiring behind `wasmesh-control serve` and `wasmesh-control table`;
 //!   [`admin`]: `/ready`, `/live`, `/metrics`; [`view`]: how `table` prints.
 
 pub mod admin;
 pub mod app;
 pub mod discovery;
+pub mod identity;
 pub mod model;
 pub mod source;
 #[cfg(any(test, feature = "test-util"))]

@@ -5,6 +5,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use wasmesh_control::app::{self, SourceOptions, SourceSpec};
+use wasmesh_control::identity;
 use wasmesh_control::model::Cidr;
 use wasmesh_control::view::{self, Format};
 
@@ -71,6 +72,50 @@ struct ServeArgs {
     /// between EndpointSlices never disappears in between (e.g. 200ms, 1s, 0 to disable).
     #[arg(long, default_value = "200ms", value_parser = parse_duration)]
     removal_grace: Duration,
+    #[command(flatten)]
+    identity: IdentityArgs,
+}
+
+/// Control as the mesh's CA: on when a root is given (`--ca-cert`/`--ca-key` or `--ca-dir`).
+#[derive(Debug, Args)]
+struct IdentityArgs {
+    /// Trust domain of the SPIFFE IDs: spiffe://<trust-domain>/ns/<namespace>/sa/<serviceaccount>.
+    #[arg(long, default_value = "cluster.local", env = "WASMESH_TRUST_DOMAIN")]
+    trust_domain: String,
+    /// CA certificate (PEM; a chain may follow it, ending in the root proxies trust). Changes to
+    /// the file are picked up as a CA rotation.
+    #[arg(
+        long,
+        env = "WASMESH_CA_CERT",
+        requires = "ca_key",
+        conflicts_with = "ca_dir"
+    )]
+    ca_cert: Option<std::path::PathBuf>,
+    /// The CA certificate's private key (PEM).
+    #[arg(long, env = "WASMESH_CA_KEY", requires = "ca_cert")]
+    ca_key: Option<std::path::PathBuf>,
+    /// Directory holding ca.pem and ca-key.pem; a root is generated there on first start.
+    #[arg(long, env = "WASMESH_CA_DIR")]
+    ca_dir: Option<std::path::PathBuf>,
+    /// Lifetime of workload certificates (also the most a proxy may ask for), e.g. 24h or 5m.
+    #[arg(long, default_value = "24h", value_parser = parse_duration, env = "WASMESH_CERT_LIFETIME")]
+    cert_lifetime: Duration,
+    /// How long a new CA root is trusted by every proxy before it signs.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, env = "WASMESH_CA_PROPAGATION")]
+    ca_propagation: Duration,
+    /// How proxies prove who they are: `kube` (TokenReview of the pod's ServiceAccount token)
+    /// or `dir:PATH` (token files <PATH>/<namespace>/<serviceaccount>/<pod>.token, the local
+    /// mesh). Default: kube with the kube source.
+    #[arg(long, env = "WASMESH_TOKENS")]
+    tokens: Option<String>,
+    /// Audiences a ServiceAccount token must carry (TokenReview).
+    #[arg(
+        long,
+        default_value = "wasmesh",
+        value_delimiter = ',',
+        env = "WASMESH_TOKEN_AUDIENCES"
+    )]
+    token_audiences: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -107,7 +152,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("{s:?}: unit must be ms, s or m")),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("{s:?}: unit must be ms, s, m or h")),
     }
 }
 
@@ -148,17 +194,84 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             Some(app::bind(addr, "admin").await?)
         }
     };
-    tracing::info!(listen = %args.listen, admin = %args.admin, source = ?args.source.source, "wasmesh-control serving");
-    app::serve(
+    let identity = certificate_authority(&args.identity, &args.source.source).await?;
+    tracing::info!(listen = %args.listen, admin = %args.admin, source = ?args.source.source, ca = identity.is_some(), "wasmesh-control serving");
+    app::serve_with_identity(
         source,
         listener,
         admin,
         args.removal_grace,
+        identity,
         shutdown_signal(),
     )
     .await?;
     tracing::info!("wasmesh-control stopped");
     Ok(())
+}
+
+/// The CA and token reviewer, when a root is configured; starts rotation and file watching.
+async fn certificate_authority(
+    args: &IdentityArgs,
+    source: &SourceSpec,
+) -> anyhow::Result<Option<identity::IdentityService>> {
+    use identity::{Authority, AuthorityConfig, Root, TokenReviewer, reload::RootFiles};
+    const ROOT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+    let (root, files) = match (&args.ca_cert, &args.ca_key, &args.ca_dir) {
+        (Some(cert), Some(key), _) => (
+            Root::from_files(cert, key)?,
+            RootFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+        ),
+        (_, _, Some(dir)) => {
+            let (root, created) = Root::load_or_generate(dir, &args.trust_domain, ROOT_VALIDITY)?;
+            if created {
+                tracing::info!(dir = %dir.display(), "generated a CA root");
+            }
+            (
+                root,
+                RootFiles {
+                    cert: dir.join(identity::root::CERT_FILE),
+                    key: dir.join(identity::root::KEY_FILE),
+                },
+            )
+        }
+        _ => return Ok(None),
+    };
+    if args.cert_lifetime < Duration::from_secs(60) {
+        anyhow::bail!("--cert-lifetime must be at least 1m");
+    }
+    let tokens = args.tokens.clone().unwrap_or_else(|| match source {
+        SourceSpec::Kube => "kube".into(),
+        SourceSpec::Dir(_) => String::new(),
+    });
+    let reviewer = match tokens.as_str() {
+        "kube" => TokenReviewer::Kube {
+            client: kube::Client::try_default()
+                .await
+                .context("connecting to the API server for TokenReviews (--tokens kube)")?,
+            audiences: args.token_audiences.clone(),
+        },
+        t => match t.strip_prefix("dir:") {
+            Some(p) if !p.is_empty() => TokenReviewer::Dir(p.into()),
+            _ => anyhow::bail!(
+                "control is a CA but --tokens is {t:?}: give `kube` (TokenReview) or `dir:PATH` (token files)"
+            ),
+        },
+    };
+    let mut cfg = AuthorityConfig::new(args.trust_domain.clone());
+    cfg.cert_lifetime = args.cert_lifetime;
+    cfg.propagation = args.ca_propagation;
+    let authority = std::sync::Arc::new(Authority::new(cfg, root));
+    tracing::info!(trust_domain = %args.trust_domain, cert_lifetime = ?args.cert_lifetime, tokens = ?reviewer, "control is the mesh's CA");
+    tokio::spawn(identity::authority::run_rotations(authority.clone()));
+    tokio::spawn(identity::reload::watch(
+        files,
+        authority.clone(),
+        Duration::from_secs(2),
+    ));
+    Ok(Some(identity::IdentityService::new(authority, reviewer)))
 }
 
 async fn table(args: TableArgs) -> anyhow::Result<()> {

@@ -4,9 +4,13 @@
 //!   `wasmesh.discovery.v1.Discovery/Watch` stream (see `proto/`).
 //! - [`table`]: what a subscriber does with the stream — apply snapshots and deltas to a local
 //!   copy of the service table. The proxy and the tests use this one implementation.
+//! - [`identity`]: the generated types and tonic client/server for
+//!   `wasmesh.identity.v1.Identity` (Certify, WatchTrustBundle); [`spiffe`]: the SPIFFE IDs in
+//!   workload certificates.
 //! - [`wire`]: helpers to build `TableUpdate` messages out of service ports that were encoded
 //!   once, so that control's cost per change does not grow with the number of subscribers.
 
+pub mod spiffe;
 pub mod table;
 pub mod wire;
 
@@ -16,6 +20,12 @@ pub mod discovery {
     tonic::include_proto!("wasmesh.discovery.v1");
 }
 
+/// Generated from `proto/wasmesh/identity/v1/identity.proto`.
+#[allow(clippy::all, rust_2018_idioms, missing_docs)]
+pub mod identity {
+    tonic::include_proto!("wasmesh.identity.v1");
+}
+
 pub use discovery::{
     Endpoint, Node, Protocol, ServicePort, ServicePortKey, ServiceType, TableUpdate, TrafficPolicy,
     WatchRequest, Workload, table_update::Kind as UpdateKind,
@@ -23,3 +33,6 @@ pub use discovery::{
 
 /// Fully-qualified gRPC path of the watch method.
 pub const WATCH_PATH: &str = "/wasmesh.discovery.v1.Discovery/Watch";
+
+/// Prefix of every method path of the identity service.
+pub const IDENTITY_PATH_PREFIX: &str = "/wasmesh.identity.v1.Identity/";

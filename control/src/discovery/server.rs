@@ -1,6 +1,7 @@
 //! The `wasmesh.discovery.v1.Discovery` gRPC service, written by hand around a codec that
 //! sends pre-encoded `TableUpdate`s: the generated server would re-encode every update for
-//! every subscriber.
+//! every subscriber. The same port serves `wasmesh.identity.v1.Identity` when control is the
+//! mesh's CA (see [`crate::identity`]).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -18,7 +19,10 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Status, server::ServerStreamingService};
-use wasmesh_api::{WATCH_PATH, WatchRequest};
+use wasmesh_api::identity::identity_server::IdentityServer;
+use wasmesh_api::{IDENTITY_PATH_PREFIX, WATCH_PATH, WatchRequest};
+
+use crate::identity::IdentityService;
 
 use super::hub::Hub;
 
@@ -142,15 +146,33 @@ impl<F: FnMut()> Drop for OnDrop<F> {
     }
 }
 
-/// The gRPC service as a tower service over HTTP/2 requests.
-#[derive(Clone, Debug)]
+/// The gRPC services as a tower service over HTTP/2 requests.
+#[derive(Clone)]
 pub struct DiscoveryService {
     hub: Arc<Hub>,
+    identity: Option<IdentityServer<IdentityService>>,
+}
+
+impl std::fmt::Debug for DiscoveryService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiscoveryService")
+            .field("identity", &self.identity.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl DiscoveryService {
     pub fn new(hub: Arc<Hub>) -> Self {
-        Self { hub }
+        Self {
+            hub,
+            identity: None,
+        }
+    }
+
+    /// Also serves the identity service (Certify, WatchTrustBundle).
+    pub fn with_identity(mut self, identity: Option<IdentityService>) -> Self {
+        self.identity = identity.map(IdentityService::into_server);
+        self
     }
 }
 
@@ -169,10 +191,16 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let hub = self.hub.clone();
+        let identity = self.identity.clone();
         Box::pin(async move {
-            if req.uri().path() == WATCH_PATH {
+            let path = req.uri().path();
+            if path == WATCH_PATH {
                 let mut grpc = tonic::server::Grpc::new(PreEncoded);
                 Ok(grpc.server_streaming(Watch(hub), req).await)
+            } else if let Some(mut identity) = identity
+                && path.starts_with(IDENTITY_PATH_PREFIX)
+            {
+                tower::Service::call(&mut identity, req).await
             } else {
                 Ok(Status::unimplemented(format!("no method {}", req.uri().path())).into_http())
             }
@@ -182,7 +210,17 @@ where
 
 /// Serves discovery on `listener` until `shutdown` resolves.
 pub async fn serve(listener: TcpListener, hub: Arc<Hub>, shutdown: impl Future<Output = ()>) {
-    let svc = DiscoveryService::new(hub);
+    serve_with_identity(listener, hub, None, shutdown).await
+}
+
+/// Serves discovery, and identity if given, on `listener` until `shutdown` resolves.
+pub async fn serve_with_identity(
+    listener: TcpListener,
+    hub: Arc<Hub>,
+    identity: Option<IdentityService>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let svc = DiscoveryService::new(hub).with_identity(identity);
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http2()

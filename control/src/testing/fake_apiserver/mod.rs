@@ -14,6 +14,10 @@
 //!   rv, as HTTP 410 for an expired `continue` token or a `resourceVersionMatch=Exact` list;
 //! - `timeoutSeconds` (the watch response ends after it) and `allowWatchBookmarks`.
 //!
+//! It also answers TokenReviews (`POST /apis/authentication.k8s.io/v1/tokenreviews`) for the
+//! tokens a test registers with [`FakeApiServer::add_token`] (and revokes with
+//! [`FakeApiServer::revoke_token`]), like an API server checking projected ServiceAccount tokens.
+//!
 //! Test hooks change objects ([`apply`](FakeApiServer::apply), [`delete`](FakeApiServer::delete)),
 //! break things ([`close_watches`](FakeApiServer::close_watches),
 //! [`hold_watches`](FakeApiServer::hold_watches), [`compact`](FakeApiServer::compact),
@@ -86,7 +90,12 @@ struct Shared {
     hold: watch::Sender<bool>,
     /// Bumped whenever a watch is registered, to wake [`FakeApiServer::watching`].
     registered: watch::Sender<u64>,
+    /// Valid ServiceAccount tokens.
+    tokens: Mutex<std::collections::HashMap<String, TokenOwner>>,
 }
+
+/// Who a registered token belongs to: (namespace, serviceaccount, audiences).
+type TokenOwner = (String, String, Vec<String>);
 
 impl Shared {
     fn store(&self) -> MutexGuard<'_, Store> {
@@ -118,6 +127,7 @@ impl FakeApiServer {
             store: Mutex::new(Store::default()),
             hold: watch::Sender::new(false),
             registered: watch::Sender::new(0),
+            tokens: Mutex::default(),
         });
         let task = tokio::spawn(serve(listener, Arc::clone(&shared)));
         Ok(FakeApiServer { shared, addr, task })
@@ -125,6 +135,38 @@ impl FakeApiServer {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Makes `token` a valid ServiceAccount token of `namespace/service_account` for
+    /// `audiences` (TokenReview).
+    pub fn add_token(
+        &self,
+        token: &str,
+        namespace: &str,
+        service_account: &str,
+        audiences: &[&str],
+    ) {
+        self.shared
+            .tokens
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(
+                token.to_string(),
+                (
+                    namespace.to_string(),
+                    service_account.to_string(),
+                    audiences.iter().map(|a| a.to_string()).collect(),
+                ),
+            );
+    }
+
+    /// Makes `token` invalid (as if it expired).
+    pub fn revoke_token(&self, token: &str) {
+        self.shared
+            .tokens
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(token);
     }
 
     /// `http://127.0.0.1:<port>/`
@@ -281,7 +323,65 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
     }
 }
 
+const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+
+/// Answers a TokenReview from the registered tokens.
+async fn token_review(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return failure_response(&Failure::new(400, e.to_string())),
+    };
+    let review: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return failure_response(&Failure::new(400, e.to_string())),
+    };
+    let token = review["spec"]["token"].as_str().unwrap_or_default();
+    let wanted: Vec<String> = review["spec"]["audiences"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    let known = shared
+        .tokens
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(token)
+        .cloned();
+    let status = match known {
+        Some((ns, sa, audiences)) if wanted.iter().all(|w| audiences.contains(w)) => {
+            serde_json::json!({
+                "authenticated": true,
+                "audiences": audiences,
+                "user": {"username": format!("system:serviceaccount:{ns}:{sa}"), "groups": ["system:serviceaccounts"]},
+            })
+        }
+        Some(_) => {
+            serde_json::json!({"authenticated": false, "error": "token audiences do not match"})
+        }
+        None => {
+            serde_json::json!({"authenticated": false, "error": "invalid bearer token, token lookup failed"})
+        }
+    };
+    let answer = serde_json::json!({
+        "apiVersion": "authentication.k8s.io/v1",
+        "kind": "TokenReview",
+        "metadata": {},
+        "spec": review["spec"],
+        "status": status,
+    });
+    json_response(
+        StatusCode::CREATED,
+        serde_json::to_vec(&answer).unwrap_or_default(),
+    )
+}
+
 async fn respond(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+    if req.method() == http::Method::POST && req.uri().path() == TOKEN_REVIEWS {
+        return token_review(shared, req).await;
+    }
     if req.method() != http::Method::GET {
         let message = format!("the fake API server only serves GET, not {}", req.method());
         return failure_response(&Failure::new(405, message));
