@@ -1,15 +1,23 @@
-//! `wasmesh-demo`: the app the local mesh demo runs.
+//! `wasmesh-demo`: the app the local mesh demos and tests run.
 //!
-//! - `backend` ([`backend`]) answers every HTTP/1.1 request with `hello from <POD_NAME>`, and
-//!   says in headers where the connection landed (`x-served-at`) and who it came from
-//!   (`x-peer`), so a test can tell whether a sidecar was in the path.
-//! - `client` ([`client`]) calls a URL in a loop, one new connection per call, and prints which
-//!   pod answered and a running tally per pod.
+//! - `backend` ([`backend`]) answers every request — HTTP/1.1 or h2c — with `hello from
+//!   <POD_NAME>`, and says in headers who it is (`x-pod`, `x-version`), where the connection
+//!   landed (`x-served-at`) and who it came from (`x-peer`), so a test can tell whether a
+//!   sidecar was in the path; `/sleep/<ms>`, `/status/<n>`, `/headers` and a WebSocket echo at
+//!   `/ws` ([`ws`]); with `--grpc-listen` also a gRPC service ([`grpc`]).
+//! - `client` ([`client`]) calls a URL in a loop — a new connection per call, one kept-alive
+//!   connection (`--reuse`) or one HTTP/2 connection (`--h2`) — and prints which pod answered
+//!   and a running tally per pod.
+//! - `grpc-call` makes gRPC calls on one channel and counts the pods; `ws` checks a WebSocket
+//!   echo; `greeter` is a server-speaks-first TCP protocol; `raw` sends bytes as given ([`tcp`]).
 //! - `fetch` prints one response body (e.g. a sidecar's `/metrics`).
 
 mod backend;
 mod client;
 mod duration;
+mod grpc;
+mod tcp;
+mod ws;
 
 use std::process::ExitCode;
 
@@ -25,15 +33,25 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Answer every HTTP/1.1 request with `hello from <POD_NAME>` (headers `x-pod`,
-    /// `x-served-at`: the address the connection arrived at, `x-peer`: the address it came
-    /// from). On SIGTERM keeps serving for `--drain`, then exits.
+    /// Answer every HTTP/1.1 or h2c request with `hello from <POD_NAME>` (headers `x-pod`,
+    /// `x-version`, `x-served-at`: the address the connection arrived at, `x-peer`: the
+    /// address it came from); `/sleep/<ms>`, `/status/<n>`, `/headers`, WebSocket echo at
+    /// `/ws`; gRPC on `--grpc-listen`. On SIGTERM keeps serving for `--drain`, then exits.
     Backend(backend::BackendArgs),
-    /// Call a URL in a loop, a new connection per call, printing `#i <status> answered by
-    /// <pod>` and a running tally per pod. With `--count`, exits 1 if any call failed.
+    /// Call a URL in a loop, printing `#i <status> answered by <pod>` and a running tally per
+    /// pod. With `--count`, exits 1 if any call failed (got no HTTP answer).
     Client(client::ClientArgs),
     /// GET a URL once and print the body; exit status 1 unless the answer is 2xx.
     Fetch(client::FetchArgs),
+    /// Call the backend's gRPC service on one channel and count the pods that answered;
+    /// exit status 1 if any call failed.
+    GrpcCall(grpc::GrpcCallArgs),
+    /// Open a WebSocket, send messages and check that each comes back; exit status 1 if not.
+    Ws(ws::WsArgs),
+    /// A server-speaks-first TCP protocol (like SMTP): `--listen` serves, `--connect` calls.
+    Greeter(tcp::GreeterArgs),
+    /// Send bytes as given (escapes: \r \n \t \\ \xNN) and print what comes back.
+    Raw(tcp::RawArgs),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +71,10 @@ fn main() -> ExitCode {
             Command::Backend(args) => backend::run(args).await,
             Command::Client(args) => client::run(args).await,
             Command::Fetch(args) => client::fetch(args).await,
+            Command::GrpcCall(args) => grpc::run(args).await,
+            Command::Ws(args) => ws::run(args).await,
+            Command::Greeter(args) => tcp::greeter(args).await,
+            Command::Raw(args) => tcp::raw(args).await,
         }
     });
     match result {
