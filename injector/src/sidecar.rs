@@ -7,10 +7,10 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, ExecAction, HTTPGetAction,
-    Lifecycle, LifecycleHandler, ObjectFieldSelector, Probe, ProjectedVolumeSource,
-    ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume,
-    VolumeMount, VolumeProjection,
+    Capabilities, Container, ContainerPort, DownwardAPIProjection, DownwardAPIVolumeFile, EnvVar,
+    EnvVarSource, ExecAction, HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector,
+    Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecurityContext,
+    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -144,6 +144,11 @@ pub fn proxy_container(settings: &Settings, config: &Config, names: &Names) -> C
             field_env("POD_IP", "status.podIP"),
             field_env("NODE_NAME", "spec.nodeName"),
             field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+            EnvVar {
+                name: "WASMESH_POD_LABELS_FILE".to_owned(),
+                value: Some(format!("{TOKEN_MOUNT_PATH}/labels")),
+                ..EnvVar::default()
+            },
         ]),
         resources: resources(settings),
         // Up to 2 minutes to get the first table from control before the kubelet restarts it.
@@ -214,14 +219,30 @@ pub fn token_volume(name: &str, config: &Config) -> Volume {
     Volume {
         name: name.to_owned(),
         projected: Some(ProjectedVolumeSource {
-            sources: Some(vec![VolumeProjection {
-                service_account_token: Some(ServiceAccountTokenProjection {
-                    audience: Some(config.token_audience.clone()),
-                    expiration_seconds: Some(config.token_expiration_seconds),
-                    path: "token".to_owned(),
-                }),
-                ..VolumeProjection::default()
-            }]),
+            sources: Some(vec![
+                VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        audience: Some(config.token_audience.clone()),
+                        expiration_seconds: Some(config.token_expiration_seconds),
+                        path: "token".to_owned(),
+                    }),
+                    ..VolumeProjection::default()
+                },
+                // The pod's labels, kept current by the kubelet: WasmPlugin selectors match them.
+                VolumeProjection {
+                    downward_api: Some(DownwardAPIProjection {
+                        items: Some(vec![DownwardAPIVolumeFile {
+                            path: "labels".to_owned(),
+                            field_ref: Some(ObjectFieldSelector {
+                                field_path: "metadata.labels".to_owned(),
+                                ..ObjectFieldSelector::default()
+                            }),
+                            ..DownwardAPIVolumeFile::default()
+                        }]),
+                    }),
+                    ..VolumeProjection::default()
+                },
+            ]),
             default_mode: None,
         }),
         ..Volume::default()

@@ -160,9 +160,21 @@ fn gke_review_gets_a_base64_patch_that_adds_the_sidecar() {
         ("POD_IP", "status.podIP"),
         ("NODE_NAME", "spec.nodeName"),
         ("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+        ("WASMESH_POD_LABELS_FILE", ""),
     ]
     .map(|(a, b)| (a.to_owned(), b.to_owned()));
     assert_eq!(env, expected);
+    // The labels (for WasmPlugin selectors) come from the downward API, in the token volume.
+    let labels_file = proxy["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .find(|e| e["name"] == "WASMESH_POD_LABELS_FILE")
+        .expect("labels file env");
+    assert_eq!(
+        labels_file["value"],
+        "/var/run/secrets/wasmesh.io/serviceaccount/labels"
+    );
     assert_eq!(
         proxy["volumeMounts"],
         json!([{"name": "wasmesh-token", "mountPath": "/var/run/secrets/wasmesh.io/serviceaccount", "readOnly": true}])
@@ -173,8 +185,11 @@ fn gke_review_gets_a_base64_patch_that_adds_the_sidecar() {
     assert_eq!(volumes[0], original["spec"]["volumes"][0]);
     assert_eq!(
         volumes[1],
-        json!({"name": "wasmesh-token", "projected": {"sources": [{"serviceAccountToken": {
-            "audience": "wasmesh-control", "expirationSeconds": 3600, "path": "token"}}]}})
+        json!({"name": "wasmesh-token", "projected": {"sources": [
+            {"serviceAccountToken": {
+                "audience": "wasmesh-control", "expirationSeconds": 3600, "path": "token"}},
+            {"downwardAPI": {"items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}}
+        ]}})
     );
 
     // The record, next to the annotation the pod had.
