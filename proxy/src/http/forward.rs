@@ -193,6 +193,8 @@ impl Outbound {
             Some(q) => format!("{path}?{q}"),
             None => path.clone(),
         };
+        // HTTP/1.0 may come without a Host: name the Service, as the app addressed it.
+        let host = host.or_else(|| Some(format!("{}.{}:{}", sp.service, sp.namespace, sp.port)));
         set_target(&mut parts, host.as_deref(), &path_and_query, version)
             .map_err(|e| HttpError::BadRequest(format!("cannot form the request target: {e}")))?;
 
@@ -244,6 +246,7 @@ impl Outbound {
                 None => {
                     let i = self
                         .affinity_pick(&target, c, &candidates)
+                        .filter(|i| !tried.contains(i))
                         .or_else(|| {
                             balance::pick(
                                 kind,
