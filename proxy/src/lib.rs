@@ -25,6 +25,7 @@ pub mod balance;
 pub mod copy;
 pub mod detect;
 pub mod discovery;
+pub mod filters;
 pub mod http;
 pub mod inbound;
 pub mod intercept;

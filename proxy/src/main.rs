@@ -128,6 +128,15 @@ struct RunArgs {
     #[arg(long, env = "WASMESH_COPY", default_value = "auto")]
     copy: wasmesh_proxy::copy::CopyMode,
 
+    /// The pod's labels as `key=value,…` (for WasmPlugin selectors); merged over
+    /// --pod-labels-file.
+    #[arg(long, env = "WASMESH_POD_LABELS", default_value = "")]
+    pod_labels: String,
+
+    /// A downward API labels file (`key="value"` lines), as the injector mounts it.
+    #[arg(long, env = "WASMESH_POD_LABELS_FILE")]
+    pod_labels_file: Option<std::path::PathBuf>,
+
     /// On a Service port that declares no protocol, how long to wait for the client's first
     /// bytes to tell HTTP from anything else (milliseconds). A silent client (the server
     /// speaks first: MySQL, SMTP, …) is proxied as plain TCP after this.
@@ -265,6 +274,15 @@ fn main() -> ExitCode {
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     use std::time::Duration;
+    use wasmesh_proxy::filters::select::{parse_labels_file, parse_labels_flag};
+    let mut pod_labels = match &args.pod_labels_file {
+        Some(path) => parse_labels_file(
+            &std::fs::read_to_string(path)
+                .with_context(|| format!("reading the pod labels file {}", path.display()))?,
+        ),
+        None => Default::default(),
+    };
+    pod_labels.extend(parse_labels_flag(&args.pod_labels));
     let cfg = wasmesh_proxy::run::RunConfig {
         control: args.control,
         admin: args.admin,
@@ -272,6 +290,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         inbound_port: args.inbound_port,
         pod_name: args.pod_name,
         pod_namespace: args.pod_namespace,
+        pod_labels,
         node_name: args.node_name.filter(|n| !n.is_empty()),
         zone: args.zone.filter(|z| !z.is_empty()),
         outbound: wasmesh_proxy::outbound::OutboundConfig {

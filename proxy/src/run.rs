@@ -22,6 +22,8 @@ pub struct RunConfig {
     pub inbound_port: u16,
     pub pod_name: String,
     pub pod_namespace: String,
+    /// The pod's labels (WasmPlugin selectors match them).
+    pub pod_labels: std::collections::BTreeMap<String, String>,
     pub node_name: Option<String>,
     pub zone: Option<String>,
     pub outbound: OutboundConfig,
