@@ -1,11 +1,12 @@
-//! wasmesh control: reads Services, EndpointSlices, Pods and Nodes and streams the service
-//! table to every proxy.
+//! wasmesh control: reads Services, EndpointSlices, Pods, Nodes and Gateway API HTTPRoutes and
+//! streams the service table to every proxy.
 //!
 //! The path of an object, in module order:
 //! - [`source`]: where objects come from — [`source::kube`] (watchers on the API server) or
 //!   [`source::folder`] (a directory of YAML, the embedded default) — as one stream of events.
 //! - [`model`]: pure; objects in, the table out ([`model::ServicePortEntry`] per Service port,
-//!   endpoints merged from every EndpointSlice, the way kube-proxy reads them).
+//!   endpoints merged from every EndpointSlice, the way kube-proxy reads them, and the
+//!   HTTPRoutes attached to it).
 //! - [`discovery`]: the publisher folds events into deltas, the hub keeps the table encoded
 //!   and fans deltas out, the server speaks the `Watch` gRPC stream.
 //! - [`identity`]: control as the mesh's certificate authority (SPIFFE workload certificates,

@@ -145,6 +145,22 @@ fn text(view: &TableView<'_>) -> String {
             .collect();
         let _ = writeln!(out, "{}", line.join("   ").trim_end());
     }
+    let routed: Vec<&&ServicePortEntry> = view
+        .service_ports
+        .iter()
+        .filter(|e| !e.http_routes.is_empty())
+        .collect();
+    if !routed.is_empty() {
+        let _ = writeln!(out);
+        for e in routed {
+            let names: Vec<String> = e
+                .http_routes
+                .iter()
+                .map(|r| format!("{}/{}", r.namespace, r.name))
+                .collect();
+            let _ = writeln!(out, "HTTPRoutes on {}: {}", e.key, names.join(", "));
+        }
+    }
     if !view.nodes.is_empty() {
         let _ = writeln!(out);
         for n in &view.nodes {

@@ -150,6 +150,111 @@ async fn a_proxy_gets_a_snapshot_then_only_the_service_ports_that_changed() {
     assert_eq!(endpoints(&t2, "beta"), ["10.244.0.3:8080"]);
 }
 
+/// HTTPRoutes in a folder reach proxies on the Service ports they name, defaults filled in;
+/// editing a route sends exactly the ports it was and is attached to.
+#[tokio::test]
+async fn http_routes_in_a_folder_reach_proxies_on_the_ports_they_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let two_ports = "apiVersion: v1
+kind: Service
+metadata: {name: shop, namespace: web}
+spec: {ports: [{name: http, port: 80}, {name: admin, port: 9090}]}
+";
+    let route = |port: u16, weight: u32| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: split, namespace: web}}
+spec:
+  parentRefs: [{{group: '', kind: Service, name: shop, port: {port}}}]
+  rules:
+  - matches: [{{path: {{value: /api}}, headers: [{{name: X-Canary, value: 'yes'}}]}}]
+    backendRefs: [{{name: shop-v2, port: 80, weight: {weight}}}]
+    timeouts: {{request: 1500ms}}
+  - backendRefs: [{{name: shop, port: 80}}]
+"
+        )
+    };
+    std::fs::write(dir.path().join("svc.yaml"), two_ports).expect("write");
+    std::fs::write(dir.path().join("route.yaml"), route(80, 90)).expect("write");
+    let (l, addr) = listener().await;
+    let source = wasmesh_control::source::Source::Folder(FolderSource::new(
+        dir.path(),
+        Cidr::parse("10.96.0.0/12").expect("cidr"),
+    ));
+    tokio::spawn(app::serve(
+        source,
+        l,
+        None,
+        Duration::ZERO,
+        std::future::pending(),
+    ));
+    let mut stream = watch(addr, "client").await;
+    let mut table = Table::default();
+    next_complete(&mut stream, &mut table).await;
+    let port = |table: &Table, name: &str| {
+        table
+            .ports
+            .values()
+            .find(|p| p.key.as_ref().is_some_and(|k| k.port_name == name))
+            .cloned()
+            .unwrap_or_else(|| panic!("no port {name}"))
+    };
+    assert!(port(&table, "admin").http_routes.is_empty(), "port 80 only");
+    let http = port(&table, "http");
+    assert_eq!(http.http_routes.len(), 1);
+    let r = &http.http_routes[0];
+    assert_eq!((r.namespace.as_str(), r.name.as_str()), ("web", "split"));
+    let first = &r.rules[0];
+    let m = &first.matches[0];
+    assert_eq!(
+        m.path.as_ref().map(|p| (p.r#type, p.value.as_str())),
+        Some((wasmesh_api::discovery::MatchType::PathPrefix as i32, "/api")),
+        "the path match type is filled in"
+    );
+    assert_eq!(m.headers[0].name, "x-canary", "header names lower-cased");
+    assert_eq!(first.backends[0].namespace, "web");
+    assert_eq!(first.backends[0].weight, 90);
+    assert_eq!(first.request_timeout_ms, Some(1500));
+    assert_eq!(first.backend_request_timeout_ms, None);
+    assert_eq!(r.rules[1].backends[0].weight, 1, "weight defaults to 1");
+    let v = table.version;
+
+    // Moved to the admin port: one delta with both ports.
+    std::fs::write(dir.path().join("route.yaml"), route(9090, 90)).expect("write");
+    let delta = next_complete(&mut stream, &mut table).await;
+    assert_eq!((delta.len(), delta[0].version), (1, v + 1));
+    let mut names: Vec<&str> = delta[0]
+        .service_ports
+        .iter()
+        .filter_map(|p| p.key.as_ref().map(|k| k.port_name.as_str()))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["admin", "http"]);
+    assert!(port(&table, "http").http_routes.is_empty());
+    assert_eq!(port(&table, "admin").http_routes.len(), 1);
+
+    // Broken: logged, the last good version stays, nothing is sent.
+    std::fs::write(
+        dir.path().join("route.yaml"),
+        route(9090, 90).replace("weight: 90", "weight: 2000000"),
+    )
+    .expect("write");
+    // A change to the weight of the good version follows; only that one arrives.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::write(dir.path().join("route.yaml"), route(9090, 10)).expect("write");
+    let delta = next_complete(&mut stream, &mut table).await;
+    assert_eq!(
+        delta[0].version,
+        v + 2,
+        "nothing was sent for the broken version"
+    );
+    assert_eq!(
+        port(&table, "admin").http_routes[0].rules[0].backends[0].weight,
+        10
+    );
+}
+
 fn objects(yaml: &str) -> Vec<Object> {
     wasmesh_control::source::folder::parse_file(yaml)
         .into_iter()
@@ -200,7 +305,7 @@ async fn nothing_is_sent_before_services_and_endpoint_slices_are_listed() {
     })
     .await
     .expect("send");
-    for k in [Kind::EndpointSlice, Kind::Pod, Kind::Node] {
+    for k in [Kind::EndpointSlice, Kind::Pod, Kind::Node, Kind::HttpRoute] {
         tx.send(Event::Synced(k)).await.expect("send");
     }
     let mut table = Table::default();
@@ -299,6 +404,7 @@ fn entry(i: u32) -> Arc<ServicePortEntry> {
             hint_nodes: vec![],
             workload: None,
         }],
+        http_routes: vec![],
     })
 }
 

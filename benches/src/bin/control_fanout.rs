@@ -155,6 +155,7 @@ fn cluster(p: Params) -> Vec<Event> {
         (Kind::Pod, pods),
         (Kind::Service, services),
         (Kind::EndpointSlice, slices),
+        (Kind::HttpRoute, Vec::new()),
     ] {
         events.push(Event::Replace {
             kind,

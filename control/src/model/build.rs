@@ -116,7 +116,8 @@ pub type Slices = BTreeMap<String, EndpointSlice>;
 /// Looks up the facts of a Pod by `(namespace, name)`.
 pub type Pods = HashMap<(String, String), PodInfo>;
 
-/// All entries of one Service, sorted by key. Empty when the Service is not ours.
+/// All entries of one Service, sorted by key, without routes (the model attaches those). Empty
+/// when the Service is not ours.
 pub fn service_entries(svc: &Service, slices: &Slices, pods: &Pods) -> Vec<ServicePortEntry> {
     if !is_ours(svc) {
         return Vec::new();
@@ -262,6 +263,7 @@ pub fn service_entries(svc: &Service, slices: &Slices, pods: &Pods) -> Vec<Servi
                 load_balancer_source_ranges: Vec::clone(&load_balancer_source_ranges),
                 options: options.clone(),
                 endpoints,
+                http_routes: Vec::new(),
                 key,
             })
         })

@@ -8,9 +8,12 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::Serialize;
 use wasmesh_api::discovery as pb;
+
+use super::routes::RouteEntry;
 
 /// L4 protocol of a service port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -198,6 +201,20 @@ pub struct ServicePortEntry {
     pub options: BTreeMap<String, String>,
     /// Sorted by address then port; one entry per address:port.
     pub endpoints: Vec<EndpointEntry>,
+    /// HTTPRoutes attached to this port (GAMMA), sorted by namespace then name; shared with
+    /// the other ports they attach to. Non-empty makes the port HTTP.
+    #[serde(
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "shared_routes"
+    )]
+    pub http_routes: Vec<Arc<RouteEntry>>,
+}
+
+fn shared_routes<S: serde::Serializer>(
+    routes: &[Arc<RouteEntry>],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_seq(routes.iter().map(Arc::as_ref))
 }
 
 /// One endpoint of a service port, as its EndpointSlice(s) describe it.
@@ -285,7 +302,7 @@ impl ServicePortEntry {
                 .collect(),
             options: self.options.clone().into_iter().collect(),
             endpoints: self.endpoints.iter().map(EndpointEntry::to_proto).collect(),
-            http_routes: Vec::new(),
+            http_routes: self.http_routes.iter().map(|r| r.to_proto()).collect(),
         }
     }
 }

@@ -2,10 +2,16 @@
 //!
 //! [`Model::apply`] takes source [`Event`]s and returns what changed in the table as a
 //! [`Delta`]; the work is proportional to the objects the event touches (a Service and its
-//! slices, or the Services that list a Pod), never to the size of the table.
+//! slices, the Services that list a Pod, or the Services an HTTPRoute names before and after
+//! a change), never to the size of the table.
+//!
+//! - `build`: a Service, its slices and Pods → its [`ServicePortEntry`]s (kube-proxy's rules).
+//! - [`routes`]: HTTPRoutes → which ports they attach to, and their proto form.
+//! - [`entry`]: the table's types and their proto form.
 
 mod build;
 pub mod entry;
+pub mod routes;
 #[cfg(test)]
 mod tests;
 
@@ -17,6 +23,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 pub use build::{PodInfo, node_entry, service_entries, slice_service};
 pub use entry::*;
+pub use routes::{ParentTarget, Route, RouteEntry};
 
 use crate::source::{Event, Kind, Object};
 
@@ -79,6 +86,10 @@ pub struct Model {
     entries: BTreeMap<PortKey, Arc<ServicePortEntry>>,
     /// Service → its port keys in `entries`.
     service_keys: HashMap<NsName, Vec<PortKey>>,
+    /// HTTPRoutes by (namespace, name).
+    routes: HashMap<NsName, Route>,
+    /// Service → the routes whose parentRefs name it (sorted: the order routes are attached).
+    service_routes: HashMap<NsName, BTreeSet<NsName>>,
     synced: BTreeSet<Kind>,
 }
 
@@ -183,6 +194,36 @@ impl Model {
                     self.nodes.insert(entry.name.clone(), Arc::new(entry));
                 }
             }
+            Object::HttpRoute(route) => {
+                let route = Route::new(&route);
+                if self.routes.get(&key) != Some(&route) {
+                    self.remove_route(&key, dirty);
+                    for svc in route.services() {
+                        self.service_routes
+                            .entry(svc.clone())
+                            .or_default()
+                            .insert(key.clone());
+                        dirty.services.insert(svc);
+                    }
+                    self.routes.insert(key, route);
+                }
+            }
+        }
+    }
+
+    /// Forgets a route; the Services it named are recomputed.
+    fn remove_route(&mut self, key: &NsName, dirty: &mut Dirty) {
+        let Some(old) = self.routes.remove(key) else {
+            return;
+        };
+        for svc in old.services() {
+            if let Some(routes) = self.service_routes.get_mut(&svc) {
+                routes.remove(key);
+                if routes.is_empty() {
+                    self.service_routes.remove(&svc);
+                }
+            }
+            dirty.services.insert(svc);
         }
     }
 
@@ -209,6 +250,7 @@ impl Model {
                     dirty.nodes.insert(key.1);
                 }
             }
+            Kind::HttpRoute => self.remove_route(&key, dirty),
         }
     }
 
@@ -243,6 +285,7 @@ impl Model {
                 .keys()
                 .map(|n| (String::new(), n.clone()))
                 .collect(),
+            Kind::HttpRoute => self.routes.keys().cloned().collect(),
         };
         let stale: Vec<NsName> = known
             .into_iter()
@@ -259,8 +302,8 @@ impl Model {
             self.remove(&placeholder(kind, meta), dirty);
         }
         for obj in objects {
-            // Unchanged objects make nothing dirty: Pods and Nodes compare their digest, and
-            // Services and slices compare whole.
+            // Unchanged objects make nothing dirty: Pods, Nodes and routes compare what the
+            // model keeps of them, and Services and slices compare whole.
             let unchanged = match &obj {
                 Object::Service(s) => self.services.get(&ns_name(&obj)) == Some(s),
                 Object::EndpointSlice(s) => {
@@ -293,7 +336,10 @@ impl Model {
                 Some(svc) => {
                     let empty = build::Slices::new();
                     let slices = self.slices.get(&svc_key).unwrap_or(&empty);
-                    service_entries(svc, slices, &self.pods)
+                    let mut entries = service_entries(svc, slices, &self.pods);
+                    let named_by = self.service_routes.get(&svc_key).into_iter().flatten();
+                    routes::attach(&mut entries, named_by.filter_map(|r| self.routes.get(r)));
+                    entries
                 }
                 None => Vec::new(),
             };
@@ -374,6 +420,10 @@ fn placeholder(
             ..Default::default()
         }),
         Kind::Node => Object::Node(k8s_openapi::api::core::v1::Node {
+            metadata,
+            ..Default::default()
+        }),
+        Kind::HttpRoute => Object::HttpRoute(crate::source::HttpRoute {
             metadata,
             ..Default::default()
         }),

@@ -675,8 +675,11 @@ fn not_synced_until_every_kind_is_listed() {
     });
     m.apply(Event::Synced(Kind::Service));
     assert!(!m.is_synced());
-    assert_eq!(m.unsynced(), [Kind::EndpointSlice, Kind::Pod, Kind::Node]);
-    for k in [Kind::EndpointSlice, Kind::Pod, Kind::Node] {
+    assert_eq!(
+        m.unsynced(),
+        [Kind::EndpointSlice, Kind::Pod, Kind::Node, Kind::HttpRoute]
+    );
+    for k in [Kind::EndpointSlice, Kind::Pod, Kind::Node, Kind::HttpRoute] {
         m.apply(Event::Synced(k));
     }
     assert!(m.is_synced());

@@ -11,13 +11,19 @@
 //! - [`Event::Synced`] says a kind has been listed completely in every scope. Until Services and
 //!   EndpointSlices are synced the model answers "not synced", never "no endpoints".
 //! - [`Event::Apply`] / [`Event::Delete`] are single changes.
+//!
+//! [`httproute`] holds our own types for Gateway API HTTPRoutes (k8s-openapi has none), their
+//! defaults and their validation, shared by both sources.
 
 pub mod folder;
+pub mod httproute;
 pub mod kube;
 
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use tokio::sync::mpsc;
+
+pub use httproute::HttpRoute;
 
 /// The kinds of object control reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -26,17 +32,36 @@ pub enum Kind {
     EndpointSlice,
     Pod,
     Node,
+    /// `gateway.networking.k8s.io/v1` HTTPRoute (GAMMA: attached to Services).
+    HttpRoute,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Service, Kind::EndpointSlice, Kind::Pod, Kind::Node];
+    pub const ALL: [Kind; 5] = [
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Pod,
+        Kind::Node,
+        Kind::HttpRoute,
+    ];
 
+    /// The Kubernetes `kind`.
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Pod => "Pod",
             Kind::Node => "Node",
+            Kind::HttpRoute => httproute::KIND,
+        }
+    }
+
+    /// The `apiVersion` control reads the kind at.
+    pub fn api_version(self) -> &'static str {
+        match self {
+            Kind::Service | Kind::Pod | Kind::Node => "v1",
+            Kind::EndpointSlice => "discovery.k8s.io/v1",
+            Kind::HttpRoute => httproute::API_VERSION,
         }
     }
 }
@@ -57,6 +82,7 @@ pub enum Object {
     EndpointSlice(EndpointSlice),
     Pod(Pod),
     Node(Node),
+    HttpRoute(HttpRoute),
 }
 
 impl Object {
@@ -66,6 +92,7 @@ impl Object {
             Object::EndpointSlice(_) => Kind::EndpointSlice,
             Object::Pod(_) => Kind::Pod,
             Object::Node(_) => Kind::Node,
+            Object::HttpRoute(_) => Kind::HttpRoute,
         }
     }
 
@@ -75,6 +102,7 @@ impl Object {
             Object::EndpointSlice(o) => &o.metadata,
             Object::Pod(o) => &o.metadata,
             Object::Node(o) => &o.metadata,
+            Object::HttpRoute(o) => &o.metadata,
         }
     }
 
@@ -84,6 +112,7 @@ impl Object {
             Object::EndpointSlice(o) => &mut o.metadata,
             Object::Pod(o) => &mut o.metadata,
             Object::Node(o) => &mut o.metadata,
+            Object::HttpRoute(o) => &mut o.metadata,
         }
     }
 
@@ -104,6 +133,19 @@ impl Object {
         m.managed_fields = None;
         if let Some(a) = m.annotations.as_mut() {
             a.remove("kubectl.kubernetes.io/last-applied-configuration");
+        }
+    }
+}
+
+impl serde::Serialize for Object {
+    /// The object's Kubernetes JSON (with `apiVersion` and `kind`).
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Object::Service(o) => serde::Serialize::serialize(o, s),
+            Object::EndpointSlice(o) => serde::Serialize::serialize(o, s),
+            Object::Pod(o) => serde::Serialize::serialize(o, s),
+            Object::Node(o) => serde::Serialize::serialize(o, s),
+            Object::HttpRoute(o) => serde::Serialize::serialize(o, s),
         }
     }
 }

@@ -2,9 +2,12 @@
 //!
 //! Every `*.yaml`, `*.yml` and `*.json` file below the folder (hidden ones excepted), many
 //! documents per file, `List`s expanded. Read: v1 Namespace, Pod, Service; apps/v1 Deployment;
-//! discovery.k8s.io/v1 EndpointSlice. Other kinds are skipped with a note. Services and
-//! EndpointSlices get the API server's defaults from control's own folder code
-//! ([`wasmesh_control::source::folder::default_and_validate`]), so both see the same objects.
+//! discovery.k8s.io/v1 EndpointSlice. Services and EndpointSlices get the API server's defaults
+//! from control's own folder code ([`wasmesh_control::source::folder::default_and_validate`]),
+//! so both see the same objects. Other kinds control reads and wasmesh-local does not manage
+//! (HTTPRoute) are parsed and checked by control's code
+//! ([`wasmesh_control::source::folder::objects_from_manifest`]) and handed to control as they
+//! are. Anything else is skipped with a note.
 //!
 //! A document that does not parse, or an object the API server would refuse, is reported with
 //! file, line and reason; if its file loaded before, the file's last good version stays in
@@ -18,8 +21,8 @@ use k8s_openapi::api::core::v1::{Pod, PodSpec, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use wasmesh_control::source::Object;
-use wasmesh_control::source::folder::default_and_validate;
+use wasmesh_control::source::folder::{default_and_validate, objects_from_manifest};
+use wasmesh_control::source::{Kind, Object, ObjectKey};
 
 /// A namespaced object's identity.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -51,6 +54,8 @@ pub struct Manifests {
     pub deployments: BTreeMap<NsName, Deployment>,
     pub services: BTreeMap<NsName, Service>,
     pub slices: BTreeMap<NsName, EndpointSlice>,
+    /// Objects only control reads (HTTPRoutes), handed to it unchanged.
+    pub control: BTreeMap<ObjectKey, Object>,
 }
 
 /// One object from the folder.
@@ -61,6 +66,8 @@ pub enum Manifest {
     Deployment(NsName, Box<Deployment>),
     Service(NsName, Box<Service>),
     Slice(NsName, Box<EndpointSlice>),
+    /// A kind control reads and wasmesh-local does not manage (HTTPRoute).
+    Control(Box<Object>),
 }
 
 impl Manifest {
@@ -71,6 +78,7 @@ impl Manifest {
             Manifest::Deployment(k, _) => format!("Deployment {k}"),
             Manifest::Service(k, _) => format!("Service {k}"),
             Manifest::Slice(k, _) => format!("EndpointSlice {k}"),
+            Manifest::Control(o) => o.key().to_string(),
         }
     }
 }
@@ -297,6 +305,13 @@ fn add(out: &mut Manifests, m: Manifest) {
             out.namespaces.insert(k.namespace.clone());
             out.slices.insert(k, *s);
         }
+        Manifest::Control(o) => {
+            let key = o.key();
+            if !key.namespace.is_empty() {
+                out.namespaces.insert(key.namespace.clone());
+            }
+            out.control.insert(key, *o);
+        }
     }
 }
 
@@ -433,7 +448,7 @@ fn objects(value: Value) -> Result<Parsed, String> {
                 "{kind} with apiVersion `{api}`: wasmesh-local reads v1 Namespace/Pod/Service, apps/v1 Deployment and discovery.k8s.io/v1 EndpointSlice"
             ));
         }
-        return Ok(Parsed::Skipped { kind, name });
+        return for_control(value, kind, name);
     }
     if name.is_empty() {
         return Err(format!("{kind} without metadata.name"));
@@ -482,6 +497,33 @@ fn objects(value: Value) -> Result<Parsed, String> {
         }
     };
     Ok(Parsed::Objects(vec![m]))
+}
+
+/// A kind wasmesh-local does not read: handed to control if control reads it (and it is not
+/// one of the kinds wasmesh-local makes itself, Nodes), else skipped.
+fn for_control(value: Value, kind: String, name: String) -> Result<Parsed, String> {
+    let managed_here = |k: Kind| {
+        matches!(
+            k,
+            Kind::Service | Kind::EndpointSlice | Kind::Pod | Kind::Node
+        )
+    };
+    match objects_from_manifest(value)? {
+        Some(objs) if !objs.is_empty() && !objs.iter().any(|o| managed_here(o.kind())) => {
+            for o in &objs {
+                let key = o.key();
+                check_label(&key.namespace)
+                    .map_err(|e| format!("{key}: metadata.namespace: {e}"))?;
+                check_subdomain(&key.name).map_err(|e| format!("{key}: metadata.name: {e}"))?;
+            }
+            Ok(Parsed::Objects(
+                objs.into_iter()
+                    .map(|o| Manifest::Control(Box::new(o)))
+                    .collect(),
+            ))
+        }
+        _ => Ok(Parsed::Skipped { kind, name }),
+    }
 }
 
 fn typed<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, String> {
@@ -659,6 +701,56 @@ mod tests {
             spec.ports.as_ref().expect("ports")[0].protocol.as_deref(),
             Some("TCP")
         );
+    }
+
+    #[test]
+    fn kinds_only_control_reads_are_handed_to_it() {
+        let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: split, namespace: demo}\nspec:\n  parentRefs: [{group: '', kind: Service, name: backend}]\n  rules: [{backendRefs: [{name: backend, port: 80}]}]\n";
+        let Outcome::Objects(o) = one(route) else {
+            panic!("{route}");
+        };
+        let [Manifest::Control(obj)] = &o[..] else {
+            panic!("{o:?}");
+        };
+        assert_eq!(obj.key().to_string(), "HTTPRoute demo/split");
+        // Defaulted by control's code, as control's folder source would.
+        let Object::HttpRoute(r) = obj.as_ref() else {
+            panic!("{obj:?}");
+        };
+        let rules = r.spec.rules.as_ref().expect("rules");
+        assert_eq!(rules[0].backend_refs[0].weight, Some(1));
+
+        // Written to the objects folder, it reads back as the same route in control.
+        let mut files = BTreeMap::new();
+        let key = obj.key();
+        crate::objects::add(
+            &mut files,
+            key.kind.api_version(),
+            key.kind.as_str(),
+            Some(&key.namespace),
+            &key.name,
+            obj,
+        );
+        let (name, text) = files.iter().next().expect("one file");
+        assert_eq!(name, "httproute.demo.split.json");
+        let docs = wasmesh_control::source::folder::parse_file(text);
+        assert!(
+            matches!(&docs[0].outcome, wasmesh_control::source::folder::Outcome::Objects(back) if back[..] == [obj.as_ref().clone()]),
+            "{docs:?}"
+        );
+
+        // Refused as control would refuse it, with the reason.
+        let bad = route.replace("port: 80", "port: 80, weight: -3");
+        let Outcome::Invalid(reason) = one(&bad) else {
+            panic!("{bad}");
+        };
+        assert!(
+            reason.contains("HTTPRoute demo/split") && reason.contains("weight: -3"),
+            "{reason}"
+        );
+        // Nodes are the mesh's own: skipped as before.
+        let node = one("apiVersion: v1\nkind: Node\nmetadata: {name: node-1}\n");
+        assert!(matches!(node, Outcome::Skipped { .. }), "{node:?}");
     }
 
     #[test]

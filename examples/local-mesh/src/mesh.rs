@@ -707,6 +707,17 @@ impl Mesh {
         for n in &nodes {
             objects::add(&mut out, "v1", "Node", None, n, &pods::node_object(n));
         }
+        for (k, obj) in &self.manifests.control {
+            let ns = Some(k.namespace.as_str()).filter(|ns| !ns.is_empty());
+            objects::add(
+                &mut out,
+                k.kind.api_version(),
+                k.kind.as_str(),
+                ns,
+                &k.name,
+                obj,
+            );
+        }
         self.objects.sync(&out)?;
 
         // Hosts files, for the pods whose view changed.

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-pub use parse::{Document, Outcome, default_and_validate, parse_file};
+pub use parse::{Document, Outcome, default_and_validate, objects_from_manifest, parse_file};
 
 use super::{Event, EventSender, Kind, Object, ObjectKey, SourceError};
 use crate::model::Cidr;

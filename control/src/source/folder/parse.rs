@@ -9,6 +9,7 @@ use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::Value;
 
+use crate::source::httproute::{self, HttpRoute};
 use crate::source::{Kind, Object, ObjectKey};
 
 /// One document of a file.
@@ -114,6 +115,13 @@ fn first_line(s: &str) -> String {
 
 type ParseError = (Option<ObjectKey>, String);
 
+/// One manifest (parsed YAML or JSON) → the objects control reads from it, with the API
+/// server's defaults and validation; `Ok(None)` for a kind control does not read. For tools
+/// that hand manifests to control (the local mesh).
+pub fn objects_from_manifest(value: Value) -> Result<Option<Vec<Object>>, String> {
+    objects_from_value(value).map_err(|(_, reason)| reason)
+}
+
 /// `Ok(None)`: a kind control does not read.
 fn objects_from_value(value: Value) -> Result<Option<Vec<Object>>, ParseError> {
     let Value::Object(map) = &value else {
@@ -131,6 +139,7 @@ fn objects_from_value(value: Value) -> Result<Option<Vec<Object>>, ParseError> {
         ("discovery.k8s.io/v1", "EndpointSlice") => Kind::EndpointSlice,
         ("v1", "Pod") => Kind::Pod,
         ("v1", "Node") => Kind::Node,
+        (v, httproute::KIND) if httproute::API_VERSIONS.contains(&v) => Kind::HttpRoute,
         ("v1", "List") | (_, "List") => {
             let mut out = Vec::new();
             let items = map.get("items").and_then(Value::as_array).cloned();
@@ -141,11 +150,11 @@ fn objects_from_value(value: Value) -> Result<Option<Vec<Object>>, ParseError> {
             }
             return Ok(Some(out));
         }
-        (_, "Service" | "EndpointSlice" | "Pod" | "Node") => {
+        (_, "Service" | "EndpointSlice" | "Pod" | "Node" | httproute::KIND) => {
             return Err((
                 None,
                 format!(
-                    "{kind_name} with apiVersion `{api_version}`: control reads v1 Service/Pod/Node and discovery.k8s.io/v1 EndpointSlice"
+                    "{kind_name} with apiVersion `{api_version}`: control reads v1 Service/Pod/Node, discovery.k8s.io/v1 EndpointSlice and gateway.networking.k8s.io/v1 (or v1beta1) HTTPRoute"
                 ),
             ));
         }
@@ -191,6 +200,9 @@ fn objects_from_value(value: Value) -> Result<Option<Vec<Object>>, ParseError> {
         }
         Kind::Pod => Object::Pod(serde_json::from_value::<Pod>(value).map_err(typed)?),
         Kind::Node => Object::Node(serde_json::from_value::<Node>(value).map_err(typed)?),
+        Kind::HttpRoute => {
+            Object::HttpRoute(serde_json::from_value::<HttpRoute>(value).map_err(typed)?)
+        }
     };
     if kind != Kind::Node {
         obj.meta_mut().namespace = Some(namespace);
@@ -219,6 +231,9 @@ pub fn default_and_validate(obj: &mut Object) -> Result<(), String> {
             Ok(())
         }
         Object::Node(_) => Ok(()),
+        Object::HttpRoute(route) => {
+            httproute::default_and_validate(route).map_err(|e| e.to_string())
+        }
     }
 }
 

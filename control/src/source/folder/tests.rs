@@ -4,7 +4,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::*;
-use crate::source::{Event, Kind, Object};
+use crate::source::{Event, HttpRoute, Kind, Object};
 
 fn cidr() -> Cidr {
     Cidr::parse(DEFAULT_SERVICE_CIDR).expect("cidr")
@@ -345,8 +345,8 @@ async fn the_running_source_follows_edits() {
     write(dir.path(), "web.yaml", WEB);
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
     let task = tokio::spawn(FolderSource::new(dir.path(), cidr()).run(tx));
-    // The initial load: four Replace + four Synced.
-    for _ in 0..8 {
+    // The initial load: a Replace and a Synced per kind.
+    for _ in 0..2 * Kind::ALL.len() {
         tokio::time::timeout(Duration::from_secs(5), rx.recv())
             .await
             .expect("initial events")
@@ -380,4 +380,133 @@ async fn a_missing_folder_is_a_clear_error() {
         .await
         .expect_err("fails");
     assert!(err.to_string().contains("/nonexistent/wasmesh"), "{err}");
+}
+
+const ROUTE: &str = "
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web-split}
+spec:
+  parentRefs: [{group: '', kind: Service, name: web}]
+  rules:
+  - backendRefs: [{name: web-v2, port: 80}]
+";
+
+fn route<'a>(folder: &'a Folder, ns: &str, name: &str) -> Option<&'a HttpRoute> {
+    folder.objects().find_map(|o| match o {
+        Object::HttpRoute(r)
+            if r.metadata.name.as_deref() == Some(name)
+                && r.metadata.namespace.as_deref() == Some(ns) =>
+        {
+            Some(r)
+        }
+        _ => None,
+    })
+}
+
+#[test]
+fn http_routes_are_read_with_defaults_and_a_broken_one_keeps_its_last_good_version() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), "web.yaml", &format!("{WEB}\n---\n{ROUTE}"));
+    let mut f = Folder::new(dir.path(), cidr());
+    let r = f.scan().expect("scan");
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    assert!(r.events.contains(&Event::Synced(Kind::HttpRoute)));
+    let got = route(&f, "default", "web-split").expect("namespace defaults to default");
+    let rules = got.spec.rules.as_ref().expect("rules");
+    let backend = &rules[0].backend_refs[0];
+    assert_eq!(backend.weight, Some(1));
+    assert_eq!(backend.namespace.as_deref(), Some("default"));
+    assert_eq!(
+        rules[0].matches.as_ref().expect("matches")[0]
+            .path
+            .as_ref()
+            .map(|p| p.value()),
+        Some("/")
+    );
+
+    // A bad regular expression: reported with file, line, route and field; the last good
+    // version stays in force.
+    let broken = ROUTE.replace(
+        "  - backendRefs",
+        "  - matches: [{path: {type: RegularExpression, value: '/('}}]\n    backendRefs",
+    );
+    write(dir.path(), "web.yaml", &format!("{WEB}\n---\n{broken}"));
+    let r = f.scan().expect("rescan");
+    assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+    let p = r.problems[0].to_string();
+    assert!(
+        p.contains("web.yaml:")
+            && p.contains("(document 4)")
+            && p.contains("HTTPRoute default/web-split: spec.rules[0].matches[0].path.value: \"/(\" is not a valid regular expression")
+            && p.ends_with("keeping the last good version"),
+        "{p}"
+    );
+    assert!(r.events.is_empty(), "{:?}", r.events);
+    assert!(route(&f, "default", "web-split").is_some());
+
+    // Fixed: one Apply.
+    let fixed = ROUTE.replace("port: 80", "port: 8080");
+    write(dir.path(), "web.yaml", &format!("{WEB}\n---\n{fixed}"));
+    let r = f.scan().expect("rescan");
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    assert!(
+        matches!(&r.events[..], [Event::Apply(Object::HttpRoute(_))]),
+        "{:?}",
+        r.events
+    );
+
+    // Removed: one Delete.
+    write(dir.path(), "web.yaml", WEB);
+    let r = f.scan().expect("rescan");
+    assert!(
+        matches!(&r.events[..], [Event::Delete(Object::HttpRoute(_))]),
+        "{:?}",
+        r.events
+    );
+}
+
+#[test]
+fn http_route_versions_and_unknown_filters() {
+    let v1beta1 = ROUTE.replace(
+        "gateway.networking.k8s.io/v1",
+        "gateway.networking.k8s.io/v1beta1",
+    );
+    assert!(
+        matches!(&parse_file(&v1beta1)[0].outcome, Outcome::Objects(o) if matches!(&o[..], [Object::HttpRoute(_)])),
+        "v1beta1 is read too"
+    );
+    let v1alpha2 = ROUTE.replace(
+        "gateway.networking.k8s.io/v1",
+        "gateway.networking.k8s.io/v1alpha2",
+    );
+    match &parse_file(&v1alpha2)[0].outcome {
+        Outcome::Invalid { reason, .. } => assert!(reason.contains("v1alpha2"), "{reason}"),
+        o => panic!("accepted: {o:?}"),
+    }
+    let unknown = ROUTE.replace(
+        "  - backendRefs",
+        "  - filters: [{type: Teleport}]\n    backendRefs",
+    );
+    match &parse_file(&unknown)[0].outcome {
+        Outcome::Invalid { object, reason } => {
+            assert_eq!(
+                object.as_ref().map(|k| k.to_string()).as_deref(),
+                Some("HTTPRoute default/web-split")
+            );
+            assert!(reason.contains("\"Teleport\""), "{reason}");
+        }
+        o => panic!("accepted: {o:?}"),
+    }
+    // A type error in the spec names the route too.
+    let typo = ROUTE.replace("port: 80", "port: eighty");
+    match &parse_file(&typo)[0].outcome {
+        Outcome::Invalid { reason, .. } => {
+            assert!(
+                reason.starts_with("HTTPRoute default/web-split: "),
+                "{reason}"
+            )
+        }
+        o => panic!("accepted: {o:?}"),
+    }
 }

@@ -1,7 +1,8 @@
 //! The Kubernetes source: `kube::runtime::watcher`s on the API server.
 //!
-//! One watcher per kind and scope: Services, EndpointSlices (discovery.k8s.io/v1) and Pods in
-//! all namespaces, or one watcher per configured namespace; Nodes always cluster-wide. Each
+//! One watcher per kind and scope: Services, EndpointSlices (discovery.k8s.io/v1), Pods and
+//! HTTPRoutes (gateway.networking.k8s.io/v1, see [`httproute`]) in all namespaces, or one
+//! watcher per configured namespace; Nodes always cluster-wide. Each
 //! watcher lists, then watches from the list's resourceVersion; the kube watcher re-lists after
 //! "410 Gone" and resumes after a closed watch by itself, and `.default_backoff()` spaces out
 //! retries after errors. [`scope::Scope`] turns a watcher's events into source [`Event`]s
@@ -11,8 +12,14 @@
 //! All watchers are polled by the one task running [`KubeSource::run`]: events keep their order
 //! per watcher, and a slow receiver slows the watchers instead of growing a queue.
 //!
-//! Permissions needed: list and watch on the four kinds, see `examples/k8s/control-rbac.yaml`.
+//! HTTPRoutes are optional: when the API server does not serve them (404: the Gateway API CRDs
+//! are not installed) or RBAC forbids listing them before they were ever listed (403), the
+//! source reports "no routes" for them once, so that the rest of the table is not held back,
+//! and the watcher keeps retrying with backoff.
+//!
+//! Permissions needed: list and watch on the five kinds, see `examples/k8s/control-rbac.yaml`.
 
+pub mod httproute;
 mod scope;
 #[cfg(test)]
 mod tests;
@@ -35,7 +42,7 @@ use scope::{Scope, SyncTracker};
 /// Where RBAC for control is described; named in errors about permissions.
 const RBAC_EXAMPLE: &str = "examples/k8s/control-rbac.yaml";
 
-/// Watches Services, EndpointSlices, Pods and Nodes on a Kubernetes API server.
+/// Watches Services, EndpointSlices, Pods, Nodes and HTTPRoutes on a Kubernetes API server.
 #[derive(Clone)]
 pub struct KubeSource {
     client: kube::Client,
@@ -54,8 +61,9 @@ impl Debug for KubeSource {
 }
 
 impl KubeSource {
-    /// A source reading through `client`; `namespaces` limits Services, EndpointSlices and Pods
-    /// to those namespaces (empty: all namespaces). Duplicates and empty names are ignored.
+    /// A source reading through `client`; `namespaces` limits Services, EndpointSlices, Pods
+    /// and HTTPRoutes to those namespaces (empty: all namespaces). Duplicates and empty names
+    /// are ignored.
     pub fn new(client: kube::Client, namespaces: Vec<String>) -> Self {
         let namespaces: BTreeSet<String> = namespaces
             .into_iter()
@@ -108,7 +116,7 @@ impl KubeSource {
         tracing::info!(
             namespaces = ?self.namespaces,
             watches = scopes.len(),
-            "watching Services, EndpointSlices, Pods and Nodes on the Kubernetes API server"
+            "watching Services, EndpointSlices, Pods, Nodes and HTTPRoutes on the Kubernetes API server"
         );
         loop {
             let next = tokio::select! {
@@ -126,10 +134,10 @@ impl KubeSource {
             };
             let output = match item {
                 Ok(event) => scope.on_event(event),
-                Err(err) => {
-                    warn_watch_error(scope, &err);
-                    continue;
-                }
+                Err(err) => match optional_kind_unavailable(scope, &err) {
+                    Some(output) => Some(output),
+                    None => continue,
+                },
             };
             let Some(output) = output else { continue };
             if let Event::Replace { objects, .. } = &output.event {
@@ -152,7 +160,12 @@ impl KubeSource {
     /// namespace; Nodes once.
     fn scopes(&self) -> Vec<Scope> {
         let mut scopes = Vec::new();
-        for kind in [Kind::Service, Kind::EndpointSlice, Kind::Pod] {
+        for kind in [
+            Kind::Service,
+            Kind::EndpointSlice,
+            Kind::Pod,
+            Kind::HttpRoute,
+        ] {
             if self.namespaces.is_empty() {
                 scopes.push(Scope::new(kind, None));
             } else {
@@ -186,8 +199,35 @@ impl KubeSource {
             ),
             Kind::Pod => watch(namespaced::<Pod>(client, ns), config, Object::Pod),
             Kind::Node => watch(Api::<Node>::all(client), config, Object::Node),
+            Kind::HttpRoute => httproute::stream(httproute::api(client, ns), config),
         }
     }
+}
+
+/// A watch error, logged; for HTTPRoutes that cannot be listed at all (404: the CRD is not
+/// installed; 403 before any list succeeded: RBAC not updated), an empty list as well, once,
+/// so that the kind counts as synced and the rest of the table goes out.
+fn optional_kind_unavailable(scope: &mut Scope, err: &watcher::Error) -> Option<scope::Output> {
+    let code = status_code(err);
+    let unavailable = scope.kind == Kind::HttpRoute
+        && (code == Some(404) || (code == Some(403) && !scope.listed_once()));
+    if !unavailable {
+        warn_watch_error(scope, err);
+        return None;
+    }
+    let output = scope.on_unavailable();
+    match (&output, code) {
+        (Some(_), Some(404)) => tracing::warn!(
+            kind = %scope.kind,
+            namespace = scope.namespace.as_deref().unwrap_or("(all)"),
+            "the API server does not serve {} (are the Gateway API CRDs installed?): no \
+             HTTPRoutes until it does; checking again with backoff",
+            scope.describe(),
+        ),
+        (None, Some(404)) => tracing::debug!(scope = %scope.describe(), "still not served"),
+        _ => warn_watch_error(scope, err),
+    }
+    output
 }
 
 type WatchStream = BoxStream<'static, Result<watcher::Event<Object>, watcher::Error>>;

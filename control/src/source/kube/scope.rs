@@ -20,6 +20,8 @@ pub(super) struct Scope {
     /// Objects of the list in progress (between `Init` and `InitDone`).
     listing: Vec<Object>,
     listed_once: bool,
+    /// The kind could not be listed and that was reported as an empty list.
+    unavailable: bool,
 }
 
 /// What one watcher event produced.
@@ -37,7 +39,34 @@ impl Scope {
             namespace,
             listing: Vec::new(),
             listed_once: false,
+            unavailable: false,
         }
+    }
+
+    /// Whether a list of this scope ever completed (or was reported empty).
+    pub fn listed_once(&self) -> bool {
+        self.listed_once
+    }
+
+    /// The kind cannot be listed for now (an optional kind whose CRD is not installed): an
+    /// empty [`Event::Replace`] the first time after a list (or before any), nothing after
+    /// that until a list succeeds again.
+    pub fn on_unavailable(&mut self) -> Option<Output> {
+        if self.unavailable {
+            return None;
+        }
+        self.unavailable = true;
+        self.listing.clear();
+        let first_list = !self.listed_once;
+        self.listed_once = true;
+        Some(Output {
+            event: Event::Replace {
+                kind: self.kind,
+                namespace: self.namespace.clone(),
+                objects: Vec::new(),
+            },
+            first_list,
+        })
     }
 
     /// Feeds one watcher event; objects are trimmed on arrival, so buffers stay small.
@@ -59,6 +88,7 @@ impl Scope {
             watcher::Event::InitDone => {
                 let first_list = !self.listed_once;
                 self.listed_once = true;
+                self.unavailable = false;
                 Some(Output {
                     event: Event::Replace {
                         kind: self.kind,
@@ -195,6 +225,35 @@ mod tests {
         assert_eq!(
             deleted.map(|o| o.event),
             Some(Event::Delete(trimmed_svc("a")))
+        );
+    }
+
+    #[test]
+    fn an_unavailable_kind_is_reported_empty_once_per_outage() {
+        let mut scope = Scope::new(Kind::HttpRoute, Some("apps".into()));
+        let empty = Event::Replace {
+            kind: Kind::HttpRoute,
+            namespace: Some("apps".into()),
+            objects: vec![],
+        };
+        assert_eq!(
+            scope.on_unavailable(),
+            Some(Output {
+                event: empty.clone(),
+                first_list: true
+            })
+        );
+        assert_eq!(scope.on_unavailable(), None, "once, however often it fails");
+        scope.on_event(watcher::Event::Init);
+        let listed = scope.on_event(watcher::Event::InitDone);
+        assert_eq!(listed.map(|o| o.first_list), Some(false));
+        assert_eq!(
+            scope.on_unavailable(),
+            Some(Output {
+                event: empty,
+                first_list: false
+            }),
+            "gone again after a good list"
         );
     }
 

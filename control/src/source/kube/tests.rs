@@ -689,6 +689,11 @@ fn the_example_rbac_grants_exactly_what_the_watchers_need() {
         (Pod::group(&()).into(), Pod::plural(&()).into(), watch()),
         (Node::group(&()).into(), Node::plural(&()).into(), watch()),
         (
+            super::httproute::api_resource().group,
+            super::httproute::api_resource().plural,
+            watch(),
+        ),
+        (
             "authentication.k8s.io".to_string(),
             "tokenreviews".to_string(),
             vec!["create".to_string()],
@@ -714,4 +719,184 @@ fn watch_errors_name_what_to_fix() {
     assert!(super::hint(&Error::WatchError(status(401))).contains("credentials"));
     assert!(super::hint(&Error::WatchError(status(410))).contains("listing again"));
     assert_eq!(super::hint(&Error::NoResourceVersion), "");
+}
+
+/// An HTTPRoute on Service `svc` with a bad regular expression when `broken`, defaulted as the
+/// source leaves it (so what the server stores and what the source reports are equal).
+fn http_route(ns: &str, name: &str, svc: &str, broken: bool) -> Object {
+    let path = if broken {
+        serde_json::json!({"type": "RegularExpression", "value": "/("})
+    } else {
+        serde_json::json!({"type": "PathPrefix", "value": "/api"})
+    };
+    let mut route: crate::source::HttpRoute = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": svc}],
+            "rules": [{"matches": [{"path": path}], "backendRefs": [{"name": svc, "port": 80}]}],
+        },
+    }))
+    .expect("route");
+    if !broken {
+        crate::source::httproute::default_and_validate(&mut route).expect("valid");
+    }
+    Object::HttpRoute(route)
+}
+
+#[tokio::test]
+async fn http_routes_are_watched_and_a_bad_one_is_left_out() {
+    let mut world = small_world();
+    world.push(http_route("apps", "good", "web", false));
+    world.push(http_route("apps", "bad", "web", true));
+    let server = server_with(world).await;
+    let mut h = Harness::start(server, |s| s).await;
+    h.until_synced().await;
+    let names: Vec<String> = h
+        .seen
+        .objects(Kind::HttpRoute)
+        .iter()
+        .map(|o| name_of(o).to_string())
+        .collect();
+    assert_eq!(
+        names,
+        ["good"],
+        "the invalid route is left out, the rest is not held back"
+    );
+    assert_eq!(
+        h.seen.objects(Kind::HttpRoute)[0],
+        trimmed(h.server.objects(Kind::HttpRoute).remove(1)),
+        "read back as stored"
+    );
+
+    // A change, a route turning bad (it goes away) and a deletion.
+    h.server.apply(http_route("shop", "new", "cart", false));
+    h.until("the new route", |seen, _| {
+        seen.applied(Kind::HttpRoute, "new")
+    })
+    .await;
+    h.server.apply(http_route("apps", "good", "web", true));
+    h.until("the route that broke is removed", |seen, _| {
+        seen.deleted(Kind::HttpRoute, "good")
+    })
+    .await;
+    h.server.delete(Kind::HttpRoute, "shop", "new");
+    h.until("the deleted route", |seen, _| {
+        seen.deleted(Kind::HttpRoute, "new")
+    })
+    .await;
+    assert!(h.seen.objects(Kind::HttpRoute).is_empty());
+}
+
+#[tokio::test]
+async fn without_the_gateway_api_crds_the_table_syncs_and_routes_come_later() {
+    let server = server_with(small_world()).await;
+    server.set_served(Kind::HttpRoute, false);
+    let mut h = Harness::start(server, |s| s).await;
+    h.until_synced().await;
+    let replaces = h.seen.replaces(Kind::HttpRoute);
+    assert_eq!(replaces.len(), 1, "{replaces:#?}");
+    assert!(replaces[0].2.is_empty(), "no routes");
+
+    // Let the watcher fail again at least once, then install the CRD and add a route.
+    timeout(BOUND, async {
+        while h.server.requests(Kind::HttpRoute).lists < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the watcher retries");
+    h.server.set_served(Kind::HttpRoute, true);
+    h.server.apply(http_route("apps", "late", "web", false));
+    h.until("the route once the CRD is there", |seen, _| {
+        seen.objects(Kind::HttpRoute).len() == 1
+    })
+    .await;
+    assert_eq!(
+        h.seen.replaces(Kind::HttpRoute).len(),
+        2,
+        "repeated 404s report nothing more: {:#?}",
+        h.seen.events
+    );
+    assert_eq!(h.seen.synced(Kind::HttpRoute), 1);
+
+    // The CRD removed again: its routes are gone with it.
+    h.server.set_served(Kind::HttpRoute, false);
+    h.until("no routes", |seen, _| {
+        seen.objects(Kind::HttpRoute).is_empty()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn http_routes_follow_the_namespaces_control_watches() {
+    let server = server_with([
+        service("a", "s1"),
+        http_route("a", "r1", "s1", false),
+        http_route("c", "r3", "s1", false),
+    ])
+    .await;
+    let mut h = Harness::start_in(server, vec!["a", "b"], |s| s).await;
+    h.until_synced().await;
+    let names: Vec<String> = h
+        .seen
+        .objects(Kind::HttpRoute)
+        .iter()
+        .map(|o| name_of(o).to_string())
+        .collect();
+    assert_eq!(names, ["r1"]);
+    let mut scopes: Vec<Option<String>> = h
+        .seen
+        .replaces(Kind::HttpRoute)
+        .into_iter()
+        .map(|r| r.1)
+        .collect();
+    scopes.sort();
+    assert_eq!(scopes, [Some("a".into()), Some("b".into())]);
+}
+
+/// What the kube source makes of route objects it cannot use (the fake API server only
+/// stores well-typed routes, so these are read directly).
+#[test]
+fn unusable_route_objects_are_named_and_keep_their_identity() {
+    use super::httproute::{Reading, read};
+    let dynamic = |spec: serde_json::Value| -> kube::api::DynamicObject {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "HTTPRoute",
+            "metadata": {"name": "r", "namespace": "apps", "resourceVersion": "7"},
+            "spec": spec,
+        }))
+        .expect("dynamic object")
+    };
+    match read(dynamic(
+        serde_json::json!({"rules": [{"backendRefs": [{"name": "a", "port": "eighty"}]}]}),
+    )) {
+        Reading::Skipped { identity, why } => {
+            let why = why.to_string();
+            assert!(
+                why.starts_with("HTTPRoute apps/r: spec does not match"),
+                "{why}"
+            );
+            assert_eq!(identity.metadata.name.as_deref(), Some("r"));
+            assert_eq!(identity.metadata.resource_version.as_deref(), Some("7"));
+        }
+        Reading::Usable(r) => panic!("accepted {r:?}"),
+    }
+    match read(dynamic(
+        serde_json::json!({"rules": [{"filters": [{"type": "RequestMirror", "requestMirror": {}}]}]}),
+    )) {
+        Reading::Skipped { why, .. } => {
+            let why = why.to_string();
+            assert!(
+                why.starts_with("HTTPRoute apps/r: spec.rules[0].filters[0].type: RequestMirror is not supported"),
+                "{why}"
+            );
+        }
+        Reading::Usable(r) => panic!("accepted {r:?}"),
+    }
+    // No spec at all is a route with the default rule.
+    match read(dynamic(serde_json::Value::Null)) {
+        Reading::Usable(r) => assert_eq!(r.spec.rules.map(|r| r.len()), Some(1)),
+        Reading::Skipped { why, .. } => panic!("{why}"),
+    }
 }

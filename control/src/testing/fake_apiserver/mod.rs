@@ -1,8 +1,9 @@
 //! An in-process fake kube-apiserver over loopback HTTP, good enough for `kube::runtime::watcher`.
 //!
-//! It serves LIST and WATCH (nothing else) for Services, EndpointSlices, Pods and Nodes, on the
-//! paths the real API server uses (`/api/v1/services`, `/api/v1/namespaces/{ns}/pods`,
-//! `/apis/discovery.k8s.io/v1/endpointslices`, ...), with:
+//! It serves LIST and WATCH (nothing else) for Services, EndpointSlices, Pods, Nodes and
+//! HTTPRoutes, on the paths the real API server uses (`/api/v1/services`,
+//! `/api/v1/namespaces/{ns}/pods`, `/apis/discovery.k8s.io/v1/endpointslices`,
+//! `/apis/gateway.networking.k8s.io/v1/httproutes`, ...), with:
 //! - one global, monotonically increasing `resourceVersion` and a change log, so a watch "from
 //!   rv N" replays every change after N, then streams live changes as newline-delimited JSON
 //!   `WatchEvent`s (ADDED / MODIFIED / DELETED / BOOKMARK / ERROR) while the connection is open;
@@ -12,7 +13,9 @@
 //!   matching as DELETED and one that starts matching as ADDED, like the real watch cache;
 //! - "410 Gone" after [`FakeApiServer::compact`]: as an ERROR event for a watch from an older
 //!   rv, as HTTP 410 for an expired `continue` token or a `resourceVersionMatch=Exact` list;
-//! - `timeoutSeconds` (the watch response ends after it) and `allowWatchBookmarks`.
+//! - `timeoutSeconds` (the watch response ends after it) and `allowWatchBookmarks`;
+//! - kinds that are not served, as when a CRD is not installed
+//!   ([`set_served`](FakeApiServer::set_served)): 404 for their paths.
 //!
 //! It also answers TokenReviews (`POST /apis/authentication.k8s.io/v1/tokenreviews`) for the
 //! tokens a test registers with [`FakeApiServer::add_token`] (and revokes with
@@ -267,6 +270,13 @@ impl FakeApiServer {
             .inject_failure(Some(kind), successes, status);
     }
 
+    /// Serves a kind or not: an unserved kind answers 404 to every request, as the API server
+    /// does for the resources of a CRD that is not installed. Every kind is served at first.
+    /// Stopping ends the kind's open watches.
+    pub fn set_served(&self, kind: Kind, served: bool) {
+        self.shared.store().set_served(kind, served);
+    }
+
     /// LIST and WATCH requests received for a kind so far.
     pub fn requests(&self, kind: Kind) -> RequestCounts {
         self.shared.store().counts(kind)
@@ -401,6 +411,10 @@ async fn respond(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
         Verb::List
     };
     shared.store().count(collection.kind, verb);
+    if !shared.store().serves(collection.kind) {
+        let message = "the server could not find the requested resource";
+        return failure_response(&Failure::new(404, message));
+    }
     if verb == Verb::Watch {
         let mut hold = shared.hold.subscribe();
         // An error means the server is being dropped; answering is harmless then.

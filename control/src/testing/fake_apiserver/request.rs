@@ -48,6 +48,13 @@ pub(crate) fn info(kind: Kind) -> ResourceInfo {
             list_kind: "NodeList",
             namespaced: false,
         },
+        Kind::HttpRoute => ResourceInfo {
+            prefix: "/apis/gateway.networking.k8s.io/v1",
+            api_version: "gateway.networking.k8s.io/v1",
+            plural: "httproutes",
+            list_kind: "HTTPRouteList",
+            namespaced: true,
+        },
     }
 }
 

@@ -5,7 +5,7 @@
 //! pushed to every open watch atomically: a watch registered "from rv N" sees every change after N
 //! exactly once, whether it was replayed from the log or pushed live.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -192,6 +192,8 @@ pub(crate) struct Store {
     next_token: u64,
     failures: VecDeque<Injected>,
     counts: BTreeMap<Kind, RequestCounts>,
+    /// Kinds answered with 404 (a CRD not installed).
+    unserved: BTreeSet<Kind>,
 }
 
 impl Default for Store {
@@ -206,6 +208,7 @@ impl Default for Store {
             next_token: 0,
             failures: VecDeque::new(),
             counts: BTreeMap::new(),
+            unserved: BTreeSet::new(),
         }
     }
 }
@@ -328,6 +331,19 @@ impl Store {
             .iter()
             .filter(|w| w.collection.kind == kind && !w.tx.is_closed())
             .count()
+    }
+
+    pub fn set_served(&mut self, kind: Kind, served: bool) {
+        if served {
+            self.unserved.remove(&kind);
+        } else {
+            self.unserved.insert(kind);
+            self.watches.retain(|w| w.collection.kind != kind);
+        }
+    }
+
+    pub fn serves(&self, kind: Kind) -> bool {
+        !self.unserved.contains(&kind)
     }
 
     pub fn count(&mut self, kind: Kind, verb: Verb) {
@@ -528,12 +544,7 @@ struct Json<'a>(&'a Object);
 
 impl Serialize for Json<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self.0 {
-            Object::Service(o) => o.serialize(s),
-            Object::EndpointSlice(o) => o.serialize(s),
-            Object::Pod(o) => o.serialize(s),
-            Object::Node(o) => o.serialize(s),
-        }
+        self.0.serialize(s)
     }
 }
 
