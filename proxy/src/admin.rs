@@ -205,6 +205,7 @@ fn metrics(state: &ProxyState) -> String {
     for (name, help, v) in gauges {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
     }
+    state.mesh_stats.render(&mut out);
     out
 }
 

@@ -108,6 +108,17 @@ pub async fn proxy(client: TcpStream, upstream: TcpStream, stats: &Stats, mode: 
     count(result, stats);
 }
 
+/// Copies between any two streams (e.g. a TLS stream and a socket) until both directions are
+/// finished, through a buffer per direction; counts the bytes.
+pub async fn proxy_streams<A, B>(mut client: A, mut upstream: B, stats: &Stats)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, BUF, BUF).await;
+    count(r, stats);
+}
+
 fn count(r: io::Result<(u64, u64)>, stats: &Stats) {
     match r {
         Ok((sent, received)) => {

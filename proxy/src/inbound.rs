@@ -2,7 +2,8 @@
 //! the original destination port. The proxy connects from 127.0.0.6 (`::6`) so the rules let the
 //! connection through to the app instead of capturing it again (docs/interception.md); if that
 //! source cannot be used it connects to the loopback address instead. A closed app port resets
-//! the client.
+//! the client. With mTLS on, [`crate::identity::accept`] first tells mesh TLS from plaintext,
+//! terminates and authorizes; the app always sees plaintext.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -11,6 +12,8 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::copy;
+use crate::identity::Mesh;
+use crate::identity::accept::{self, Accepted};
 use crate::state::{ProxyState, Stats};
 
 /// Source address of inbound passthrough connections.
@@ -25,6 +28,8 @@ pub struct Inbound {
     pub own_ports: Vec<u16>,
     pub connect_timeout: Duration,
     pub copy: copy::CopyMode,
+    /// Mesh TLS termination, strict/permissive and authorization (see [`crate::identity`]).
+    pub mesh: Option<Arc<Mesh>>,
 }
 
 pub async fn serve(listener: TcpListener, inb: Arc<Inbound>) {
@@ -59,6 +64,25 @@ impl Inbound {
             tracing::debug!(%peer, %dst, "inbound connection to the proxy's own port; resetting");
             return copy::reset(client);
         }
+        let client = match &self.mesh {
+            None => Accepted::Plain(client),
+            Some(mesh) => match accept::accept(mesh, client, peer, dst).await {
+                Some(a) => a,
+                None => return,
+            },
+        };
+        let client = match client {
+            Accepted::Plain(tcp) => tcp,
+            Accepted::Mesh(tls, _id) => {
+                return match tokio::time::timeout(self.connect_timeout, connect_app(dst)).await {
+                    Ok(Ok(app)) => copy::proxy_streams(*tls, app, &self.state.stats).await,
+                    _ => {
+                        Stats::inc(&self.state.stats.inbound_app_refused);
+                        tracing::debug!(%peer, %dst, "app did not accept a mesh connection; closing it");
+                    }
+                };
+            }
+        };
         match tokio::time::timeout(self.connect_timeout, connect_app(dst)).await {
             Ok(Ok(app)) => copy::proxy(client, app, &self.state.stats, self.copy).await,
             Ok(Err(e)) => {

@@ -14,6 +14,9 @@
 //!   or detected from the first bytes; HTTP goes to [`http`] (routes, per-request balancing,
 //!   retries, timeouts), the rest stays L4.
 //! - [`inbound`] (15006) — connections to the pod, handed to the app.
+//! - [`identity`] — mTLS between sidecars: the SPIFFE certificate from control, TLS to meshed
+//!   endpoints (outbound), detection, termination, strict/permissive and authorization
+//!   (inbound).
 //! - [`reject`] — optional: Services without endpoints refused in the kernel, like kube-proxy.
 //! - [`discovery`] — the control stream that keeps [`table`] current; [`state`] is what the
 //!   tasks share; [`admin`] (15000) serves `/ready`, `/live`, `/config`, `/metrics`;
@@ -27,6 +30,7 @@ pub mod detect;
 pub mod discovery;
 pub mod filters;
 pub mod http;
+pub mod identity;
 pub mod inbound;
 pub mod intercept;
 pub mod orig_dst;

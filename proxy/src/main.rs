@@ -142,6 +142,34 @@ struct RunArgs {
     /// speaks first: MySQL, SMTP, …) is proxied as plain TCP after this.
     #[arg(long, env = "WASMESH_DETECT_TIMEOUT_MS", default_value_t = 500)]
     detect_timeout_ms: u64,
+
+    /// mTLS between sidecars: the token that proves this pod's ServiceAccount to control (a
+    /// projected ServiceAccount token, or the local mesh's per-pod token file). Without it the
+    /// proxy speaks plaintext, as before.
+    #[arg(long, env = "WASMESH_TOKEN_FILE")]
+    token_file: Option<std::path::PathBuf>,
+
+    /// Lifetime of the workload certificate to ask control for, in seconds (control caps it;
+    /// default: control's).
+    #[arg(long, env = "WASMESH_CERT_LIFETIME_SECONDS")]
+    cert_lifetime_seconds: Option<u64>,
+
+    /// Trust domain of the mesh (SPIFFE IDs spiffe://<trust-domain>/ns/<ns>/sa/<sa>).
+    #[arg(long, env = "WASMESH_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+
+    /// Inbound plaintext (with --token-file): `permissive` accepts it, `strict` refuses it. An
+    /// AuthorizationPolicy with `mtls: strict` makes it strict too.
+    #[arg(long, env = "WASMESH_INBOUND_MTLS", default_value = "permissive")]
+    inbound_mtls: wasmesh_proxy::identity::MtlsMode,
+
+    /// Folder of AuthorizationPolicy YAML (wasmesh.io/v1alpha1), re-read every 2 s.
+    #[arg(long, env = "WASMESH_POLICY_DIR")]
+    policy_dir: Option<std::path::PathBuf>,
+
+    /// This pod's labels, `k=v,k=v` (policies select workloads by them).
+    #[arg(long, env = "POD_LABELS", default_value = "")]
+    pod_labels: String,
 }
 
 #[derive(Debug, Args)]
@@ -252,6 +280,7 @@ fn list<T: Clone>(flag: &Option<List<T>>) -> Vec<T> {
 }
 
 fn main() -> ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -303,6 +332,21 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         reject_chain: args.reject_chain,
         drain_timeout: Duration::from_millis(args.drain_timeout_ms),
+        mtls: args
+            .token_file
+            .map(|token_file| wasmesh_proxy::run::MtlsConfig {
+                token_file,
+                cert_lifetime: args.cert_lifetime_seconds.map(Duration::from_secs),
+                trust_domain: args.trust_domain,
+                mode: args.inbound_mtls,
+                policy_dir: args.policy_dir,
+                labels: args
+                    .pod_labels
+                    .split(',')
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                    .collect(),
+            }),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

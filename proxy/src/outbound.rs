@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::affinity::Affinity;
@@ -20,6 +19,8 @@ use crate::detect::{self, Declared, Protocol};
 use crate::http::forward::{Conn4, Forwarder};
 use crate::http::pool::{Dial, Pools};
 use crate::http::retry::Budget;
+use crate::identity::Mesh;
+use crate::identity::connect::{self, Upstream};
 use crate::state::{ProxyState, Stats};
 use crate::table::{Route, Selection, ServicePort, Via};
 
@@ -60,6 +61,8 @@ pub struct Outbound {
     pub own: Vec<SocketAddr>,
     /// Connection pools and the retry budget of the HTTP path.
     pub http: Forwarder,
+    /// mTLS to meshed endpoints, when the proxy has an identity (see [`crate::identity`]).
+    pub mesh: Option<Arc<Mesh>>,
 }
 
 /// Accepts on `listener` forever.
@@ -97,7 +100,14 @@ impl Outbound {
             affinity: Affinity::default(),
             config,
             own,
+            mesh: None,
         }
+    }
+
+    /// mTLS to meshed endpoints with this identity (L4 path).
+    pub fn with_mesh(mut self, mesh: Option<Arc<Mesh>>) -> Self {
+        self.mesh = mesh;
+        self
     }
 
     /// Proxies one connection from `peer` that was headed for `dst`.
@@ -244,7 +254,24 @@ impl Outbound {
             match tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(ep.addr))
                 .await
             {
-                Ok(Ok(mut up)) => {
+                Ok(Ok(up)) => {
+                    let mut up = match connect::secure(
+                        self.mesh.as_deref(),
+                        up,
+                        ep.mesh_peer(),
+                        self.config.table_wait,
+                        self.config.connect_timeout * 3,
+                    )
+                    .await
+                    {
+                        Ok(up) => up,
+                        Err(e) => {
+                            ep.load.record_failure();
+                            Stats::inc(&stats.outbound_connect_failures);
+                            tracing::warn!(service = %sp.name(), endpoint = %ep.addr, error = %e, "endpoint refused over mTLS; trying another endpoint");
+                            continue;
+                        }
+                    };
                     ep.load.record_success();
                     // Bytes protocol detection read go first.
                     if !prefix.is_empty() && up.write_all(prefix).await.is_err() {
@@ -256,7 +283,12 @@ impl Outbound {
                     }
                     let _active = ep.load.open();
                     tracing::trace!(service = %sp.name(), endpoint = %ep.addr, "connected");
-                    return copy::proxy(client, up, stats, self.config.copy).await;
+                    return match up {
+                        Upstream::Plain(up) => {
+                            copy::proxy(client, up, stats, self.config.copy).await
+                        }
+                        Upstream::Mesh(tls) => copy::proxy_streams(client, *tls, stats).await,
+                    };
                 }
                 Ok(Err(e)) => {
                     ep.load.record_failure();

@@ -8,6 +8,8 @@ use tokio::net::TcpListener;
 use wasmesh_api::WatchRequest;
 
 use crate::discovery::{self, DiscoveryConfig};
+use crate::identity::authz::{self, Authorizer, MtlsMode};
+use crate::identity::{IdentityStore, Mesh, certify};
 use crate::inbound::{self, Inbound};
 use crate::outbound::{self, Outbound, OutboundConfig};
 use crate::state::ProxyState;
@@ -31,6 +33,25 @@ pub struct RunConfig {
     pub drain_timeout: Duration,
     /// Fill the `WASMESH_REJECT` chain (needs CAP_NET_ADMIN): see [`crate::reject`].
     pub reject_chain: bool,
+    /// mTLS between sidecars; None = off (plaintext everywhere, as before).
+    pub mtls: Option<MtlsConfig>,
+}
+
+/// How this proxy gets its identity and guards its inbound side.
+#[derive(Debug, Clone)]
+pub struct MtlsConfig {
+    /// The token that proves who we are to control.
+    pub token_file: std::path::PathBuf,
+    /// Certificate lifetime to ask for; None = control's default.
+    pub cert_lifetime: Option<Duration>,
+    /// Trust domain (for `ns/...` rules in policies; certificates carry their own).
+    pub trust_domain: String,
+    /// Inbound plaintext: permissive (accepted) or strict (refused); policies can make it strict.
+    pub mode: MtlsMode,
+    /// Folder of AuthorizationPolicy YAML, re-read every couple of seconds.
+    pub policy_dir: Option<std::path::PathBuf>,
+    /// This pod's labels (policies select workloads by them).
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Why the sidecar cannot start.
@@ -101,12 +122,48 @@ pub async fn run(
     {
         own.push(a);
     }
-    let outbound = Arc::new(Outbound::new(state.clone(), cfg.outbound.clone(), own));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mesh = cfg.mtls.as_ref().map(|m| {
+        let mesh = Arc::new(Mesh {
+            store: IdentityStore::new(),
+            authorizer: Authorizer::new(
+                authz::Workload {
+                    namespace: cfg.pod_namespace.clone(),
+                    labels: m.labels.clone(),
+                },
+                m.trust_domain.clone(),
+                m.mode,
+            ),
+            stats: state.mesh_stats.clone(),
+        });
+        tasks.spawn(certify::run(
+            certify::IdentityConfig {
+                control: cfg.control.clone(),
+                token_file: m.token_file.clone(),
+                lifetime: m.cert_lifetime,
+                pod_name: cfg.pod_name.clone(),
+                pod_namespace: cfg.pod_namespace.clone(),
+            },
+            mesh.store.clone(),
+            mesh.stats.clone(),
+        ));
+        if let Some(dir) = &m.policy_dir {
+            tasks.spawn(authz::watch_dir(
+                dir.clone(),
+                mesh.authorizer.clone(),
+                Duration::from_secs(2),
+            ));
+        }
+        mesh
+    });
+    let outbound =
+        Arc::new(Outbound::new(state.clone(), cfg.outbound.clone(), own).with_mesh(mesh.clone()));
     let inbound = Arc::new(Inbound {
         state: state.clone(),
         own_ports: vec![cfg.inbound_port, cfg.outbound_port, cfg.admin.port()],
         connect_timeout: Duration::from_secs(5),
         copy: cfg.outbound.copy,
+        mesh,
     });
 
     let who = WatchRequest {
@@ -119,9 +176,8 @@ pub async fn run(
     tracing::info!(
         control = %cfg.control, pod = %cfg.pod_name, namespace = %cfg.pod_namespace,
         outbound = cfg.outbound_port, inbound = cfg.inbound_port, admin = %cfg.admin,
-        balancer = ?cfg.outbound.balancer, "wasmesh-proxy running"
+        balancer = ?cfg.outbound.balancer, mtls = cfg.mtls.is_some(), "wasmesh-proxy running"
     );
-    let mut tasks = tokio::task::JoinSet::new();
     let verdicts = cfg.reject_chain.then(|| {
         let (tx, rx) = tokio::sync::watch::channel(crate::reject::Verdicts::new());
         tasks.spawn(crate::reject::run(rx));

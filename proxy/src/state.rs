@@ -24,6 +24,8 @@ pub struct ProxyState {
     /// Set by `POST /quitquitquit`: shut down as on SIGTERM.
     pub quit: tokio::sync::Notify,
     pub stats: Stats,
+    /// Counters of the mTLS path (zero while it is off).
+    pub mesh_stats: Arc<crate::identity::MeshStats>,
 }
 
 /// Counts one open proxied connection until dropped.
@@ -84,6 +86,7 @@ impl ProxyState {
             open: Default::default(),
             quit: tokio::sync::Notify::new(),
             stats: Stats::default(),
+            mesh_stats: Arc::default(),
         })
     }
 

@@ -52,6 +52,18 @@ pub struct Endpoint {
     pub load: Arc<EndpointLoad>,
 }
 
+impl Endpoint {
+    /// What mTLS needs to know about this endpoint's pod.
+    pub fn mesh_peer(&self) -> crate::identity::connect::Peer<'_> {
+        crate::identity::connect::Peer {
+            addr: self.addr,
+            meshed: self.meshed,
+            pod: self.pod.as_deref(),
+            service_account: self.service_account.as_deref(),
+        }
+    }
+}
+
 /// The endpoints a new connection may go to, or what to do instead.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum Selection {

@@ -1,0 +1,117 @@
+//! Counters of the mesh identity path, rendered on `/metrics`.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Why a mesh connection was refused (the `reason` label).
+pub const REFUSAL_REASONS: [&str; 9] = [
+    "expired",
+    "untrusted",
+    "wrong_identity",
+    "invalid",
+    "no_certificate",
+    "handshake",
+    "broken_client_hello",
+    "io",
+    "config",
+];
+
+#[derive(Debug, Default)]
+pub struct MeshStats {
+    pub certificates: AtomicU64,
+    pub certify_failures: AtomicU64,
+    pub outbound_mtls: AtomicU64,
+    pub outbound_no_identity: AtomicU64,
+    pub inbound_mtls: AtomicU64,
+    pub inbound_plaintext: AtomicU64,
+    pub inbound_plaintext_refused: AtomicU64,
+    pub authz_denied: AtomicU64,
+    refused: [AtomicU64; REFUSAL_REASONS.len()],
+}
+
+impl MeshStats {
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a refused handshake under `reason` (one of [`REFUSAL_REASONS`]).
+    pub fn refused(&self, reason: &str) {
+        let i = REFUSAL_REASONS
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(REFUSAL_REASONS.len() - 1);
+        Self::inc(&self.refused[i]);
+    }
+
+    pub fn refused_count(&self, reason: &str) -> u64 {
+        REFUSAL_REASONS
+            .iter()
+            .position(|r| *r == reason)
+            .map_or(0, |i| self.refused[i].load(Ordering::Relaxed))
+    }
+
+    /// Prometheus text.
+    pub fn render(&self, out: &mut String) {
+        let counters = [
+            (
+                "wasmesh_mtls_certificates_total",
+                "Workload certificates received from control",
+                &self.certificates,
+            ),
+            (
+                "wasmesh_mtls_certify_failures_total",
+                "Certify rounds that failed",
+                &self.certify_failures,
+            ),
+            (
+                "wasmesh_mtls_outbound_connections_total",
+                "Outbound connections carried over mTLS",
+                &self.outbound_mtls,
+            ),
+            (
+                "wasmesh_mtls_outbound_no_identity_total",
+                "Outbound connections to a meshed endpoint refused: no certificate yet",
+                &self.outbound_no_identity,
+            ),
+            (
+                "wasmesh_mtls_inbound_connections_total",
+                "Inbound mTLS connections accepted",
+                &self.inbound_mtls,
+            ),
+            (
+                "wasmesh_inbound_plaintext_connections_total",
+                "Inbound plaintext connections accepted (permissive)",
+                &self.inbound_plaintext,
+            ),
+            (
+                "wasmesh_inbound_plaintext_refused_total",
+                "Inbound plaintext connections refused (strict)",
+                &self.inbound_plaintext_refused,
+            ),
+            (
+                "wasmesh_authz_denied_total",
+                "Connections denied by an authorization policy",
+                &self.authz_denied,
+            ),
+        ];
+        for (name, help, c) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                c.load(Ordering::Relaxed)
+            );
+        }
+        let name = "wasmesh_mtls_refused_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Mesh TLS handshakes refused, by reason\n# TYPE {name} counter"
+        );
+        for (reason, c) in REFUSAL_REASONS.iter().zip(&self.refused) {
+            let _ = writeln!(
+                out,
+                "{name}{{reason=\"{reason}\"}} {}",
+                c.load(Ordering::Relaxed)
+            );
+        }
+    }
+}
