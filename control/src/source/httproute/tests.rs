@@ -97,7 +97,7 @@ fn what_the_api_server_and_wasmesh_refuse() {
         ),
         (
             "  rules: [{matches: [{path: {type: RegularExpression, value: '/api/(v1'}}]}]\n",
-            "spec.rules[0].matches[0].path.value: \"/api/(v1\" is not a valid regular expression",
+            "spec.rules[0].matches[0].path.value: \"/api/(v1\" is not a valid regular expression: unclosed group",
         ),
         (
             "  rules: [{matches: [{path: {type: Glob, value: /a}}]}]\n",

@@ -719,16 +719,13 @@ fn check_path(field: &str, value: &str) -> Result<(), InvalidRoute> {
 /// A regular expression the proxy can compile (the `regex` crate's syntax).
 fn check_regex(field: &str, value: &str) -> Result<(), InvalidRoute> {
     regex::Regex::new(value).map(drop).map_err(|e| {
-        let first = e
-            .to_string()
-            .lines()
-            .last()
-            .unwrap_or_default()
-            .trim()
-            .to_string();
+        // The crate's message ends with a line "error: <what>".
+        let text = e.to_string();
+        let last = text.lines().last().unwrap_or_default().trim();
+        let why = last.strip_prefix("error: ").unwrap_or(last);
         invalid(
             field,
-            format!("{value:?} is not a valid regular expression: {first}"),
+            format!("{value:?} is not a valid regular expression: {why}"),
         )
     })
 }
