@@ -128,8 +128,8 @@ struct RunArgs {
     #[arg(long, env = "WASMESH_COPY", default_value = "auto")]
     copy: wasmesh_proxy::copy::CopyMode,
 
-    /// The pod's labels as `key=value,…` (for WasmPlugin selectors); merged over
-    /// --pod-labels-file.
+    /// The pod's labels as `key=value,…` (for WasmPlugin and AuthorizationPolicy selectors);
+    /// merged over --pod-labels-file.
     #[arg(long, env = "WASMESH_POD_LABELS", default_value = "")]
     pod_labels: String,
 
@@ -166,10 +166,6 @@ struct RunArgs {
     /// Folder of AuthorizationPolicy YAML (wasmesh.io/v1alpha1), re-read every 2 s.
     #[arg(long, env = "WASMESH_POLICY_DIR")]
     policy_dir: Option<std::path::PathBuf>,
-
-    /// This pod's labels, `k=v,k=v` (policies select workloads by them).
-    #[arg(long, env = "POD_LABELS", default_value = "")]
-    pod_labels: String,
 }
 
 #[derive(Debug, Args)]
@@ -340,12 +336,6 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 trust_domain: args.trust_domain,
                 mode: args.inbound_mtls,
                 policy_dir: args.policy_dir,
-                labels: args
-                    .pod_labels
-                    .split(',')
-                    .filter_map(|kv| kv.split_once('='))
-                    .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-                    .collect(),
             }),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -48,10 +48,9 @@ pub struct MtlsConfig {
     pub trust_domain: String,
     /// Inbound plaintext: permissive (accepted) or strict (refused); policies can make it strict.
     pub mode: MtlsMode,
-    /// Folder of AuthorizationPolicy YAML, re-read every couple of seconds.
+    /// Folder of AuthorizationPolicy YAML, re-read every couple of seconds (policies select
+    /// workloads by [`RunConfig::pod_labels`]).
     pub policy_dir: Option<std::path::PathBuf>,
-    /// This pod's labels (policies select workloads by them).
-    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Why the sidecar cannot start.
@@ -129,7 +128,7 @@ pub async fn run(
             authorizer: Authorizer::new(
                 authz::Workload {
                     namespace: cfg.pod_namespace.clone(),
-                    labels: m.labels.clone(),
+                    labels: cfg.pod_labels.clone(),
                 },
                 m.trust_domain.clone(),
                 m.mode,
