@@ -128,6 +128,9 @@ pub struct HostConfig {
     pub cache_dir: Option<PathBuf>,
     /// Longest a single callback may run before it is interrupted (default 10 ms).
     pub callback_deadline: Duration,
+    /// Longest the start-up callbacks (`_initialize`, `on_vm_start`, `on_configure`) may run
+    /// (default 1 s: parsing a configuration may take longer than a request callback).
+    pub start_deadline: Duration,
     /// Granularity of the deadline (the epoch ticker's period, default 1 ms).
     pub epoch_tick: Duration,
     /// Linear memory cap per instance (default 64 MiB).
@@ -152,6 +155,7 @@ impl Default for HostConfig {
         HostConfig {
             cache_dir: None,
             callback_deadline: Duration::from_millis(10),
+            start_deadline: Duration::from_secs(1),
             epoch_tick: Duration::from_millis(1),
             memory_limit: 64 << 20,
             instances_per_plugin: std::thread::available_parallelism().map_or(2, |n| n.get()),

@@ -42,6 +42,8 @@ pub(crate) struct HostInner {
     pub(crate) engine_key: String,
     /// Epoch ticks a callback may run.
     pub(crate) deadline_ticks: u64,
+    /// Epoch ticks start-up callbacks (`_initialize`, `on_vm_start`, `on_configure`) may run.
+    pub(crate) start_ticks: u64,
     stop: Arc<AtomicBool>,
 }
 
@@ -84,6 +86,8 @@ impl WasmHost {
 
         let tick = config.epoch_tick.max(std::time::Duration::from_micros(100));
         let deadline_ticks = (config.callback_deadline.as_nanos() / tick.as_nanos()) as u64 + 1;
+        let start_deadline = config.callback_deadline.max(config.start_deadline);
+        let start_ticks = (start_deadline.as_nanos() / tick.as_nanos()) as u64 + 1;
         let stop = Arc::new(AtomicBool::new(false));
         {
             let engine = engine.clone();
@@ -107,6 +111,7 @@ impl WasmHost {
                 modules: Mutex::new(HashMap::new()),
                 engine_key,
                 deadline_ticks,
+                start_ticks,
                 stop,
             }),
         })

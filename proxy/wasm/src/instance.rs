@@ -148,19 +148,19 @@ impl Instance {
             }
         };
         if let Some(init) = init {
-            inst.guard(0, |s| init.call(s, ()))
+            inst.guard_start(0, |s| init.call(s, ()))
                 .map_err(fail("_initialize"))?;
         }
         let root = inst.store.data_mut().new_context_id();
         inst.store.data_mut().root_context = root;
         if let Some(f) = inst.cb.on_context_create.clone() {
-            inst.guard(root, |s| f.call(s, (root, 0)))
+            inst.guard_start(root, |s| f.call(s, (root, 0)))
                 .map_err(fail("proxy_on_context_create"))?;
         }
         let vm_len = meta.vm_config.len() as u32;
         if let Some(f) = inst.cb.on_vm_start.clone()
             && inst
-                .guard(root, |s| f.call(s, (root, vm_len)))
+                .guard_start(root, |s| f.call(s, (root, vm_len)))
                 .map_err(fail("proxy_on_vm_start"))?
                 == 0
         {
@@ -169,7 +169,7 @@ impl Instance {
         let cfg_len = meta.plugin_config.len() as u32;
         if let Some(f) = inst.cb.on_configure.clone()
             && inst
-                .guard(root, |s| f.call(s, (root, cfg_len)))
+                .guard_start(root, |s| f.call(s, (root, cfg_len)))
                 .map_err(fail("proxy_on_configure"))?
                 == 0
         {
@@ -185,6 +185,25 @@ impl Instance {
         f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, Fault> {
         let ticks = self.store.data().host.deadline_ticks;
+        self.guard_for(ticks, ctx, f)
+    }
+
+    /// [`Instance::guard`] with the longer start-up deadline.
+    fn guard_start<R>(
+        &mut self,
+        ctx: u32,
+        f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<R>,
+    ) -> Result<R, Fault> {
+        let ticks = self.store.data().host.start_ticks;
+        self.guard_for(ticks, ctx, f)
+    }
+
+    fn guard_for<R>(
+        &mut self,
+        ticks: u64,
+        ctx: u32,
+        f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<R>,
+    ) -> Result<R, Fault> {
         self.store.set_epoch_deadline(ticks);
         {
             let s = self.store.data_mut();

@@ -208,34 +208,45 @@ async fn a_chain_runs_in_phase_order_and_responses_in_reverse() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_swapped_under_load_fails_no_request() {
+    use std::sync::atomic::{AtomicBool, Ordering};
     let h = host();
     let current = std::sync::Arc::new(arc_swap_like::Swap::new(FilterChain::new(vec![canary(
         &h,
         r#"{"percentage": 0}"#,
     )])));
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for _ in 0..4 {
-        let current = current.clone();
+        let (current, stop) = (current.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
-            let mut seen_canary = 0;
-            for _ in 0..150 {
+            let (mut requests, mut canaries) = (0, 0);
+            while !stop.load(Ordering::Relaxed) && requests < 100_000 {
                 let chain = current.get();
                 let x = exchange(&chain, request("").body(vec![]).unwrap(), ok).await;
-                assert_eq!(x.status, 200);
+                assert_eq!(x.status, 200, "request {requests} failed");
+                requests += 1;
                 if header(x.upstream_request.as_ref().unwrap(), "x-canary") == Some("canary") {
-                    seen_canary += 1;
+                    canaries += 1;
                 }
+                tokio::task::yield_now().await;
             }
-            seen_canary
+            (requests, canaries)
         }));
     }
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     current.set(FilterChain::new(vec![canary(&h, r#"{"percentage": 100}"#)]));
-    let mut total = 0;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut requests, mut canaries) = (0, 0);
     for t in tasks {
-        total += t.await.expect("no request failed");
+        let (r, c) = t.await.expect("no request failed");
+        requests += r;
+        canaries += c;
     }
-    assert!(total > 0, "the new configuration took effect");
+    assert!(
+        canaries > 0 && canaries < requests,
+        "both configurations served: {canaries} of {requests}"
+    );
 }
 
 /// A tiny swap cell (the proxy uses arc-swap; a mutex is enough here).

@@ -57,6 +57,8 @@ pub fn host_with(f: impl FnOnce(&mut HostConfig)) -> WasmHost {
         instances_per_plugin: 2,
         max_instances: 16,
         reload_backoff: Duration::from_millis(10),
+        // Tests share two cores with builds: a wall-clock deadline of 10 ms would misfire.
+        callback_deadline: Duration::from_millis(300),
         // Compiling a filter in a debug build takes seconds: share the precompiled modules
         // between the tests' hosts.
         cache_dir: Some(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("wasm-cache")),
