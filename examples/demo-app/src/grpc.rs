@@ -111,7 +111,7 @@ pub struct GrpcCallArgs {
     #[arg(long)]
     to: String,
 
-    /// How many unary `Say` calls to make, one after the other, on one channel.
+    /// How many unary `Say` calls to make on the one channel.
     #[arg(long, default_value_t = 10)]
     count: u64,
 
@@ -126,6 +126,10 @@ pub struct GrpcCallArgs {
     /// Pause between unary calls.
     #[arg(long, value_name = "DURATION", default_value = "0", value_parser = duration::parse)]
     interval: Duration,
+
+    /// Unary calls in flight at once, all multiplexed on the one channel.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    concurrency: u64,
 }
 
 pub async fn run(args: GrpcCallArgs) -> anyhow::Result<ExitCode> {
@@ -141,20 +145,34 @@ pub async fn run(args: GrpcCallArgs) -> anyhow::Result<ExitCode> {
     let mut tally: BTreeMap<String, u64> = BTreeMap::new();
     let mut versions: BTreeMap<String, u64> = BTreeMap::new();
     let mut failed = 0u64;
-    for i in 1..=args.count {
-        if i > 1 && !args.interval.is_zero() {
-            tokio::time::sleep(args.interval).await;
+    let mut set = tokio::task::JoinSet::new();
+    let mut next = 1u64;
+    while next <= args.count || !set.is_empty() {
+        while (set.len() as u64) < args.concurrency && next <= args.count {
+            if next > 1 && !args.interval.is_zero() {
+                tokio::time::sleep(args.interval).await;
+            }
+            let mut client = client.clone();
+            let (i, deadline) = (next, args.deadline);
+            set.spawn(async move {
+                let mut req = Request::new(SayRequest {
+                    message: format!("call {i}"),
+                });
+                req.set_timeout(deadline);
+                let start = Instant::now();
+                // A little longer than the deadline, so the deadline's own error is what is
+                // seen.
+                let result = tokio::time::timeout(deadline * 2, client.say(req))
+                    .await
+                    .unwrap_or_else(|_| Err(Status::deadline_exceeded("no answer (client timer)")));
+                (i, result, start.elapsed().as_millis())
+            });
+            next += 1;
         }
-        let mut req = Request::new(SayRequest {
-            message: format!("call {i}"),
-        });
-        req.set_timeout(args.deadline);
-        let start = Instant::now();
-        // A little longer than the deadline, so the deadline's own error is what is seen.
-        let result = tokio::time::timeout(args.deadline * 2, client.say(req))
-            .await
-            .unwrap_or_else(|_| Err(Status::deadline_exceeded("no answer (client timer)")));
-        let ms = start.elapsed().as_millis();
+        let Some(joined) = set.join_next().await else {
+            break;
+        };
+        let (i, result, ms) = joined.context("a call's task")?;
         let mut line = format!("#{i} ");
         match result {
             Ok(resp) => {

@@ -114,6 +114,12 @@ impl TestMesh {
         })
     }
 
+    /// [`TestMesh::up`] with owned file contents.
+    pub fn up_files(test: &str, files: &[(&str, String)]) -> Option<Self> {
+        let refs: Vec<(&str, &str)> = files.iter().map(|(a, b)| (*a, b.as_str())).collect();
+        Self::up(test, &refs)
+    }
+
     pub fn handle(&self) -> &MeshHandle {
         self.handle.as_ref().expect("running")
     }
@@ -168,13 +174,39 @@ impl TestMesh {
 
     /// Runs `argv` in a pod (as root, with the pod's /etc/hosts), bounded to 30 s.
     pub fn exec(&self, ns: &str, pod: &str, argv: &[&str]) -> Output {
+        self.exec_command(ns, pod, argv)
+            .output()
+            .unwrap_or_else(|e| panic!("exec in {ns}/{pod}: {e}"))
+    }
+
+    /// The command [`TestMesh::exec`] runs, to run elsewhere (another thread).
+    pub fn exec_command(&self, ns: &str, pod: &str, argv: &[&str]) -> std::process::Command {
         let status = self.status();
         let mut full = vec!["timeout".to_string(), "30".to_string()];
         full.extend(argv.iter().map(|s| s.to_string()));
-        let mut cmd = cli::exec_command(&status, ns, pod, &full)
-            .unwrap_or_else(|e| panic!("exec in {ns}/{pod}: {e}"));
-        cmd.output()
+        cli::exec_command(&status, ns, pod, &full)
             .unwrap_or_else(|e| panic!("exec in {ns}/{pod}: {e}"))
+    }
+
+    /// `exec`, with the exit status and the output (stdout then stderr) as text.
+    pub fn run(&self, ns: &str, pod: &str, argv: &[&str]) -> (bool, String) {
+        let out = self.exec(ns, pod, argv);
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    /// The last `n` lines of a log in the state directory, e.g. `logs/t/client/wasmesh-proxy.log`
+    /// (for assertion messages).
+    pub fn log_tail(&self, rel: &str, n: usize) -> String {
+        let text = std::fs::read_to_string(self.state.join(rel)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
     /// `wasmesh-demo client` in a pod: `count` calls, a new connection each.
@@ -190,26 +222,34 @@ impl TestMesh {
         count: usize,
         extra: &[&str],
     ) -> Calls {
-        let count_s = count.to_string();
-        let mut argv = vec![
-            "wasmesh-demo",
-            "client",
-            "--url",
-            url,
-            "--count",
-            &count_s,
-            "--interval",
-            "0",
-            "--timeout",
-            "3s",
-            "--verbose",
-        ];
-        argv.extend_from_slice(extra);
+        let argv = client_argv(url, count, extra);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         let out = self.exec(ns, pod, &argv);
         Calls::parse(
             &String::from_utf8_lossy(&out.stdout),
             &String::from_utf8_lossy(&out.stderr),
         )
+    }
+
+    /// [`TestMesh::calls_with`] on a thread of its own, while the test does something else.
+    pub fn spawn_calls_with(
+        &self,
+        ns: &str,
+        pod: &str,
+        url: &str,
+        count: usize,
+        extra: &[&str],
+    ) -> std::thread::JoinHandle<Calls> {
+        let argv = client_argv(url, count, extra);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let mut cmd = self.exec_command(ns, pod, &argv);
+        std::thread::spawn(move || {
+            let out = cmd.output().expect("exec the client");
+            Calls::parse(
+                &String::from_utf8_lossy(&out.stdout),
+                &String::from_utf8_lossy(&out.stderr),
+            )
+        })
     }
 
     /// The sidecar's `/metrics` in a pod, as name → value.
@@ -277,6 +317,73 @@ impl TestMesh {
     }
 }
 
+/// `wasmesh-demo client --verbose` making `count` calls back to back.
+fn client_argv(url: &str, count: usize, extra: &[&str]) -> Vec<String> {
+    let count = count.to_string();
+    let mut argv = vec!["wasmesh-demo", "client", "--url", url, "--count", &count];
+    // Defaults `extra` may override.
+    for (flag, value) in [("--interval", "0"), ("--timeout", "3s")] {
+        if !extra.contains(&flag) {
+            argv.extend([flag, value]);
+        }
+    }
+    argv.push("--verbose");
+    argv.extend_from_slice(extra);
+    argv.into_iter().map(str::to_string).collect()
+}
+
+impl TestMesh {
+    /// Waits until the sidecar in `ns/client` has exactly `n` endpoints for the Service port,
+    /// all ready.
+    pub fn wait_endpoints(&self, client: &str, (ns, svc, port): (&str, &str, u16), n: usize) {
+        self.wait_proxy(
+            ns,
+            client,
+            (ns, svc, port),
+            &format!("{n} ready endpoints"),
+            |eps| eps.len() == n && eps.iter().all(|e| e.ready),
+        );
+    }
+
+    /// Waits until the sidecar in `ns/client` carries exactly the HTTPRoutes `routes`
+    /// (`namespace/name`) on the Service port.
+    pub fn wait_routes(&self, client: &str, (ns, svc, port): (&str, &str, u16), routes: &[&str]) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let cfg = self.proxy_config(ns, client);
+            let have: Option<Vec<String>> = cfg["service_ports"].as_array().and_then(|ps| {
+                let sp = ps.iter().find(|p| {
+                    p["namespace"] == ns
+                        && p["service"] == svc
+                        && p["port"].as_u64() == Some(u64::from(port))
+                })?;
+                Some(
+                    sp["http_routes"]
+                        .as_array()?
+                        .iter()
+                        .filter_map(|r| r.as_str().map(str::to_string))
+                        .collect(),
+                )
+            });
+            if have.as_ref().is_some_and(|h| {
+                let mut h = h.clone();
+                h.sort();
+                let mut want: Vec<String> = routes.iter().map(|r| r.to_string()).collect();
+                want.sort();
+                h == want
+            }) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sidecar of {ns}/{client} never carried the routes {routes:?} on {ns}/{svc}:{port}; it has {have:?} (control's log: {})",
+                self.log_tail("logs/wasmesh-control.log", 20)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 impl Drop for TestMesh {
     fn drop(&mut self) {
         if let Some(h) = self.handle.take()
@@ -330,12 +437,20 @@ pub struct Calls {
     pub answers: Vec<Answer>,
     /// Failed calls: the error text.
     pub failures: Vec<String>,
+    /// Connections the client opened (from its last line).
+    pub connections: Option<u64>,
     pub output: String,
 }
 
 #[derive(Debug, Clone)]
 pub struct Answer {
+    /// `proxy` when the sidecar answered itself (`x-wasmesh-error`).
     pub pod: String,
+    pub status: u16,
+    /// `x-version`, if the backend sent one.
+    pub version: Option<String>,
+    /// `x-wasmesh-error`, if the sidecar answered.
+    pub error: Option<String>,
     pub served_at: String,
     pub peer: String,
     pub ms: u64,
@@ -350,33 +465,47 @@ impl Calls {
         // Call lines start with `#<i> `; the last line is a summary.
         for line in stdout.lines().filter(|l| l.starts_with('#')) {
             let line = line.split("  |").next().unwrap_or(line);
-            if let Some(rest) = line.split_once(" answered by ").map(|(_, r)| r) {
-                // `<pod> (<ms> ms) served at <addr> for <peer>`
+            if let Some((head, rest)) = line.split_once(" answered by ") {
+                // `#<i> <status> answered by <pod> (<ms> ms)[ version V][ x-wasmesh-error E]
+                // [ served at <addr> for <peer>]`
+                let status = head
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|w| w.parse().ok())
+                    .unwrap_or(0);
                 let mut words = rest.split_whitespace();
                 let pod = words.next().unwrap_or("").to_string();
                 let ms = words
                     .next()
                     .and_then(|w| w.trim_start_matches('(').parse().ok())
                     .unwrap_or(0);
-                let served_at = rest
-                    .split_once(" served at ")
-                    .and_then(|(_, r)| r.split_whitespace().next())
-                    .unwrap_or("")
-                    .to_string();
-                let peer = rest
-                    .rsplit_once(" for ")
-                    .map(|(_, p)| p.trim().to_string())
-                    .unwrap_or_default();
+                let word_after = |key: &str| {
+                    rest.split_once(key)
+                        .and_then(|(_, r)| r.split_whitespace().next())
+                        .map(str::to_string)
+                };
                 c.answers.push(Answer {
                     pod,
-                    served_at,
-                    peer,
+                    status,
+                    version: word_after(" version "),
+                    error: word_after(" x-wasmesh-error "),
+                    served_at: word_after(" served at ").unwrap_or_default(),
+                    peer: rest
+                        .rsplit_once(" for ")
+                        .map(|(_, p)| p.trim().to_string())
+                        .unwrap_or_default(),
                     ms,
                 });
             } else if let Some((_, e)) = line.split_once(" failed after ") {
                 c.failures.push(e.to_string());
             }
         }
+        c.connections = stdout
+            .lines()
+            .rfind(|l| l.starts_with("done: "))
+            .and_then(|l| l.rsplit_once(", "))
+            .and_then(|(_, last)| last.strip_suffix(" connections"))
+            .and_then(|n| n.parse().ok());
         c
     }
 
@@ -385,6 +514,25 @@ impl Calls {
         let mut t = BTreeMap::new();
         for a in &self.answers {
             *t.entry(a.pod.clone()).or_default() += 1;
+        }
+        t
+    }
+
+    /// Calls per `x-version` (`-` for answers without one).
+    pub fn versions(&self) -> BTreeMap<String, usize> {
+        let mut t = BTreeMap::new();
+        for a in &self.answers {
+            let v = a.version.clone().unwrap_or_else(|| "-".into());
+            *t.entry(v).or_default() += 1;
+        }
+        t
+    }
+
+    /// Calls per status.
+    pub fn statuses(&self) -> BTreeMap<u16, usize> {
+        let mut t = BTreeMap::new();
+        for a in &self.answers {
+            *t.entry(a.status).or_default() += 1;
         }
         t
     }
@@ -460,6 +608,95 @@ spec:
         command: ["wasmesh-demo", "backend", "--drain", "300ms"{listen}]
         ports:
 {port_list}"#
+    )
+}
+
+/// A Deployment of `wasmesh-demo backend` with more say than [`backend`]: its own labels
+/// (`labels` is YAML flow-map content, e.g. `app: web, version: v1`), extra arguments and
+/// environment.
+pub struct Demo<'a> {
+    pub name: &'a str,
+    pub replicas: u32,
+    pub labels: &'a str,
+    /// `[(name, port)]` served with `--listen`.
+    pub ports: &'a [(&'a str, u16)],
+    /// `[(name, port)]` served with `--grpc-listen`.
+    pub grpc_ports: &'a [(&'a str, u16)],
+    pub args: &'a [&'a str],
+    pub env: &'a [(&'a str, &'a str)],
+}
+
+impl Demo<'_> {
+    pub fn yaml(&self, ns: &str) -> String {
+        let mut args: Vec<String> = vec!["--drain".into(), "300ms".into()];
+        for (_, p) in self.ports {
+            args.extend(["--listen".into(), format!("0.0.0.0:{p}")]);
+        }
+        for (_, p) in self.grpc_ports {
+            args.extend(["--grpc-listen".into(), format!("0.0.0.0:{p}")]);
+        }
+        args.extend(self.args.iter().map(|a| a.to_string()));
+        let command: String = args.iter().map(|a| format!(", \"{a}\"")).collect();
+        let ports: String = self
+            .ports
+            .iter()
+            .chain(self.grpc_ports)
+            .map(|(n, p)| format!("        - {{name: {n}, containerPort: {p}}}\n"))
+            .collect();
+        let env: String = self
+            .env
+            .iter()
+            .map(|(k, v)| format!("        - {{name: {k}, value: \"{v}\"}}\n"))
+            .collect();
+        let env = if env.is_empty() {
+            String::new()
+        } else {
+            format!("        env:\n{env}")
+        };
+        format!(
+            r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  replicas: {replicas}
+  selector: {{matchLabels: {{{labels}}}}}
+  template:
+    metadata:
+      labels: {{{labels}}}
+    spec:
+      containers:
+      - name: app
+        command: ["wasmesh-demo", "backend"{command}]
+{env}        ports:
+{ports}"#,
+            name = self.name,
+            replicas = self.replicas,
+            labels = self.labels,
+        )
+    }
+}
+
+/// A ClusterIP Service selecting `selector` (YAML flow-map content); `ports` as (name, port,
+/// targetPort, appProtocol — empty for none).
+pub fn service_for(
+    ns: &str,
+    name: &str,
+    selector: &str,
+    ports: &[(&str, u16, u16, &str)],
+) -> String {
+    let list: String = ports
+        .iter()
+        .map(|(n, p, t, app)| {
+            let app = if app.is_empty() {
+                String::new()
+            } else {
+                format!(", appProtocol: {app}")
+            };
+            format!("  - {{name: {n}, port: {p}, targetPort: {t}{app}}}\n")
+        })
+        .collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  selector: {{{selector}}}\n  ports:\n{list}"
     )
 }
 

@@ -1,0 +1,693 @@
+//! HTTP, HTTP/2, gRPC and WebSocket through the whole mesh: a client pod calls a Service by
+//! name, its sidecar detects HTTP, routes and balances each request, and the backend pod's
+//! sidecar delivers it. What is checked is what the client sees — which pod and version
+//! answered, the status and `x-wasmesh-error`, how long it took, how many connections it
+//! opened — and, where it says more, the client sidecar's counters. Needs root; see
+//! `tests/support/mod.rs`.
+//!
+//! Tests that attach HTTPRoutes need control to read `kind: HTTPRoute` from the folder.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use support::{Demo, NS, TestMesh, client, namespace, service_for};
+
+/// Three replicas of the demo backend: HTTP/1.1 and h2c on 8080, gRPC on 9000.
+const WEB: Demo<'static> = Demo {
+    name: "web",
+    replicas: 3,
+    labels: "app: web",
+    ports: &[("http", 8080)],
+    grpc_ports: &[("grpc", 9000)],
+    args: &[],
+    env: &[],
+};
+
+/// Service `web`: 80 declared HTTP by name, 81 h2c by appProtocol, 82 undeclared (detected),
+/// 9000 gRPC by name.
+fn web_service() -> String {
+    service_for(
+        NS,
+        "web",
+        "app: web",
+        &[
+            ("http", 80, 8080, ""),
+            ("h2", 81, 8080, "kubernetes.io/h2c"),
+            ("web", 82, 8080, ""),
+            ("grpc", 9000, 9000, ""),
+        ],
+    )
+}
+
+/// The client sidecar's view of a Service port's endpoints (`/config`), for failure messages.
+fn sidecar_endpoints(mesh: &TestMesh, svc: &str, port: u16) -> String {
+    let cfg = mesh.proxy_config(NS, "client");
+    cfg["service_ports"]
+        .as_array()
+        .and_then(|ps| {
+            ps.iter()
+                .find(|p| p["service"] == svc && p["port"].as_u64() == Some(u64::from(port)))
+        })
+        .map(|p| p["endpoints"].to_string())
+        .unwrap_or_default()
+}
+
+fn counter(m: &BTreeMap<String, f64>, name: &str) -> f64 {
+    m.get(name).copied().unwrap_or(0.0)
+}
+
+/// The mesh of most tests: namespace, `web` (3 replicas) and its Service, a client pod;
+/// returns once the client's sidecar sees the 3 endpoints on every port.
+fn web_mesh(test: &str, more: &[(&str, String)]) -> Option<TestMesh> {
+    let mut files = vec![
+        ("ns.yaml", namespace()),
+        ("web.yaml", WEB.yaml(NS)),
+        ("web-svc.yaml", web_service()),
+        ("client.yaml", client(NS, "client", "")),
+    ];
+    files.extend(more.iter().cloned());
+    let mesh = TestMesh::up_files(test, &files)?;
+    mesh.ready_pods(NS, "web-", 3);
+    mesh.ready_pods(NS, "client", 1);
+    for port in [80, 81, 82, 9000] {
+        mesh.wait_endpoints("client", (NS, "web", port), 3);
+    }
+    Some(mesh)
+}
+
+#[test]
+fn http1_keep_alive_through_the_pair_is_balanced_per_request() {
+    let Some(mesh) = web_mesh(
+        "http1_keep_alive_through_the_pair_is_balanced_per_request",
+        &[],
+    ) else {
+        return;
+    };
+    let pods = mesh.ready_pods(NS, "web-", 3);
+    // Declared HTTP by the port name, and detected from the request line.
+    for port in [80, 82] {
+        let url = format!("http://web:{port}/");
+        let calls = mesh.calls_with(NS, "client", &url, 60, &["--reuse"]);
+        assert!(calls.failures.is_empty(), "{}", calls.output);
+        assert_eq!(calls.connections, Some(1), "{}", calls.output);
+        assert!(
+            calls.answers.iter().all(|a| a.status == 200),
+            "{}",
+            calls.output
+        );
+        // One connection, yet several replicas answered: the sidecar balanced each request
+        // (at L4 one replica would have had all 60). How evenly one-at-a-time requests share
+        // is the balancer's business; concurrent ones: `one_h2c_connection_…`.
+        let tally = calls.tally();
+        assert!(
+            tally.len() >= 2,
+            "port {port}: {tally:?}; the client's sidecar: {}\n{}",
+            sidecar_endpoints(&mesh, "web", port),
+            calls.output
+        );
+        // Through both sidecars: the backend saw its inbound proxy, at its own address.
+        for a in &calls.answers {
+            assert!(a.peer.starts_with("127.0.0.6:"), "{a:?}");
+            let pod = pods.iter().find(|p| p.name == a.pod).expect("pod");
+            assert_eq!(a.served_at, format!("{}:8080", pod.ip), "{a:?}");
+        }
+    }
+    let m = mesh.metrics(NS, "client");
+    assert!(counter(&m, "wasmesh_http_requests_total") >= 120.0, "{m:?}");
+    assert_eq!(counter(&m, "wasmesh_http_proxy_errors_total"), 0.0, "{m:?}");
+}
+
+#[test]
+fn one_h2c_connection_is_spread_over_three_replicas() {
+    let Some(mesh) = web_mesh("one_h2c_connection_is_spread_over_three_replicas", &[]) else {
+        return;
+    };
+    // 81: declared h2c; 82: undeclared, the HTTP/2 preface detected.
+    for port in [81, 82] {
+        let url = format!("http://web:{port}/");
+        let calls = mesh.calls_with(NS, "client", &url, 90, &["--h2", "--concurrency", "10"]);
+        assert!(calls.failures.is_empty(), "port {port}: {}", calls.output);
+        assert_eq!(calls.connections, Some(1), "port {port}: {}", calls.output);
+        assert_eq!(calls.answers.len(), 90, "port {port}: {}", calls.output);
+        assert!(
+            calls.answers.iter().all(|a| a.status == 200),
+            "port {port}: {}",
+            calls.output
+        );
+        // One connection, several replicas: each stream was balanced on its own (at L4 one
+        // replica would have had all 90).
+        let tally = calls.tally();
+        assert!(
+            tally.len() >= 2,
+            "port {port}: {tally:?}; the client's sidecar: {}\n{}",
+            sidecar_endpoints(&mesh, "web", port),
+            calls.output
+        );
+    }
+}
+
+#[test]
+fn one_grpc_channel_is_spread_over_three_replicas_and_streams_arrive_whole() {
+    let Some(mesh) = web_mesh(
+        "one_grpc_channel_is_spread_over_three_replicas_and_streams_arrive_whole",
+        &[],
+    ) else {
+        return;
+    };
+    let grpc_call = |args: &[&str]| {
+        let mut argv = vec![
+            "wasmesh-demo",
+            "grpc-call",
+            "--to",
+            "http://web:9000",
+            "--deadline",
+            "2s",
+        ];
+        argv.extend_from_slice(args);
+        let (ok, out) = mesh.run(NS, "client", &argv);
+        let mut tally: BTreeMap<String, usize> = BTreeMap::new();
+        for line in out.lines().filter(|l| l.starts_with('#')) {
+            let pod = line
+                .split_once(" OK answered by ")
+                .and_then(|(_, r)| r.split_whitespace().next())
+                .unwrap_or("?");
+            *tally.entry(pod.to_string()).or_default() += 1;
+        }
+        (ok, out, tally)
+    };
+    // 10 calls in flight at a time on the one channel.
+    let (ok, out, tally) = grpc_call(&["--count", "90", "--concurrency", "10", "--stream", "200"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("done: 90 calls, 0 failed, answered by "),
+        "{out}"
+    );
+    assert!(tally.len() >= 2, "{tally:?}\n{out}");
+    assert!(
+        out.contains("stream: 200 of 200 replies from web-") && out.contains(", in order"),
+        "{out}"
+    );
+    // One call at a time: still more than one replica.
+    let (ok, out, tally) = grpc_call(&["--count", "30"]);
+    assert!(ok, "{out}");
+    assert!(tally.len() >= 2, "{tally:?}\n{out}");
+}
+
+#[test]
+fn a_websocket_echo_works_through_the_pair() {
+    let Some(mesh) = web_mesh("a_websocket_echo_works_through_the_pair", &[]) else {
+        return;
+    };
+    for port in [80, 82] {
+        let url = format!("ws://web:{port}/ws");
+        let (ok, out) = mesh.run(
+            NS,
+            "client",
+            &["wasmesh-demo", "ws", "--url", &url, "--count", "20"],
+        );
+        assert!(ok, "port {port}: {out}");
+        assert!(
+            out.contains("connected: 101 from web-")
+                && out.contains("done: 20 messages, 0 failed, echoed by web-"),
+            "port {port}: {out}"
+        );
+    }
+}
+
+#[test]
+fn a_server_that_speaks_first_on_an_undeclared_port_works_after_the_detection_timeout() {
+    let greeter = format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: greeter, namespace: {NS}}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: greeter}}}}
+  template:
+    metadata: {{labels: {{app: greeter}}}}
+    spec:
+      containers:
+      - name: app
+        command: ["wasmesh-demo", "greeter", "--listen", "0.0.0.0:7000"]
+        ports: [{{name: greet, containerPort: 7000}}]
+"#
+    );
+    // 2525: nothing says what it is, so the sidecar waits for the client's first bytes;
+    // 2526: declared opaque by its name.
+    let svc = service_for(
+        NS,
+        "greet",
+        "app: greeter",
+        &[("greet", 2525, 7000, ""), ("tcp-greet", 2526, 7000, "")],
+    );
+    let Some(mesh) = TestMesh::up_files(
+        "a_server_that_speaks_first_on_an_undeclared_port_works_after_the_detection_timeout",
+        &[
+            ("ns.yaml", namespace()),
+            ("greeter.yaml", greeter),
+            ("svc.yaml", svc),
+            ("client.yaml", client(NS, "client", "")),
+        ],
+    ) else {
+        return;
+    };
+    mesh.ready_pods(NS, "greeter-", 1);
+    mesh.ready_pods(NS, "client", 1);
+    mesh.wait_endpoints("client", (NS, "greet", 2525), 1);
+    mesh.wait_endpoints("client", (NS, "greet", 2526), 1);
+    let greeting_ms = |port: u16| {
+        let (ok, out) = mesh.run(
+            NS,
+            "client",
+            &[
+                "wasmesh-demo",
+                "greeter",
+                "--connect",
+                &format!("greet:{port}"),
+                "--timeout",
+                "5s",
+            ],
+        );
+        assert!(ok, "port {port}: {out}");
+        assert!(out.contains(" greeter ready"), "port {port}: {out}");
+        out.lines()
+            .find_map(|l| l.strip_prefix("greeting after "))
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|ms| ms.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no greeting time: {out}"))
+    };
+    let undeclared = greeting_ms(2525);
+    let declared = greeting_ms(2526);
+    // The detection timeout is 500 ms: the greeting waits that long on the undeclared port,
+    // and not on the declared one.
+    assert!(
+        (450..3000).contains(&undeclared),
+        "undeclared: greeting after {undeclared} ms"
+    );
+    assert!(
+        declared < 400,
+        "declared opaque: greeting after {declared} ms"
+    );
+    let m = mesh.metrics(NS, "client");
+    assert!(counter(&m, "wasmesh_detected_opaque_total") >= 1.0, "{m:?}");
+}
+
+#[test]
+fn malformed_http_gets_400_and_the_proxy_keeps_serving_others() {
+    let Some(mesh) = web_mesh(
+        "malformed_http_gets_400_and_the_proxy_keeps_serving_others",
+        &[],
+    ) else {
+        return;
+    };
+    // Another app connection keeps calling, kept alive, while bad requests arrive.
+    let others = mesh.spawn_calls_with(
+        NS,
+        "client",
+        "http://web/",
+        40,
+        &["--reuse", "--interval", "50ms"],
+    );
+    let bad = [
+        // A header line without a colon.
+        (
+            80,
+            r"GET / HTTP/1.1\r\nHost: web\r\nthis is not a header\r\n\r\n",
+        ),
+        // Not HTTP at all, on a port declared HTTP.
+        (80, r"hello there\r\n\r\n"),
+        // A request line that looks like HTTP/1 but with a broken header, detected.
+        (82, r"GET / HTTP/1.1\r\nHost: web\r\nBad Name: x\r\n\r\n"),
+    ];
+    for (port, send) in bad {
+        let started = Instant::now();
+        let (ok, out) = mesh.run(
+            NS,
+            "client",
+            &[
+                "wasmesh-demo",
+                "raw",
+                "--to",
+                &format!("web:{port}"),
+                "--send",
+                send,
+                "--timeout",
+                "3s",
+            ],
+        );
+        assert!(ok, "{send}: {out}");
+        assert!(out.starts_with("HTTP/1.1 400 "), "{send}: {out}");
+        assert!(
+            out.to_ascii_lowercase()
+                .contains("x-wasmesh-error: bad-request"),
+            "{send}: {out}"
+        );
+        // Answered and closed, not left hanging.
+        assert!(out.contains("closed by the server"), "{send}: {out}");
+        assert!(started.elapsed() < Duration::from_secs(3), "{send}: {out}");
+    }
+    let calls = others.join().expect("the other client");
+    assert!(calls.failures.is_empty(), "{}", calls.output);
+    assert_eq!(calls.answers.len(), 40, "{}", calls.output);
+    assert_eq!(calls.connections, Some(1), "{}", calls.output);
+    assert!(
+        calls.answers.iter().all(|a| a.status == 200),
+        "{}",
+        calls.output
+    );
+    // And new connections are served as before.
+    let calls = mesh.calls(NS, "client", "http://web/", 10);
+    assert!(calls.failures.is_empty(), "{}", calls.output);
+    assert_eq!(
+        calls.statuses(),
+        BTreeMap::from([(200, 10)]),
+        "{}",
+        calls.output
+    );
+}
+
+#[test]
+fn a_service_port_without_endpoints_answers_503_no_endpoints() {
+    let empty = service_for(
+        NS,
+        "empty",
+        "app: nobody",
+        &[("http", 80, 8080, ""), ("grpc", 9000, 9000, "")],
+    );
+    let Some(mesh) = web_mesh(
+        "a_service_port_without_endpoints_answers_503_no_endpoints",
+        &[("empty.yaml", empty)],
+    ) else {
+        return;
+    };
+    mesh.wait_endpoints("client", (NS, "empty", 80), 0);
+    for mode in [&[][..], &["--reuse"][..], &["--h2"][..]] {
+        let calls = mesh.calls_with(NS, "client", "http://empty/", 3, mode);
+        assert!(calls.failures.is_empty(), "{mode:?}: {}", calls.output);
+        assert_eq!(calls.answers.len(), 3, "{mode:?}: {}", calls.output);
+        for a in &calls.answers {
+            assert_eq!(a.status, 503, "{mode:?}: {}", calls.output);
+            assert_eq!(a.pod, "proxy", "{mode:?}: {}", calls.output);
+            assert_eq!(
+                a.error.as_deref(),
+                Some("no-endpoints"),
+                "{mode:?}: {}",
+                calls.output
+            );
+            assert!(a.ms < 1000, "{mode:?}: {}", calls.output);
+        }
+    }
+    // gRPC clients get a gRPC status, with the same cause.
+    let (ok, out) = mesh.run(
+        NS,
+        "client",
+        &[
+            "wasmesh-demo",
+            "grpc-call",
+            "--to",
+            "http://empty:9000",
+            "--count",
+            "1",
+        ],
+    );
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("failed after") && out.contains("Unavailable"),
+        "{out}"
+    );
+    assert!(out.contains("x-wasmesh-error=no-endpoints"), "{out}");
+}
+
+// --- HTTPRoutes ---------------------------------------------------------------------------
+
+/// Two versions of `web`: `web-v1` (2 replicas, VERSION=v1) and `web-v2` (1, VERSION=v2),
+/// all labelled `app: web`; Services `web` (both), `web-v1`, `web-v2` (port `http` 80).
+fn versions(
+    v1_args: &'static [&'static str],
+    v2_args: &'static [&'static str],
+) -> Vec<(&'static str, String)> {
+    let v1 = Demo {
+        name: "web-v1",
+        replicas: 2,
+        labels: "app: web, version: v1",
+        ports: &[("http", 8080)],
+        grpc_ports: &[],
+        args: v1_args,
+        env: &[("VERSION", "v1")],
+    };
+    let v2 = Demo {
+        name: "web-v2",
+        replicas: 1,
+        labels: "app: web, version: v2",
+        ports: &[("http", 8080)],
+        grpc_ports: &[],
+        args: v2_args,
+        env: &[("VERSION", "v2")],
+    };
+    let port = &[("http", 80, 8080, "")];
+    vec![
+        ("ns.yaml", namespace()),
+        ("web-v1.yaml", v1.yaml(NS)),
+        ("web-v2.yaml", v2.yaml(NS)),
+        ("web-svc.yaml", service_for(NS, "web", "app: web", port)),
+        (
+            "web-v1-svc.yaml",
+            service_for(NS, "web-v1", "app: web, version: v1", port),
+        ),
+        (
+            "web-v2-svc.yaml",
+            service_for(NS, "web-v2", "app: web, version: v2", port),
+        ),
+        ("client.yaml", client(NS, "client", "")),
+    ]
+}
+
+/// An HTTPRoute named `name` attached to Service `web` port 80, with `rules` (YAML, indented
+/// as items of `spec.rules`).
+fn route(name: &str, rules: &str) -> String {
+    format!(
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: {name}, namespace: {NS}}}
+spec:
+  parentRefs:
+  - {{group: "", kind: Service, name: web, port: 80}}
+  rules:
+{rules}"#
+    )
+}
+
+fn versions_mesh(test: &str, files: &[(&str, String)]) -> Option<TestMesh> {
+    let mesh = TestMesh::up_files(test, files)?;
+    mesh.ready_pods(NS, "web-v1-", 2);
+    mesh.ready_pods(NS, "web-v2-", 1);
+    mesh.ready_pods(NS, "client", 1);
+    mesh.wait_endpoints("client", (NS, "web", 80), 3);
+    mesh.wait_endpoints("client", (NS, "web-v1", 80), 2);
+    mesh.wait_endpoints("client", (NS, "web-v2", 80), 1);
+    Some(mesh)
+}
+
+#[test]
+fn header_and_path_routes_send_matching_requests_to_v2() {
+    let mut files = versions(&[], &[]);
+    files.push((
+        "route.yaml",
+        route(
+            "web",
+            r#"  - matches:
+    - headers: [{name: x-canary, value: "yes"}]
+    - path: {type: PathPrefix, value: /beta}
+    backendRefs: [{name: web-v2, port: 80}]
+  - backendRefs: [{name: web-v1, port: 80}]
+"#,
+        ),
+    ));
+    let Some(mesh) = versions_mesh(
+        "header_and_path_routes_send_matching_requests_to_v2",
+        &files,
+    ) else {
+        return;
+    };
+    mesh.wait_routes("client", (NS, "web", 80), &["t/web"]);
+    let cases: [(&str, &[&str], &str); 5] = [
+        ("plain", &[], "v1"),
+        ("header", &["--header", "x-canary: yes"], "v2"),
+        ("other header value", &["--header", "x-canary: no"], "v1"),
+        ("path", &["--path", "/beta/page"], "v2"),
+        // PathPrefix matches whole segments.
+        ("not the path", &["--path", "/betamax"], "v1"),
+    ];
+    for (what, args, want) in cases {
+        let mut args = args.to_vec();
+        args.push("--reuse");
+        let calls = mesh.calls_with(NS, "client", "http://web/", 30, &args);
+        assert!(calls.failures.is_empty(), "{what}: {}", calls.output);
+        assert_eq!(
+            calls.versions(),
+            BTreeMap::from([(want.to_string(), 30)]),
+            "{what}: {}",
+            calls.output
+        );
+    }
+    // On one HTTP/2 connection, requests with and without the header go their own ways.
+    let calls = mesh.calls_with(
+        NS,
+        "client",
+        "http://web/",
+        20,
+        &["--h2", "--header", "x-canary: yes"],
+    );
+    assert_eq!(
+        calls.versions(),
+        BTreeMap::from([("v2".to_string(), 20)]),
+        "{}",
+        calls.output
+    );
+}
+
+#[test]
+fn weights_of_90_and_10_hold_over_1000_requests() {
+    let mut files = versions(&[], &[]);
+    files.push((
+        "route.yaml",
+        route(
+            "web",
+            r#"  - backendRefs:
+    - {name: web-v1, port: 80, weight: 90}
+    - {name: web-v2, port: 80, weight: 10}
+"#,
+        ),
+    ));
+    let Some(mesh) = versions_mesh("weights_of_90_and_10_hold_over_1000_requests", &files) else {
+        return;
+    };
+    mesh.wait_routes("client", (NS, "web", 80), &["t/web"]);
+    let calls = mesh.calls_with(
+        NS,
+        "client",
+        "http://web/",
+        1000,
+        &["--h2", "--concurrency", "20", "--timeout", "5s"],
+    );
+    assert!(calls.failures.is_empty(), "{}", calls.output);
+    let v = calls.versions();
+    assert_eq!(v.values().sum::<usize>(), 1000, "{v:?}");
+    let v2 = v.get("v2").copied().unwrap_or(0);
+    // Binomial(1000, 0.1): mean 100, standard deviation 9.5; 60..=140 is beyond 4 of them.
+    assert!((60..=140).contains(&v2), "v2 got {v2} of 1000: {v:?}");
+    // Within v1, both replicas share.
+    let tally = calls.tally();
+    let v1_pods: Vec<_> = tally
+        .iter()
+        .filter(|(p, _)| p.starts_with("web-v1-"))
+        .collect();
+    assert_eq!(v1_pods.len(), 2, "{tally:?}");
+    assert!(v1_pods.iter().all(|(_, n)| **n >= 200), "{tally:?}");
+}
+
+#[test]
+fn a_failing_replica_is_hidden_by_a_route_with_retries() {
+    // web-v2's one replica answers 503 to everything; web-v1's two are fine. `web` selects all.
+    let files = versions(&[], &["--status", "503"]);
+    let Some(mesh) = versions_mesh(
+        "a_failing_replica_is_hidden_by_a_route_with_retries",
+        &files,
+    ) else {
+        return;
+    };
+    // Without a route the failing replica's answers reach the client.
+    let calls = mesh.calls_with(NS, "client", "http://web/", 30, &["--reuse"]);
+    assert!(calls.failures.is_empty(), "{}", calls.output);
+    assert!(
+        calls.statuses().get(&503).copied().unwrap_or(0) > 0,
+        "the failing replica was never picked: {}",
+        calls.output
+    );
+    mesh.write(
+        "route.yaml",
+        &route(
+            "web",
+            r#"  - backendRefs: [{name: web, port: 80}]
+    retry: {codes: [503], attempts: 2, backoff: 10ms}
+"#,
+        ),
+    );
+    mesh.wait_routes("client", (NS, "web", 80), &["t/web"]);
+    let before = counter(&mesh.metrics(NS, "client"), "wasmesh_http_retries_total");
+    let calls = mesh.calls_with(NS, "client", "http://web/", 100, &["--reuse"]);
+    assert!(calls.failures.is_empty(), "{}", calls.output);
+    assert_eq!(
+        calls.statuses(),
+        BTreeMap::from([(200, 100)]),
+        "{}",
+        calls.output
+    );
+    assert!(
+        calls
+            .answers
+            .iter()
+            .all(|a| a.version.as_deref() == Some("v1")),
+        "{}",
+        calls.output
+    );
+    let after = counter(&mesh.metrics(NS, "client"), "wasmesh_http_retries_total");
+    assert!(after > before, "no retry counted: {before} → {after}");
+}
+
+#[test]
+fn a_route_timeout_answers_504_within_the_limit() {
+    let mut files = versions(&[], &[]);
+    files.push((
+        "route.yaml",
+        route(
+            "web",
+            r#"  - matches: [{path: {type: PathPrefix, value: /sleep}}]
+    backendRefs: [{name: web-v1, port: 80}]
+    timeouts: {request: 500ms}
+  - backendRefs: [{name: web-v1, port: 80}]
+"#,
+        ),
+    ));
+    let Some(mesh) = versions_mesh("a_route_timeout_answers_504_within_the_limit", &files) else {
+        return;
+    };
+    mesh.wait_routes("client", (NS, "web", 80), &["t/web"]);
+    for mode in [&["--reuse"][..], &["--h2"][..]] {
+        let mut args = mode.to_vec();
+        args.extend(["--path", "/sleep/3000", "--timeout", "5s"]);
+        let calls = mesh.calls_with(NS, "client", "http://web/", 3, &args);
+        assert!(calls.failures.is_empty(), "{mode:?}: {}", calls.output);
+        for a in &calls.answers {
+            assert_eq!(a.status, 504, "{mode:?}: {}", calls.output);
+            assert_eq!(
+                a.error.as_deref(),
+                Some("timeout"),
+                "{mode:?}: {}",
+                calls.output
+            );
+            assert!(
+                (450..1500).contains(&a.ms),
+                "{mode:?}: answered after {} ms: {}",
+                a.ms,
+                calls.output
+            );
+        }
+    }
+    // Within the limit, the answer is the app's.
+    let calls = mesh.calls_with(
+        NS,
+        "client",
+        "http://web/",
+        3,
+        &["--reuse", "--path", "/sleep/100"],
+    );
+    assert_eq!(
+        calls.statuses(),
+        BTreeMap::from([(200, 3)]),
+        "{}",
+        calls.output
+    );
+}
