@@ -70,14 +70,44 @@ impl<B> FilteredBody<B> {
         }
     }
 
-    fn start(&mut self, chunk: Bytes, eos: bool) {
+    /// Delivers `chunk` (not the end), then — with `then_end` — the empty end-of-stream chunk,
+    /// in one step: a body whose length is known may not be polled again after its last byte.
+    fn start(&mut self, chunk: Bytes, then_end: bool) {
+        let chain = self.chain.clone();
+        let dir = self.direction;
+        self.step = Some(Box::pin(async move {
+            let mut c = chain.lock_owned().await;
+            let mut out = bytes::BytesMut::new();
+            let steps = if then_end {
+                vec![(chunk, false), (Bytes::new(), true)]
+            } else {
+                vec![(chunk, true)]
+            };
+            for (data, eos) in steps {
+                if data.is_empty() && !eos {
+                    continue;
+                }
+                let v = match dir {
+                    Direction::Request => c.on_request_body(data, eos).await,
+                    Direction::Response => c.on_response_body(data, eos).await,
+                };
+                match v {
+                    BodyVerdict::Data(d) => out.extend_from_slice(&d),
+                    other => return (other, None),
+                }
+            }
+            (BodyVerdict::Data(out.freeze()), None)
+        }));
+    }
+
+    fn start_data(&mut self, chunk: Bytes) {
         let chain = self.chain.clone();
         let dir = self.direction;
         self.step = Some(Box::pin(async move {
             let mut c = chain.lock_owned().await;
             let v = match dir {
-                Direction::Request => c.on_request_body(chunk, eos).await,
-                Direction::Response => c.on_response_body(chunk, eos).await,
+                Direction::Request => c.on_request_body(chunk, false).await,
+                Direction::Response => c.on_response_body(chunk, false).await,
             };
             (v, None)
         }));
@@ -146,10 +176,14 @@ where
             match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
                 None => {
                     this.inner_done = true;
-                    this.start(Bytes::new(), true);
+                    this.start(Bytes::new(), false);
                 }
                 Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => this.start(data, false),
+                    Ok(data) if this.inner.is_end_stream() => {
+                        this.inner_done = true;
+                        this.start(data, true);
+                    }
+                    Ok(data) => this.start_data(data),
                     Err(frame) => {
                         if let Ok(t) = frame.into_trailers() {
                             this.inner_done = true;
