@@ -224,7 +224,10 @@ impl HttpContext for Stream {
             "pairs" => {
                 let mut pairs = self.get_http_request_headers();
                 // Count what the client sent; Envoy adds these two before filters run.
-                let n = pairs.iter().filter(|(k, _)| k != "x-request-id" && k != "x-forwarded-proto").count();
+                let n = pairs
+                    .iter()
+                    .filter(|(k, _)| k != "x-request-id" && k != "x-forwarded-proto")
+                    .count();
                 pairs.retain(|(k, _)| k != "x-abi-remove");
                 pairs.push(("x-abi-pairs".into(), n.to_string()));
                 let refs: Vec<(&str, &str)> = pairs
