@@ -691,3 +691,72 @@ fn a_route_timeout_answers_504_within_the_limit() {
         calls.output
     );
 }
+
+#[test]
+fn canary_example_routes_by_header_and_by_weight() {
+    // examples/canary as it is, README aside.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../canary");
+    let mut files: Vec<(String, String)> = std::fs::read_dir(&dir)
+        .expect("examples/canary")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .map(|p| {
+            let name = p.file_name().expect("name").to_string_lossy().into_owned();
+            (name, std::fs::read_to_string(&p).expect("read"))
+        })
+        .collect();
+    files.sort();
+    let refs: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    let Some(mesh) = TestMesh::up("canary_example_routes_by_header_and_by_weight", &refs) else {
+        return;
+    };
+    let ns = "canary";
+    mesh.ready_pods(ns, "web-v1-", 3);
+    mesh.ready_pods(ns, "web-v2-", 1);
+    mesh.ready_pods(ns, "client", 1);
+    mesh.wait_endpoints("client", (ns, "web-v1", 80), 3);
+    mesh.wait_endpoints("client", (ns, "web-v2", 80), 1);
+    mesh.wait_routes("client", (ns, "web", 80), &["canary/web"]);
+
+    let calls = mesh.calls_with(
+        ns,
+        "client",
+        "http://web/",
+        30,
+        &["--reuse", "--header", "x-canary: yes"],
+    );
+    assert_eq!(
+        calls.versions(),
+        BTreeMap::from([("v2".to_string(), 30)]),
+        "{}",
+        calls.output
+    );
+    let calls = mesh.calls_with(
+        ns,
+        "client",
+        "http://web/",
+        500,
+        &["--h2", "--concurrency", "20", "--timeout", "5s"],
+    );
+    assert!(calls.failures.is_empty(), "{}", calls.output);
+    let v = calls.versions();
+    assert_eq!(v.values().sum::<usize>(), 500, "{v:?}");
+    // Binomial(500, 0.1): mean 50, standard deviation 6.7.
+    let v2 = v.get("v2").copied().unwrap_or(0);
+    assert!((20..=85).contains(&v2), "v2 got {v2} of 500: {v:?}");
+    // The example's own beta tester is calling and getting v2.
+    mesh.ready_pods(ns, "beta-client", 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = mesh.log_tail("logs/canary/beta-client/client.log", 1);
+        if log.contains(" 200 answered by web-v2-") && log.contains(" version v2") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "beta-client's log: {log}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
