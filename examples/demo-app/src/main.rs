@@ -11,11 +11,13 @@
 //! - `grpc-call` makes gRPC calls on one channel and counts the pods; `ws` checks a WebSocket
 //!   echo; `greeter` is a server-speaks-first TCP protocol; `raw` sends bytes as given ([`tcp`]).
 //! - `fetch` prints one response body (e.g. a sidecar's `/metrics`).
+//! - `spy` ([`spy`]) prints the first bytes of every connection (what is on the wire).
 
 mod backend;
 mod client;
 mod duration;
 mod grpc;
+mod spy;
 mod tcp;
 mod ws;
 
@@ -52,6 +54,9 @@ enum Command {
     Greeter(tcp::GreeterArgs),
     /// Send bytes as given (escapes: \r \n \t \\ \xNN) and print what comes back.
     Raw(tcp::RawArgs),
+    /// Print the first bytes of every connection as hex, then close it (a passive listener
+    /// for tests: what is on the wire).
+    Spy(spy::SpyArgs),
 }
 
 fn main() -> ExitCode {
@@ -75,6 +80,7 @@ fn main() -> ExitCode {
             Command::Ws(args) => ws::run(args).await,
             Command::Greeter(args) => tcp::greeter(args).await,
             Command::Raw(args) => tcp::raw(args).await,
+            Command::Spy(args) => spy::run(args).await,
         }
     });
     match result {

@@ -136,6 +136,11 @@ pub struct MeshConfig {
     pub max_grace: Duration,
     /// How often the folder is read again.
     pub rescan: Duration,
+    /// mTLS between sidecars: control is the CA (root generated in `<state>/ca`), every pod
+    /// with a sidecar gets a token file that proves its ServiceAccount.
+    pub mtls: bool,
+    /// Extra arguments for `wasmesh-control serve` (e.g. `--cert-lifetime 1m`).
+    pub control_args: Vec<String>,
 }
 
 impl MeshConfig {
@@ -155,7 +160,27 @@ impl MeshConfig {
             default_grace: Duration::from_secs(2),
             max_grace: Duration::from_secs(10),
             rescan: Duration::from_millis(250),
+            mtls: true,
+            control_args: Vec::new(),
         }
+    }
+
+    /// Where control keeps the CA root (`ca.pem`, `ca-key.pem`).
+    pub fn ca_dir(&self) -> PathBuf {
+        self.state_dir.join("ca")
+    }
+
+    /// Token files: `<dir>/<namespace>/<serviceaccount>/<pod>.token`.
+    pub fn tokens_dir(&self) -> PathBuf {
+        self.state_dir.join("tokens")
+    }
+
+    /// A pod's token file.
+    pub fn token_file(&self, namespace: &str, service_account: &str, pod: &str) -> PathBuf {
+        self.tokens_dir()
+            .join(namespace)
+            .join(service_account)
+            .join(format!("{pod}.token"))
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {

@@ -1,6 +1,8 @@
 //! wasmesh control, run inside the node namespace on the objects folder:
 //! `wasmesh-control serve --source dir:<state>/objects --listen 10.244.0.1:15010 --admin
-//! 10.244.0.1:15014`. Its output goes to `<state>/logs/wasmesh-control.log`. If it exits while
+//! 10.244.0.1:15014`, and with mTLS (the default) `--ca-dir <state>/ca --tokens
+//! dir:<state>/tokens`: control is the CA, its root generated on first start and kept for the
+//! mesh's life (a restarted control signs with the same root). Its output goes to `<state>/logs/wasmesh-control.log`. If it exits while
 //! wanted, it is started again (at most once a second).
 
 use std::path::Path;
@@ -82,14 +84,21 @@ fn spawn(cfg: &MeshConfig) -> std::io::Result<tokio::process::Child> {
         .append(true)
         .open(&log_path)?;
     let objects = cfg.state_dir.join("objects");
-    tokio::process::Command::new("ip")
-        .args(["netns", "exec", &cfg.node_netns()])
+    let mut cmd = tokio::process::Command::new("ip");
+    cmd.args(["netns", "exec", &cfg.node_netns()])
         .arg(&cfg.binaries.control)
         .arg("serve")
         .arg("--source")
         .arg(source_arg(&objects))
         .args(["--listen", &format!("{NODE_IP}:{CONTROL_PORT}")])
-        .args(["--admin", &format!("{NODE_IP}:{CONTROL_ADMIN_PORT}")])
+        .args(["--admin", &format!("{NODE_IP}:{CONTROL_ADMIN_PORT}")]);
+    if cfg.mtls {
+        cmd.arg("--ca-dir")
+            .arg(cfg.ca_dir())
+            .arg("--tokens")
+            .arg(format!("dir:{}", cfg.tokens_dir().display()));
+    }
+    cmd.args(&cfg.control_args)
         .current_dir("/")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)

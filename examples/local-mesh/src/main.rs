@@ -60,6 +60,13 @@ enum Command {
         /// An extra argument for every `wasmesh-proxy run` (repeat for several).
         #[arg(long = "proxy-arg", value_name = "ARG", allow_hyphen_values = true)]
         proxy_args: Vec<String>,
+        /// An extra argument for `wasmesh-control serve` (repeat for several), e.g.
+        /// `--control-arg=--cert-lifetime --control-arg=1m`.
+        #[arg(long = "control-arg", value_name = "ARG", allow_hyphen_values = true)]
+        control_args: Vec<String>,
+        /// Plaintext between sidecars (no CA, no certificates). Default: mTLS.
+        #[arg(long)]
+        no_mtls: bool,
     },
     /// Stop the running mesh and remove everything it made (also what a crash left).
     Down {
@@ -165,7 +172,17 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             no_sidecar,
             prefix,
             proxy_args,
-        } => up(dir, state.state_dir, !no_sidecar, prefix, proxy_args),
+            control_args,
+            no_mtls,
+        } => up(
+            dir,
+            state.state_dir,
+            !no_sidecar,
+            prefix,
+            proxy_args,
+            control_args,
+            !no_mtls,
+        ),
         Command::Down { state, prefix } => {
             let done = cli::down(&state.state_dir, prefix.as_deref())?;
             if done.is_empty() {
@@ -238,12 +255,16 @@ fn up(
     sidecar: bool,
     prefix: String,
     proxy_args: Vec<String>,
+    control_args: Vec<String>,
+    mtls: bool,
 ) -> anyhow::Result<ExitCode> {
     let exe = std::env::current_exe().context("cannot tell where wasmesh-local is")?;
     let mut cfg = MeshConfig::new(dir, state_dir, Binaries::next_to(exe));
     cfg.sidecar = sidecar;
     cfg.prefix = prefix;
     cfg.proxy_args = proxy_args;
+    cfg.control_args = control_args;
+    cfg.mtls = mtls;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

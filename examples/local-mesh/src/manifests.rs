@@ -7,6 +7,7 @@
 //! so both see the same objects. Other kinds control reads and wasmesh-local does not manage
 //! (HTTPRoute) are parsed and checked by control's code
 //! ([`wasmesh_control::source::folder::objects_from_manifest`]) and handed to control as they
+//! are. wasmesh.io/v1alpha1 AuthorizationPolicy objects are written for the sidecars as they
 //! are. Anything else is skipped with a note.
 //!
 //! A document that does not parse, or an object the API server would refuse, is reported with
@@ -56,6 +57,8 @@ pub struct Manifests {
     pub slices: BTreeMap<NsName, EndpointSlice>,
     /// Objects only control reads (HTTPRoutes), handed to it unchanged.
     pub control: BTreeMap<ObjectKey, Object>,
+    /// wasmesh.io/v1alpha1 AuthorizationPolicy objects, as written (the sidecars read them).
+    pub policies: BTreeMap<NsName, Value>,
 }
 
 /// One object from the folder.
@@ -68,6 +71,7 @@ pub enum Manifest {
     Slice(NsName, Box<EndpointSlice>),
     /// A kind control reads and wasmesh-local does not manage (HTTPRoute).
     Control(Box<Object>),
+    Policy(NsName, Box<Value>),
 }
 
 impl Manifest {
@@ -79,6 +83,7 @@ impl Manifest {
             Manifest::Service(k, _) => format!("Service {k}"),
             Manifest::Slice(k, _) => format!("EndpointSlice {k}"),
             Manifest::Control(o) => o.key().to_string(),
+            Manifest::Policy(k, _) => format!("AuthorizationPolicy {k}"),
         }
     }
 }
@@ -312,6 +317,9 @@ fn add(out: &mut Manifests, m: Manifest) {
             }
             out.control.insert(key, *o);
         }
+        Manifest::Policy(k, p) => {
+            out.policies.insert(k, *p);
+        }
     }
 }
 
@@ -433,6 +441,20 @@ fn objects(value: Value) -> Result<Parsed, String> {
         .and_then(Value::as_str)
         .unwrap_or("default")
         .to_string();
+    if (api, kind.as_str()) == ("wasmesh.io/v1alpha1", "AuthorizationPolicy") {
+        if name.is_empty() {
+            return Err(format!("{kind} without metadata.name"));
+        }
+        let mut value = value.clone();
+        if let Some(m) = value.get_mut("metadata").and_then(Value::as_object_mut) {
+            m.insert("namespace".into(), Value::String(namespace.clone()));
+        }
+        let key = NsName::new(namespace, name);
+        return Ok(Parsed::Objects(vec![Manifest::Policy(
+            key,
+            Box::new(value),
+        )]));
+    }
     let known = matches!(
         (api, kind.as_str()),
         ("v1", "Namespace" | "Pod" | "Service")

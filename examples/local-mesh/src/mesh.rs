@@ -29,7 +29,7 @@ use tokio::io::AsyncBufReadExt;
 use tokio::sync::{mpsc, watch};
 
 use crate::agent::AgentEvent;
-use crate::config::{ConfigError, MeshConfig, NODE_NAME, ZONE, path_with};
+use crate::config::{ConfigError, MeshConfig, NODE_NAME, PROXY_UID, ZONE, path_with};
 use crate::control::Control;
 use crate::controller::{self, PodView, SERVICE_NAME_LABEL};
 use crate::dns;
@@ -301,12 +301,48 @@ impl Mesh {
             tracing::info!("{s}");
         }
         if scan.changed || self.last_status.is_none() {
+            if self.cfg.mtls
+                && (scan.manifests.policies != self.manifests.policies
+                    || self.last_status.is_none())
+            {
+                self.write_policies(&scan.manifests.policies);
+            }
             self.manifests = scan.manifests;
             let mut services = self.manifests.services.clone();
             self.service_ips.assign(&mut services);
             self.services = services;
         }
         Ok(())
+    }
+
+    /// The folder's AuthorizationPolicies, for the sidecars (`--policy-dir <state>/policies`).
+    fn write_policies(&self, policies: &BTreeMap<NsName, serde_json::Value>) {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self.cfg.state_dir.join("policies");
+        let text: String = policies.values().map(|p| format!("---\n{p}\n")).collect();
+        let result = std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)))
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                state::write_atomic(&dir.join("policies.yaml"), text.as_bytes())
+                    .map_err(|e| e.to_string())
+            })
+            .and_then(|()| {
+                std::fs::set_permissions(
+                    dir.join("policies.yaml"),
+                    std::fs::Permissions::from_mode(0o644),
+                )
+                .map_err(|e| e.to_string())
+            });
+        match result {
+            Ok(()) => tracing::info!(
+                policies = policies.len(),
+                "authorization policies written for the sidecars"
+            ),
+            Err(e) => {
+                tracing::error!(dir = %dir.display(), "cannot write the authorization policies: {e}")
+            }
+        }
     }
 
     fn request_delete(&mut self, key: NsName) {
@@ -431,7 +467,41 @@ impl Mesh {
         self.release_network(key);
         if let Some(r) = self.pods.remove(key) {
             let _ = std::fs::remove_file(self.spec_file(&r.netns));
+            // The pod's token proves nothing once it is gone.
+            let sa = pods::service_account(&r.plan.spec);
+            let _ = std::fs::remove_file(self.cfg.token_file(&key.namespace, &sa, &key.name));
         }
+    }
+
+    /// A fresh random token for the pod's sidecar (readable by the proxy's UID only); control
+    /// maps it to the ServiceAccount by its path.
+    fn write_token(&self, key: &NsName, service_account: &str) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self
+            .cfg
+            .token_file(&key.namespace, service_account, &key.name);
+        let err = |p: &std::path::Path, e: std::io::Error| format!("{}: {e}", p.display());
+        let mut dir = path.parent().map(std::path::Path::to_path_buf);
+        if let Some(d) = &dir {
+            std::fs::create_dir_all(d).map_err(|e| err(d, e))?;
+        }
+        // Every directory down from the state dir must be searchable by the proxy.
+        while let Some(d) = dir {
+            if !d.starts_with(&self.cfg.state_dir) {
+                break;
+            }
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| err(&d, e))?;
+            dir = d.parent().map(std::path::Path::to_path_buf);
+        }
+        let bytes: [u8; 32] = rand::random();
+        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        state::write_atomic(&path, token.as_bytes()).map_err(|e| e.to_string())?;
+        std::os::unix::fs::chown(&path, Some(PROXY_UID), Some(PROXY_UID))
+            .map_err(|e| err(&path, e))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400))
+            .map_err(|e| err(&path, e))?;
+        Ok(())
     }
 
     fn spec_file(&self, netns: &str) -> PathBuf {
@@ -586,6 +656,9 @@ impl Mesh {
         );
         for w in warnings {
             tracing::warn!(pod = %r.plan.key, "{w}");
+        }
+        if spec.sidecar.is_some() && self.cfg.mtls {
+            self.write_token(&r.plan.key, &pods::service_account(&r.plan.spec))?;
         }
         let spec_path = self.spec_file(&r.netns);
         let json = serde_json::to_vec_pretty(&spec).map_err(|e| e.to_string())?;

@@ -25,6 +25,8 @@ use crate::manifests::NsName;
 
 /// Opt out (`"false"`) of the sidecar, as with the injector (label or annotation).
 pub const INJECT: &str = "wasmesh.io/inject";
+/// `strict`: the pod's sidecar refuses plaintext inbound connections (mTLS only).
+pub const MTLS_MODE: &str = "wasmesh.io/mtls";
 /// What the injector writes on pods with the sidecar; control reads it as "meshed".
 pub const INJECTED: &str = "wasmesh.io/injected";
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
@@ -142,8 +144,27 @@ pub fn agent_spec(
             "--control".to_string(),
             cfg.control_url(),
         ];
+        if cfg.mtls {
+            let token = cfg.token_file(&at.key.namespace, &service_account(spec), &at.key.name);
+            run_args.push("--token-file".into());
+            run_args.push(token.display().to_string());
+            if let Some(mode) = annotations.get(MTLS_MODE) {
+                run_args.push("--inbound-mtls".into());
+                run_args.push(mode.clone());
+            }
+            run_args.push("--policy-dir".into());
+            run_args.push(cfg.state_dir.join("policies").display().to_string());
+        }
         run_args.extend(cfg.proxy_args.iter().cloned());
+        let labels = meta
+            .labels
+            .iter()
+            .flatten()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
         let mut env = vec![
+            ("WASMESH_POD_LABELS".to_string(), labels),
             ("PATH".to_string(), at.path.to_string()),
             ("POD_NAME".to_string(), at.key.name.clone()),
             ("POD_NAMESPACE".to_string(), at.key.namespace.clone()),
@@ -469,7 +490,18 @@ spec:
         assert_eq!(a.grace_ms, 10_000, "capped");
         let sc = a.sidecar.expect("sidecar");
         assert_eq!(sc.init_args, ["--exclude-inbound-ports", "9000"]);
-        assert_eq!(sc.run_args, ["run", "--control", "http://10.244.0.1:15010"]);
+        assert_eq!(
+            sc.run_args,
+            [
+                "run",
+                "--control",
+                "http://10.244.0.1:15010",
+                "--token-file",
+                "/s/tokens/demo/web-sa/web.token",
+                "--policy-dir",
+                "/s/policies"
+            ]
+        );
         assert_eq!(sc.uid, 1337);
         let senv: BTreeMap<_, _> = sc.env.iter().cloned().collect();
         assert_eq!(
@@ -477,6 +509,10 @@ spec:
             Some("web-sa")
         );
         assert_eq!(senv.get("POD_IP").map(String::as_str), Some("10.244.0.9"));
+        assert_eq!(
+            senv.get("WASMESH_POD_LABELS").map(String::as_str),
+            Some("app=web")
+        );
     }
 
     #[test]

@@ -1,0 +1,388 @@
+//! mTLS between sidecars in the local mesh, on by default: what the apps see (plaintext, as
+//! always), what the wire carries (TLS, seen by a passive listener), and what is refused
+//! (identity mismatch, plaintext to a strict workload, a denied identity), with the sidecars'
+//! counters. Service ports are named `tcp` (opaque): the L4 path carries them; HTTP over the L7
+//! path between sidecars is the L7 path's own business. Needs root; see `tests/support/mod.rs`.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use support::{NS, TestMesh, backend, client, namespace, service};
+
+fn up(test: &str, list: &[(&str, String)]) -> Option<TestMesh> {
+    let refs: Vec<(&str, &str)> = list.iter().map(|(a, b)| (*a, b.as_str())).collect();
+    TestMesh::up(test, &refs)
+}
+
+fn counter(m: &BTreeMap<String, f64>, name: &str) -> f64 {
+    m.get(name).copied().unwrap_or(0.0)
+}
+
+/// A bare pod running `command`, with a ServiceAccount and annotations; a server (anything
+/// but `sleep`) declares port 8080, which readiness probes.
+fn pod(name: &str, sa: &str, annotations: &str, command: &str) -> String {
+    let ports = if command.contains("sleep") {
+        String::new()
+    } else {
+        "    ports: [{name: http, containerPort: 8080}]\n".to_string()
+    };
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: {NS}
+  labels: {{app: {name}}}
+  annotations: {{{annotations}}}
+spec:
+  serviceAccountName: {sa}
+  terminationGracePeriodSeconds: 0
+  containers:
+  - name: app
+    command: {command}
+{ports}"#
+    )
+}
+
+/// A selector-less Service `name` whose one endpoint is `ip:8080`, standing for `target_pod`
+/// (control takes meshed-ness and ServiceAccount from the pod behind targetRef).
+fn slice_service(name: &str, ip: &str, target_pod: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: {NS}}}
+spec:
+  ports: [{{name: tcp, port: 80, targetPort: 8080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-1
+  namespace: {NS}
+  labels: {{kubernetes.io/service-name: {name}}}
+addressType: IPv4
+ports: [{{name: tcp, port: 8080}}]
+endpoints:
+- addresses: ["{ip}"]
+  conditions: {{ready: true}}
+  targetRef: {{kind: Pod, name: {target_pod}, namespace: {NS}}}
+"#
+    )
+}
+
+/// Waits until the sidecar of `pod` has a certificate.
+fn wait_certified(mesh: &TestMesh, pod: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = mesh.metrics(NS, pod);
+        if counter(&m, "wasmesh_mtls_certificates_total") >= 1.0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the sidecar of {pod} got no certificate: {m:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn the_app_sees_plaintext_while_the_wire_carries_tls() {
+    let Some(mesh) = up(
+        "the_app_sees_plaintext_while_the_wire_carries_tls",
+        &[
+            ("ns.yaml", namespace()),
+            ("web.yaml", backend(NS, "web", 2, &[("http", 8080)], "")),
+            (
+                "svc.yaml",
+                service(NS, "web", "web", &[("tcp", 80, "http")], ""),
+            ),
+            ("client.yaml", client(NS, "client", "")),
+            (
+                "spy.yaml",
+                pod(
+                    "spy",
+                    "default",
+                    "wasmesh.io/inject: \"false\"",
+                    r#"["wasmesh-demo", "spy", "--listen", "0.0.0.0:8080"]"#,
+                ),
+            ),
+        ],
+    ) else {
+        return;
+    };
+    let webs = mesh.ready_pods(NS, "web-", 2);
+    let client_pod = mesh.ready_pods(NS, "client", 1).remove(0);
+    let spy = mesh.ready_pods(NS, "spy", 1).remove(0);
+    wait_certified(&mesh, "client");
+
+    // The apps: plain HTTP both ends, every call answered, through mTLS.
+    let calls = mesh.calls(NS, "client", "http://web/", 20);
+    assert!(calls.failures.is_empty(), "{}", calls.output);
+    assert_eq!(calls.answers.len(), 20, "{}", calls.output);
+    let m = mesh.metrics(NS, "client");
+    assert!(
+        counter(&m, "wasmesh_mtls_outbound_connections_total") >= 20.0,
+        "{m:?}"
+    );
+    let inbound: f64 = webs
+        .iter()
+        .map(|w| {
+            counter(
+                &mesh.metrics(NS, &w.name),
+                "wasmesh_mtls_inbound_connections_total",
+            )
+        })
+        .sum();
+    assert!(
+        inbound >= 20.0,
+        "backends terminated {inbound} mTLS connections"
+    );
+
+    // The wire: an endpoint that stands for the (meshed) client pod but is the spy's address.
+    // The client's sidecar speaks TLS to it; the spy prints the first bytes it got.
+    mesh.write(
+        "wire.yaml",
+        &slice_service("wire", &spy.ip.to_string(), "client"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let log = mesh.state.join("logs").join(NS).join("spy").join("app.log");
+    loop {
+        let _ = mesh.calls(NS, "client", "http://wire/", 1);
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        // Readiness probes connect and send nothing; the client's sidecar sends a handshake.
+        let client_ip = format!("first bytes from {}:", client_pod.ip);
+        if let Some(line) = text.lines().find(|l| l.starts_with(&client_ip)) {
+            let bytes = line.rsplit(": ").next().unwrap_or("");
+            assert!(
+                bytes.starts_with("16 03"),
+                "the wire carries a TLS handshake record, not the app's bytes: {line}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "the spy saw nothing: {text}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn a_server_with_another_identity_is_refused() {
+    let Some(mesh) = up(
+        "a_server_with_another_identity_is_refused",
+        &[
+            ("ns.yaml", namespace()),
+            ("client.yaml", client(NS, "client", "")),
+            (
+                "impostor.yaml",
+                pod(
+                    "impostor",
+                    "impostor",
+                    "",
+                    r#"["wasmesh-demo", "backend", "--listen", "0.0.0.0:8080"]"#,
+                ),
+            ),
+        ],
+    ) else {
+        return;
+    };
+    mesh.ready_pods(NS, "client", 1);
+    let impostor = mesh.ready_pods(NS, "impostor", 1).remove(0);
+    wait_certified(&mesh, "client");
+    wait_certified(&mesh, "impostor");
+    // The endpoint claims to be the client pod (ServiceAccount default); the impostor's
+    // sidecar presents ns/t/sa/impostor.
+    mesh.write(
+        "fake.yaml",
+        &slice_service("fake", &impostor.ip.to_string(), "client"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let calls = mesh.calls(NS, "client", "http://fake/", 1);
+        assert!(
+            calls.answers.is_empty(),
+            "the impostor answered: {}",
+            calls.output
+        );
+        let m = mesh.metrics(NS, "client");
+        if counter(&m, "wasmesh_mtls_refused_total{reason=\"wrong_identity\"}") >= 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no wrong-identity refusal counted: {m:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn strict_refuses_a_non_meshed_client_and_permissive_accepts_it() {
+    let Some(mesh) = up(
+        "strict_refuses_a_non_meshed_client_and_permissive_accepts_it",
+        &[
+            ("ns.yaml", namespace()),
+            ("web.yaml", backend(NS, "web", 1, &[("http", 8080)], "")),
+            (
+                "vault.yaml",
+                backend(NS, "vault", 1, &[("http", 8080)], "wasmesh.io/mtls: strict"),
+            ),
+            (
+                "svc.yaml",
+                service(NS, "web", "web", &[("tcp", 80, "http")], ""),
+            ),
+            (
+                "vsvc.yaml",
+                service(NS, "vault", "vault", &[("tcp", 80, "http")], ""),
+            ),
+            ("client.yaml", client(NS, "client", "")),
+            (
+                "outsider.yaml",
+                client(NS, "outsider", "wasmesh.io/inject: \"false\""),
+            ),
+        ],
+    ) else {
+        return;
+    };
+    mesh.ready_pods(NS, "web-", 1);
+    let vault = mesh.ready_pods(NS, "vault-", 1).remove(0);
+    mesh.ready_pods(NS, "client", 1);
+    mesh.ready_pods(NS, "outsider", 1);
+    wait_certified(&mesh, "client");
+    wait_certified(&mesh, &vault.name);
+    // Without a sidecar the outsider's client resolves Services to ClusterIPs that nothing
+    // serves; it calls the pods' addresses.
+    let web = mesh.ready_pods(NS, "web-", 1).remove(0);
+    let plain = mesh.calls(NS, "outsider", &format!("http://{}:8080/", web.ip), 5);
+    assert!(
+        plain.failures.is_empty(),
+        "permissive accepts plaintext: {}",
+        plain.output
+    );
+    let refused = mesh.calls(NS, "outsider", &format!("http://{}:8080/", vault.ip), 3);
+    assert!(
+        refused.answers.is_empty(),
+        "strict answered plaintext: {}",
+        refused.output
+    );
+    assert!(
+        counter(
+            &mesh.metrics(NS, &vault.name),
+            "wasmesh_inbound_plaintext_refused_total"
+        ) >= 3.0
+    );
+    let meshed = mesh.calls(NS, "client", "http://vault/", 5);
+    assert!(
+        meshed.failures.is_empty(),
+        "strict accepts mTLS: {}",
+        meshed.output
+    );
+}
+
+#[test]
+fn authorization_allows_and_denies_by_identity() {
+    let policy = format!(
+        r#"apiVersion: wasmesh.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: web, namespace: {NS}}}
+spec:
+  selector: {{matchLabels: {{app: web}}}}
+  rules:
+  - from: [spiffe://cluster.local/ns/{NS}/sa/friend]
+    ports: [8080]
+"#
+    );
+    let Some(mesh) = up(
+        "authorization_allows_and_denies_by_identity",
+        &[
+            ("ns.yaml", namespace()),
+            ("web.yaml", backend(NS, "web", 1, &[("http", 8080)], "")),
+            (
+                "svc.yaml",
+                service(NS, "web", "web", &[("tcp", 80, "http")], ""),
+            ),
+            (
+                "friend.yaml",
+                pod("friend", "friend", "", r#"["sleep", "3600"]"#),
+            ),
+            (
+                "stranger.yaml",
+                pod("stranger", "stranger", "", r#"["sleep", "3600"]"#),
+            ),
+            ("policy.yaml", policy),
+        ],
+    ) else {
+        return;
+    };
+    let web = mesh.ready_pods(NS, "web-", 1).remove(0);
+    mesh.ready_pods(NS, "friend", 1);
+    mesh.ready_pods(NS, "stranger", 1);
+    wait_certified(&mesh, "friend");
+    wait_certified(&mesh, "stranger");
+    // The sidecars re-read policies every 2 s.
+    std::thread::sleep(Duration::from_secs(3));
+    let allowed = mesh.calls(NS, "friend", "http://web/", 5);
+    assert!(allowed.failures.is_empty(), "{}", allowed.output);
+    let denied = mesh.calls(NS, "stranger", "http://web/", 3);
+    assert!(
+        denied.answers.is_empty(),
+        "a denied identity got answers: {}",
+        denied.output
+    );
+    assert!(counter(&mesh.metrics(NS, &web.name), "wasmesh_authz_denied_total") >= 3.0);
+}
+
+#[test]
+fn a_ca_rotation_fails_no_request() {
+    let Some(mesh) = TestMesh::up_with(
+        "a_ca_rotation_fails_no_request",
+        &[
+            ("ns.yaml", &namespace()),
+            ("web.yaml", &backend(NS, "web", 2, &[("http", 8080)], "")),
+            (
+                "svc.yaml",
+                &service(NS, "web", "web", &[("tcp", 80, "http")], ""),
+            ),
+            ("client.yaml", &client(NS, "client", "")),
+        ],
+        |cfg| cfg.control_args = vec!["--ca-propagation".into(), "3s".into()],
+    ) else {
+        return;
+    };
+    let webs = mesh.ready_pods(NS, "web-", 2);
+    mesh.ready_pods(NS, "client", 1);
+    wait_certified(&mesh, "client");
+    let root =
+        wasmesh_control::identity::Root::generate("cluster.local", Duration::from_secs(3600))
+            .expect("a new root");
+    let ca_dir = mesh.state.join("ca");
+    let started = Instant::now();
+    let mut rotated = false;
+    let mut total = 0;
+    while started.elapsed() < Duration::from_secs(15) {
+        if !rotated && started.elapsed() > Duration::from_secs(1) {
+            root.write_to_dir(&ca_dir).expect("new CA files");
+            rotated = true;
+        }
+        let calls = mesh.calls(NS, "client", "http://web/", 10);
+        assert!(
+            calls.failures.is_empty(),
+            "a call failed during the rotation: {}",
+            calls.output
+        );
+        total += calls.answers.len();
+    }
+    assert!(total >= 50, "{total} calls");
+    // Everyone renewed from the new root.
+    for p in ["client".to_string()]
+        .into_iter()
+        .chain(webs.iter().map(|w| w.name.clone()))
+    {
+        let m = mesh.metrics(NS, &p);
+        assert!(
+            counter(&m, "wasmesh_mtls_certificates_total") >= 2.0,
+            "{p} did not renew: {m:?}"
+        );
+    }
+}
