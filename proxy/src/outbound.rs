@@ -63,6 +63,8 @@ pub struct Outbound {
     pub http: Forwarder,
     /// mTLS to meshed endpoints, when the proxy has an identity (see [`crate::identity`]).
     pub mesh: Option<Arc<Mesh>>,
+    /// Wasm filters for requests the app sends (None: no Wasm host in this proxy).
+    pub filters: Option<Arc<crate::filters::Filters>>,
 }
 
 /// Accepts on `listener` forever.
@@ -101,7 +103,14 @@ impl Outbound {
             config,
             own,
             mesh: None,
+            filters: None,
         }
+    }
+
+    /// With Wasm filters on the HTTP path.
+    pub fn with_filters(mut self, filters: Option<Arc<crate::filters::Filters>>) -> Self {
+        self.filters = filters;
+        self
     }
 
     /// mTLS to meshed endpoints with this identity (L4 path).

@@ -22,6 +22,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use wasmesh_api::discovery as pb;
 use wasmesh_api::table::Table as WireTable;
+use wasmesh_proxy::filters::Filters;
+use wasmesh_proxy::filters::select::Me;
 use wasmesh_proxy::outbound::{Outbound, OutboundConfig};
 use wasmesh_proxy::state::ProxyState;
 use wasmesh_proxy::table::Locality;
@@ -246,13 +248,22 @@ async fn proxy(ports: Vec<pb::ServicePort>, dst: &str) -> Proxy {
 }
 
 async fn proxy_with(ports: Vec<pb::ServicePort>, dst: &str, config: OutboundConfig) -> Proxy {
+    proxy_full(ports, dst, config, None).await
+}
+
+async fn proxy_full(
+    ports: Vec<pb::ServicePort>,
+    dst: &str,
+    config: OutboundConfig,
+    filters: Option<Arc<Filters>>,
+) -> Proxy {
     let state = ProxyState::new(Locality {
         node: None,
         zone: None,
         namespace: Some("default".into()),
     });
     install(&state, ports);
-    let out = Arc::new(Outbound::new(state.clone(), config, vec![]));
+    let out = Arc::new(Outbound::new(state.clone(), config, vec![]).with_filters(filters));
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind front");
     let front = l.local_addr().expect("addr");
     let dst: SocketAddr = dst.parse().expect("dst");
@@ -896,4 +907,189 @@ async fn malformed_http_gets_400_and_others_are_still_served() {
     }
     let mut c = Client::h1(&p).await;
     assert_eq!(c.get("/").await.body, "b1");
+}
+
+// ---------------------------------------------------------------- Wasm filters
+
+/// A compiled filter from `filters/` (built by `.ci/run`).
+fn filter_wasm(name: &str) -> Bytes {
+    let repo = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut dirs = Vec::new();
+    if let Ok(d) = std::env::var("CARGO_TARGET_DIR") {
+        dirs.push(std::path::PathBuf::from(d).join("wasm32-wasip1/release"));
+    }
+    dirs.push(repo.join("target/wasm32-wasip1/release"));
+    dirs.push(repo.join("filters/target/wasm32-wasip1/release"));
+    for d in &dirs {
+        if let Ok(b) = std::fs::read(d.join(format!("{name}.wasm"))) {
+            return Bytes::from(b);
+        }
+    }
+    panic!(
+        "{name}.wasm not found in {dirs:?}: build the filters first: rustup target add wasm32-wasip1 && cargo build --manifest-path filters/Cargo.toml --target wasm32-wasip1 --release"
+    );
+}
+
+/// Filters in force with one plugin `name` running `module` with `config`.
+async fn filters_with(plugins: Vec<(&str, &str, &str)>) -> Arc<Filters> {
+    let host = wasmesh_wasm::WasmHost::new(wasmesh_wasm::HostConfig {
+        instances_per_plugin: 2,
+        max_instances: 16,
+        // Tests share two cores with builds: a 10 ms wall-clock deadline could misfire.
+        callback_deadline: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .expect("wasm host");
+    let filters = Arc::new(Filters::new(
+        host,
+        Me {
+            namespace: "default".into(),
+            labels: Default::default(),
+        },
+    ));
+    let mut modules = std::collections::HashMap::new();
+    let mut specs = Vec::new();
+    for (name, module, config) in plugins {
+        let wasm = filter_wasm(module);
+        let sha = wasmesh_wasm::sha256_hex(&wasm);
+        modules.insert(sha.clone(), wasm);
+        specs.push(pb::WasmPlugin {
+            namespace: "default".into(),
+            name: name.into(),
+            sha256: sha,
+            plugin_config: config.as_bytes().to_vec(),
+            ..Default::default()
+        });
+    }
+    let modules = Arc::new(modules);
+    let fetch: wasmesh_proxy::filters::Fetch = Arc::new(move |sha: String| {
+        let m = modules.clone();
+        Box::pin(async move {
+            m.get(&sha)
+                .cloned()
+                .ok_or_else(|| format!("no module {sha}"))
+        })
+    });
+    filters.apply(specs, &fetch).await;
+    filters
+}
+
+#[tokio::test]
+async fn a_header_set_by_a_wasm_filter_picks_the_route() {
+    let (p1, _b1) = backends(&["v1"]).await;
+    let l2 = http_backend("127.0.0.3:0".parse().expect("addr"), "v2").await;
+    let v1 = service_port(
+        "web-v1",
+        [10, 96, 0, 11],
+        "http",
+        vec![ep("127.0.0.2", p1)],
+        vec![],
+    );
+    let v2 = service_port(
+        "web-v2",
+        [10, 96, 0, 12],
+        "http",
+        vec![ep("127.0.0.3", l2.0.port())],
+        vec![],
+    );
+    let routes = vec![route(
+        "web",
+        vec![
+            rule(
+                vec![header_match("x-canary", "canary")],
+                vec![backend_ref("web-v2", 1)],
+            ),
+            rule(vec![], vec![backend_ref("web-v1", 1)]),
+        ],
+    )];
+    let web = service_port("web", WEB_VIP, "http", vec![], routes);
+    // The canary filter: users opted in by a header go to the canary, nobody else (0 %).
+    let filters = filters_with(vec![(
+        "canary",
+        "canary",
+        r#"{"percentage": 0, "match_headers": {"x-opt-in": "yes"}}"#,
+    )])
+    .await;
+    assert_eq!(filters.names(), vec!["default/canary"], "the plugin loaded");
+    let p = proxy_full(
+        vec![web, v1, v2],
+        WEB,
+        OutboundConfig::default(),
+        Some(filters),
+    )
+    .await;
+    let mut c = Client::h1(&p).await;
+    let a = c.get("/").await;
+    assert_eq!(a.header("x-backend"), "v1");
+    assert!(
+        a.header("x-canary-decision").starts_with("stable"),
+        "the filter's response header: {}",
+        a.header("x-canary-decision")
+    );
+    let req = Request::get("/")
+        .header("x-opt-in", "yes")
+        .body(Full::default())
+        .expect("req");
+    let a = c.send(req).await;
+    assert_eq!(
+        a.header("x-backend"),
+        "v2",
+        "routed on the header the filter set"
+    );
+    assert!(
+        a.header("x-canary-decision").starts_with("canary"),
+        "{}",
+        a.header("x-canary-decision")
+    );
+}
+
+#[tokio::test]
+async fn a_plugin_that_rejects_its_config_is_refused_and_the_previous_version_keeps_running() {
+    let (port, _b) = backends(&["b1"]).await;
+    let filters = filters_with(vec![("canary", "canary", r#"{"percentage": 100}"#)]).await;
+    let p = proxy_full(
+        vec![service_port(
+            "web",
+            WEB_VIP,
+            "http",
+            vec![ep("127.0.0.2", port)],
+            vec![],
+        )],
+        WEB,
+        OutboundConfig::default(),
+        Some(filters.clone()),
+    )
+    .await;
+    let mut c = Client::h1(&p).await;
+    assert!(
+        c.get("/")
+            .await
+            .header("x-canary-decision")
+            .starts_with("canary")
+    );
+    // A new version with a config the filter refuses (percentage out of range).
+    let wasm = filter_wasm("canary");
+    let sha = wasmesh_wasm::sha256_hex(&wasm);
+    let fetch: wasmesh_proxy::filters::Fetch = Arc::new(move |_sha: String| {
+        let w = wasm.clone();
+        Box::pin(async move { Ok(w) })
+    });
+    filters
+        .apply(
+            vec![pb::WasmPlugin {
+                namespace: "default".into(),
+                name: "canary".into(),
+                sha256: sha,
+                plugin_config: br#"{"percentage": 900}"#.to_vec(),
+                ..Default::default()
+            }],
+            &fetch,
+        )
+        .await;
+    let a = c.get("/").await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(
+        a.header("x-canary-decision").starts_with("canary"),
+        "the last good version still runs"
+    );
 }

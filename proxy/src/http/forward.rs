@@ -27,9 +27,12 @@ use super::route::{Backend, Pick, Redirect, RequestView, Rule, rewrite_path};
 use super::{Body, boxed, full};
 use crate::balance::{self, Unit};
 use crate::detect::Declared;
+use crate::filters::select::Direction as FilterSide;
 use crate::outbound::Outbound;
 use crate::state::Stats;
 use crate::table::{Route, Selection, ServicePort, Via};
+use wasmesh_wasm::body::FilteredBody;
+use wasmesh_wasm::{ChainStream, Direction as WasmDirection, StreamInfo, Verdict};
 
 /// Bodies up to this size are kept so the request can be retried.
 const MAX_REPLAY_BODY: u64 = 64 * 1024;
@@ -100,6 +103,48 @@ impl Outbound {
         let table = self.state.table.load();
         let Route::Service(sp, via) = table.route(c.dst) else {
             return Err(HttpError::NoService);
+        };
+        // Wasm filters see the request first: the route is chosen on what they leave.
+        let request_eos = body.is_end_stream();
+        let chain = self
+            .filters
+            .as_ref()
+            .and_then(|f| {
+                f.chain(
+                    FilterSide::Outbound,
+                    sp.port,
+                    Some((&sp.namespace, &sp.service)),
+                )
+            })
+            .map(|chain| {
+                Arc::new(tokio::sync::Mutex::new(chain.new_stream(StreamInfo {
+                    source: Some(c.peer),
+                    destination: Some(c.dst),
+                    protocol: protocol_name(client_version),
+                    upstream_service: Some(format!("{}.{}", sp.service, sp.namespace)),
+                    ..StreamInfo::default()
+                })))
+            });
+        if let Some(ch) = &chain {
+            let verdict = ch
+                .lock()
+                .await
+                .on_request_headers(&mut parts, request_eos)
+                .await;
+            match verdict {
+                Verdict::Continue => {}
+                Verdict::LocalReply(r) => return Ok(local_reply(r)),
+                Verdict::Reset => return Err(HttpError::FilterReset),
+            }
+        }
+        let body: Body = match &chain {
+            Some(ch) if !request_eos => boxed(FilteredBody::new(
+                body,
+                ch.clone(),
+                WasmDirection::Request,
+                false,
+            )),
+            _ => boxed(body),
         };
         let view = RequestView {
             method: &parts.method,
@@ -227,7 +272,7 @@ impl Outbound {
             .to_bytes();
             (Some(bytes), None)
         } else {
-            (None, Some(boxed(body)))
+            (None, Some(body))
         };
 
         let kind = target.balancer.unwrap_or(self.config.balancer);
@@ -368,12 +413,11 @@ impl Outbound {
                     if let (Some(client), Some(upstream)) = (client_upgrade, upstream_upgrade) {
                         tunnel(client, upstream, target.name());
                     }
-                    return Ok(finish(
-                        resp,
-                        client_version,
-                        rule.as_deref(),
-                        backend.as_ref(),
-                    ));
+                    let resp = finish(resp, client_version, rule.as_deref(), backend.as_ref());
+                    return Ok(match &chain {
+                        Some(ch) => filter_response(ch, resp, ep.addr).await,
+                        None => resp,
+                    });
                 }
                 Sent::NotSent(req, e) => {
                     // The connection closed while idle; the request is intact.
@@ -477,6 +521,50 @@ fn finish(
         Version::HTTP_11
     };
     Response::from_parts(parts, boxed(body))
+}
+
+/// The response through the filters' response steps (last filter first).
+async fn filter_response(
+    chain: &Arc<tokio::sync::Mutex<ChainStream>>,
+    resp: Response<Body>,
+    upstream: SocketAddr,
+) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    let eos = body.is_end_stream();
+    {
+        let mut ch = chain.lock().await;
+        ch.set_upstream(upstream);
+        match ch.on_response_headers(&mut parts, eos).await {
+            Verdict::Continue => {}
+            Verdict::LocalReply(r) => return local_reply(r),
+            Verdict::Reset => return HttpError::FilterReset.into_response(false),
+        }
+    }
+    let body = if eos {
+        body
+    } else {
+        boxed(FilteredBody::new(
+            body,
+            chain.clone(),
+            WasmDirection::Response,
+            false,
+        ))
+    };
+    Response::from_parts(parts, body)
+}
+
+/// A filter's local reply, as the client gets it.
+fn local_reply(r: wasmesh_wasm::LocalReply) -> Response<Body> {
+    let (parts, body) = r.into_response().into_parts();
+    Response::from_parts(parts, full(body))
+}
+
+fn protocol_name(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_2 => "HTTP/2",
+        _ => "HTTP/1.1",
+    }
 }
 
 /// After a 101 (or a CONNECT's 2xx), bytes flow both ways between the client's and the

@@ -38,6 +38,8 @@ pub enum HttpError {
     Timeout(Duration),
     #[error("malformed request: {0}")]
     BadRequest(String),
+    #[error("a Wasm filter reset the request")]
+    FilterReset,
 }
 
 impl HttpError {
@@ -50,7 +52,7 @@ impl HttpError {
             HttpError::BackendNotFound(_) | HttpError::NoBackend => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
-            HttpError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            HttpError::Upstream(_) | HttpError::FilterReset => StatusCode::BAD_GATEWAY,
             HttpError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             HttpError::BadRequest(_) => StatusCode::BAD_REQUEST,
         }
@@ -68,6 +70,7 @@ impl HttpError {
             HttpError::Upstream(_) => "upstream-failed",
             HttpError::Timeout(_) => "timeout",
             HttpError::BadRequest(_) => "bad-request",
+            HttpError::FilterReset => "filter-reset",
         }
     }
 
