@@ -75,7 +75,8 @@ pub struct CalloutFailure(pub String);
 /// What the proxy provides to run callouts.
 pub trait HttpCallouts: Send + Sync + 'static {
     /// Starts a request to `upstream`. The request carries `:authority` in its URI and `host`
-    /// header; the host applies `timeout` itself (the future may ignore it).
+    /// header; the host applies `timeout` itself (the future may ignore it). Called while the
+    /// filter's instance is locked: return at once (do the work in the future), never block.
     fn call(
         &self,
         upstream: &str,

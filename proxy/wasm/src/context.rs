@@ -20,6 +20,28 @@ use crate::plugin::PluginMeta;
 use crate::properties::{RequestFacts, StreamInfo};
 use crate::shared::QueueWaker;
 
+/// Hashes context ids and tokens (small integers the host allocates) with one multiply:
+/// these maps are looked up several times per callback.
+#[derive(Default)]
+pub(crate) struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8 | u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = u64::from(n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// A map keyed by context id or token.
+pub(crate) type IdMap<V> = HashMap<u32, V, std::hash::BuildHasherDefault<IdHasher>>;
+
 /// Something a filter did to a stream, delivered after the callback returned.
 #[derive(Debug)]
 pub(crate) enum StreamEvent {
@@ -159,12 +181,12 @@ pub(crate) struct HostState {
     pub(crate) root_context: u32,
     pub(crate) effective: u32,
     next_context: u32,
-    pub(crate) streams: HashMap<u32, StreamCtx>,
+    pub(crate) streams: IdMap<StreamCtx>,
     pub(crate) root_properties: HashMap<Vec<u8>, Vec<u8>>,
     pub(crate) deferred: Vec<(u32, StreamEvent)>,
     /// `Some(period_ms)` when the root context changed its tick period in this callback.
     pub(crate) tick_change: Option<u32>,
-    pub(crate) callouts: HashMap<u32, u32>,
+    pub(crate) callouts: IdMap<u32>,
     next_token: u32,
     pub(crate) outgoing: Vec<Outgoing>,
     pub(crate) call_response: Option<(Headers, bytes::Bytes, Headers)>,
@@ -186,11 +208,11 @@ impl HostState {
             root_context: 0,
             effective: 0,
             next_context: 1,
-            streams: HashMap::new(),
+            streams: IdMap::default(),
             root_properties: HashMap::new(),
             deferred: Vec::new(),
             tick_change: None,
-            callouts: HashMap::new(),
+            callouts: IdMap::default(),
             next_token: 1,
             outgoing: Vec::new(),
             call_response: None,

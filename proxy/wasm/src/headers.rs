@@ -27,6 +27,10 @@ pub(crate) struct Headers {
     pub(crate) map: HeaderMap,
     had_host: bool,
     absolute_uri: bool,
+    /// The request's `host` header, put back as is when no pseudo-header changed.
+    host: Option<HeaderValue>,
+    /// Whether a pseudo-header was set or removed (then `parts` is rebuilt from them).
+    pseudo_changed: bool,
 }
 
 const REQUEST_PSEUDO: [&str; 4] = [":authority", ":path", ":method", ":scheme"];
@@ -52,11 +56,10 @@ impl Headers {
         let absolute_uri = parts.uri.authority().is_some();
         let host = map.remove(HOST);
         let had_host = host.is_some();
-        let authority = match parts.uri.authority() {
-            Some(a) => Bytes::copy_from_slice(a.as_str().as_bytes()),
-            None => host
-                .map(|h| Bytes::copy_from_slice(h.as_bytes()))
-                .unwrap_or_default(),
+        let authority = match (parts.uri.authority(), &host) {
+            (Some(a), _) => Bytes::copy_from_slice(a.as_str().as_bytes()),
+            (None, Some(h)) => Bytes::copy_from_slice(h.as_bytes()),
+            (None, None) => Bytes::new(),
         };
         let path = parts
             .uri
@@ -64,20 +67,34 @@ impl Headers {
             .map(|p| p.as_str())
             .unwrap_or("/");
         let scheme = parts.uri.scheme_str().unwrap_or(default_scheme);
+        let scheme = match scheme {
+            "http" => Bytes::from_static(b"http"),
+            "https" => Bytes::from_static(b"https"),
+            other => Bytes::copy_from_slice(other.as_bytes()),
+        };
+        let method = match parts.method {
+            Method::GET => Bytes::from_static(b"GET"),
+            Method::POST => Bytes::from_static(b"POST"),
+            Method::PUT => Bytes::from_static(b"PUT"),
+            Method::DELETE => Bytes::from_static(b"DELETE"),
+            Method::HEAD => Bytes::from_static(b"HEAD"),
+            Method::PATCH => Bytes::from_static(b"PATCH"),
+            Method::OPTIONS => Bytes::from_static(b"OPTIONS"),
+            ref other => Bytes::copy_from_slice(other.as_str().as_bytes()),
+        };
         let pseudo = vec![
             (REQUEST_PSEUDO[0], authority),
             (REQUEST_PSEUDO[1], Bytes::copy_from_slice(path.as_bytes())),
-            (
-                REQUEST_PSEUDO[2],
-                Bytes::copy_from_slice(parts.method.as_str().as_bytes()),
-            ),
-            (REQUEST_PSEUDO[3], Bytes::copy_from_slice(scheme.as_bytes())),
+            (REQUEST_PSEUDO[2], method),
+            (REQUEST_PSEUDO[3], scheme),
         ];
         Headers {
             pseudo,
             map,
             had_host,
             absolute_uri,
+            host,
+            pseudo_changed: false,
         }
     }
 
@@ -89,7 +106,16 @@ impl Headers {
             mut map,
             had_host,
             absolute_uri,
+            host,
+            pseudo_changed,
         } = self;
+        if !pseudo_changed {
+            if let Some(h) = host {
+                map.insert(HOST, h);
+            }
+            parts.headers = map;
+            return Ok(());
+        }
         let get = |n: &str| pseudo.iter().find(|(k, _)| *k == n).map(|(_, v)| v.clone());
         let mut result = Ok(());
         if let Some(m) = get(":method") {
@@ -131,8 +157,7 @@ impl Headers {
         Headers {
             pseudo: vec![(":status", status)],
             map,
-            had_host: false,
-            absolute_uri: false,
+            ..Default::default()
         }
     }
 
@@ -141,6 +166,10 @@ impl Headers {
         self,
         parts: &mut http::response::Parts,
     ) -> Result<(), HeaderError> {
+        if !self.pseudo_changed {
+            parts.headers = self.map;
+            return Ok(());
+        }
         let mut result = Ok(());
         if let Some((_, s)) = self.pseudo.iter().find(|(k, _)| *k == ":status") {
             match StatusCode::from_bytes(s) {
@@ -209,6 +238,7 @@ impl Headers {
         if key.first() == Some(&b':') {
             if let Some(name) = pseudo_name(key) {
                 self.pseudo.retain(|(k, _)| *k != name);
+                self.pseudo_changed = true;
             }
             return;
         }
@@ -220,6 +250,7 @@ impl Headers {
     fn set_pseudo(&mut self, key: &[u8], value: &[u8]) -> Result<(), HeaderError> {
         let name = pseudo_name(key).ok_or_else(|| HeaderError::Name(lossy(key)))?;
         let value = Bytes::copy_from_slice(value);
+        self.pseudo_changed = true;
         match self.pseudo.iter_mut().find(|(k, _)| *k == name) {
             Some((_, v)) => *v = value,
             None => self.pseudo.push((name, value)),
@@ -232,6 +263,7 @@ impl Headers {
     pub(crate) fn set_all(&mut self, pairs: Vec<(&[u8], &[u8])>) -> Result<(), HeaderError> {
         self.pseudo.clear();
         self.map.clear();
+        self.pseudo_changed = true;
         let mut result = Ok(());
         for (k, v) in pairs {
             if let Err(e) = self.add(k, v) {

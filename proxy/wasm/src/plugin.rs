@@ -389,6 +389,9 @@ impl PluginInner {
         tick: Option<u32>,
         outgoing: Vec<crate::context::Outgoing>,
     ) {
+        if tick.is_none() && outgoing.is_empty() {
+            return;
+        }
         let generation = g.generation;
         let rt = tokio::runtime::Handle::try_current();
         if let Some(ms) = tick {

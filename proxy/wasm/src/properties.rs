@@ -10,6 +10,9 @@
 use std::net::SocketAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
+use http::HeaderValue;
+
 use crate::config::NodeInfo;
 use crate::headers::Headers;
 
@@ -62,28 +65,29 @@ impl Default for StreamInfo {
 }
 
 /// The request facts kept after the request headers left (for `request.*` in later phases).
+/// (Shared buffers, not copies: keeping them costs no allocation.)
 #[derive(Clone, Debug, Default)]
 pub(crate) struct RequestFacts {
-    pub(crate) method: Vec<u8>,
-    pub(crate) path: Vec<u8>,
-    pub(crate) authority: Vec<u8>,
-    pub(crate) scheme: Vec<u8>,
-    pub(crate) id: Option<Vec<u8>>,
-    pub(crate) useragent: Option<Vec<u8>>,
-    pub(crate) referer: Option<Vec<u8>>,
+    pub(crate) method: Bytes,
+    pub(crate) path: Bytes,
+    pub(crate) authority: Bytes,
+    pub(crate) scheme: Bytes,
+    pub(crate) id: Option<HeaderValue>,
+    pub(crate) useragent: Option<HeaderValue>,
+    pub(crate) referer: Option<HeaderValue>,
 }
 
 impl RequestFacts {
     pub(crate) fn from_headers(h: &Headers) -> Self {
-        let p = |n: &str| h.pseudo_value(n).map(|v| v.to_vec()).unwrap_or_default();
+        let p = |n: &str| h.pseudo_value(n).cloned().unwrap_or_default();
         RequestFacts {
             method: p(":method"),
             path: p(":path"),
             authority: p(":authority"),
             scheme: p(":scheme"),
-            id: h.get(b"x-request-id").map(<[u8]>::to_vec),
-            useragent: h.get(b"user-agent").map(<[u8]>::to_vec),
-            referer: h.get(b"referer").map(<[u8]>::to_vec),
+            id: h.map.get("x-request-id").cloned(),
+            useragent: h.map.get(http::header::USER_AGENT).cloned(),
+            referer: h.map.get(http::header::REFERER).cloned(),
         }
     }
 }
@@ -184,7 +188,7 @@ fn request_field(scope: &Scope<'_>, field: &[u8]) -> Option<Vec<u8>> {
         (None, Some(r)) => r,
         (None, None) => return None,
     };
-    let path = r.path.as_slice();
+    let path = &r.path[..];
     let (url_path, query) = match path.iter().position(|b| *b == b'?') {
         Some(i) => (&path[..i], Some(&path[i + 1..])),
         None => (path, None),
@@ -193,12 +197,12 @@ fn request_field(scope: &Scope<'_>, field: &[u8]) -> Option<Vec<u8>> {
         b"path" => Some(path.to_vec()),
         b"url_path" => Some(url_path.to_vec()),
         b"query" => query.map(<[u8]>::to_vec),
-        b"host" => Some(r.authority.clone()),
-        b"scheme" => Some(r.scheme.clone()),
-        b"method" => Some(r.method.clone()),
-        b"id" => r.id.clone(),
-        b"useragent" => r.useragent.clone(),
-        b"referer" => r.referer.clone(),
+        b"host" => Some(r.authority.to_vec()),
+        b"scheme" => Some(r.scheme.to_vec()),
+        b"method" => Some(r.method.to_vec()),
+        b"id" => r.id.as_ref().map(|v| v.as_bytes().to_vec()),
+        b"useragent" => r.useragent.as_ref().map(|v| v.as_bytes().to_vec()),
+        b"referer" => r.referer.as_ref().map(|v| v.as_bytes().to_vec()),
         _ => None,
     }
 }

@@ -440,3 +440,22 @@ async fn request_trailers_can_be_added_to() {
     assert_eq!(trailers["x-abi-request-trailer"], "1");
     assert_eq!(trailers["x-original"], "1");
 }
+
+#[tokio::test]
+async fn wasm32_unknown_unknown_modules_load_and_run() {
+    // Exports `malloc` instead of `proxy_on_memory_allocate`, imports no WASI.
+    let bytes = support::wasm_for("abi_test", "wasm32-unknown-unknown");
+    let h = host();
+    let chain = FilterChain::new(vec![
+        h.load(PluginConfig::new("abi-unknown", bytes))
+            .expect("loads"),
+    ]);
+    let x = exchange(&chain, request("headers").body(vec![]).unwrap(), ok).await;
+    let up = x.upstream_request.expect("forwarded");
+    assert_eq!(
+        header(&up, "x-abi-seen"),
+        Some("GET /test/path?q=1 svc.test http")
+    );
+    let x = exchange(&chain, request("local-reply").body(vec![]).unwrap(), ok).await;
+    assert_eq!(x.status, 403);
+}

