@@ -16,6 +16,7 @@ use crate::identity::IdentityService;
 use crate::model::{Cidr, Model};
 use crate::source::folder::{DEFAULT_SERVICE_CIDR, FolderSource};
 use crate::source::kube::KubeSource;
+use crate::source::wasmplugin::DEFAULT_ROOT_NAMESPACE;
 use crate::source::{EventSender, Source, SourceError};
 
 /// Where objects come from: `kube` or `dir:PATH`.
@@ -49,6 +50,8 @@ pub struct SourceOptions {
     pub namespaces: Vec<String>,
     /// Where Services without a clusterIP get one (folder source).
     pub service_cidr: Cidr,
+    /// WasmPlugins in this namespace apply to every namespace (`mesh_wide`).
+    pub root_namespace: String,
 }
 
 impl SourceOptions {
@@ -57,12 +60,22 @@ impl SourceOptions {
             spec,
             namespaces: Vec::new(),
             service_cidr: Cidr::parse(DEFAULT_SERVICE_CIDR).expect("valid default CIDR"),
+            root_namespace: DEFAULT_ROOT_NAMESPACE.into(),
         }
+    }
+
+    /// An empty model for these options (the root namespace).
+    pub fn model(&self) -> Model {
+        Model::with_root_namespace(self.root_namespace.clone())
     }
 
     pub async fn build(&self) -> Result<Source, SourceError> {
         Ok(match &self.spec {
-            SourceSpec::Kube => Source::Kube(KubeSource::from_env(self.namespaces.clone()).await?),
+            SourceSpec::Kube => Source::Kube(
+                KubeSource::from_env(self.namespaces.clone())
+                    .await?
+                    .with_root_namespace(self.root_namespace.clone()),
+            ),
             SourceSpec::Dir(path) => {
                 if !path.is_dir() {
                     return Err(SourceError::Folder {
@@ -94,7 +107,12 @@ impl Running {
 
 /// Starts the pipeline. `removal_grace`: see [`publisher`].
 pub fn start(source: Source, removal_grace: Duration) -> Running {
-    let (tx, hub, publisher) = start_publisher(removal_grace);
+    start_with_model(source, Model::new(), removal_grace)
+}
+
+/// [`start`] with a model of the caller's (e.g. [`SourceOptions::model`]).
+pub fn start_with_model(source: Source, model: Model, removal_grace: Duration) -> Running {
+    let (tx, hub, publisher) = start_publisher_with_model(model, removal_grace);
     let source = tokio::spawn(source.run(tx));
     Running {
         hub,
@@ -106,9 +124,17 @@ pub fn start(source: Source, removal_grace: Duration) -> Running {
 /// Starts the model, publisher and hub; events sent on the returned sender flow to every
 /// subscriber (what a source does; tests and benches drive it directly).
 pub fn start_publisher(removal_grace: Duration) -> (EventSender, Arc<Hub>, JoinHandle<()>) {
+    start_publisher_with_model(Model::new(), removal_grace)
+}
+
+/// [`start_publisher`] with a model of the caller's.
+pub fn start_publisher_with_model(
+    model: Model,
+    removal_grace: Duration,
+) -> (EventSender, Arc<Hub>, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(1024);
     let hub = Arc::new(Hub::new());
-    let publisher = tokio::spawn(publisher::run(Model::new(), rx, hub.clone(), removal_grace));
+    let publisher = tokio::spawn(publisher::run(model, rx, hub.clone(), removal_grace));
     (tx, hub, publisher)
 }
 
@@ -120,19 +146,30 @@ pub async fn serve(
     removal_grace: Duration,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), SourceError> {
-    serve_with_identity(source, listener, admin, removal_grace, None, shutdown).await
+    serve_with_identity(
+        source,
+        Model::new(),
+        listener,
+        admin,
+        removal_grace,
+        None,
+        shutdown,
+    )
+    .await
 }
 
-/// [`serve`], and the identity service (control as the CA) on the same port if given.
+/// [`serve`], and the identity service (control as the CA) on the same port if given;
+/// `model` is the empty model to start from ([`SourceOptions::model`]).
 pub async fn serve_with_identity(
     source: Source,
+    model: Model,
     listener: TcpListener,
     admin: Option<TcpListener>,
     removal_grace: Duration,
     identity: Option<IdentityService>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), SourceError> {
-    let running = start(source, removal_grace);
+    let running = start_with_model(source, model, removal_grace);
     let hub = running.hub.clone();
     if let Some(admin) = admin {
         tokio::spawn(crate::admin::serve(admin, hub.clone()));
@@ -162,11 +199,15 @@ pub enum TableError {
     NotSynced(Duration, String),
 }
 
-/// Reads the source until the table is complete and returns the model.
-pub async fn compute_table(source: Source, timeout: Duration) -> Result<Model, TableError> {
+/// Reads the source into `model` (empty: [`SourceOptions::model`]) until the table is
+/// complete and returns it.
+pub async fn compute_table(
+    source: Source,
+    mut model: Model,
+    timeout: Duration,
+) -> Result<Model, TableError> {
     let (tx, mut rx) = mpsc::channel(1024);
     let task = tokio::spawn(source.run(tx));
-    let mut model = Model::new();
     let deadline = tokio::time::Instant::now() + timeout;
     let result = loop {
         match tokio::time::timeout_at(deadline, rx.recv()).await {

@@ -9,8 +9,8 @@ use wasmesh_control::identity;
 use wasmesh_control::model::Cidr;
 use wasmesh_control::view::{self, Format};
 
-/// Watches Services, EndpointSlices, Pods and Nodes and streams the service table to every
-/// wasmesh proxy.
+/// Watches Services, EndpointSlices, Pods, Nodes, HTTPRoutes and WasmPlugins and streams the
+/// service table to every wasmesh proxy.
 #[derive(Debug, Parser)]
 #[command(name = "wasmesh-control", version, about, long_about = None)]
 struct Cli {
@@ -47,6 +47,10 @@ struct SourceArgs {
     /// server's --service-cluster-ip-range.
     #[arg(long, default_value = "10.96.0.0/12", value_parser = parse_cidr, env = "WASMESH_SERVICE_CIDR")]
     service_cidr: Cidr,
+    /// The mesh's root namespace: WasmPlugins there apply to pods of every namespace (and are
+    /// watched even when --namespaces leaves it out).
+    #[arg(long, default_value = "wasmesh-system", env = "WASMESH_ROOT_NAMESPACE")]
+    root_namespace: String,
 }
 
 impl SourceArgs {
@@ -54,6 +58,7 @@ impl SourceArgs {
         let mut o = SourceOptions::new(self.source.clone());
         o.namespaces = self.namespaces.clone();
         o.service_cidr = self.service_cidr;
+        o.root_namespace = self.root_namespace.clone();
         o
     }
 }
@@ -183,7 +188,8 @@ fn init_logging(format: &str) {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let source = args.source.options().build().await?;
+    let options = args.source.options();
+    let source = options.build().await?;
     let listener = app::bind(args.listen, "discovery").await?;
     let admin = match args.admin.as_str() {
         "off" | "" => None,
@@ -198,6 +204,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(listen = %args.listen, admin = %args.admin, source = ?args.source.source, ca = identity.is_some(), "wasmesh-control serving");
     app::serve_with_identity(
         source,
+        options.model(),
         listener,
         admin,
         args.removal_grace,
@@ -275,8 +282,9 @@ async fn certificate_authority(
 }
 
 async fn table(args: TableArgs) -> anyhow::Result<()> {
-    let source = args.source.options().build().await?;
-    let model = app::compute_table(source, args.timeout).await?;
+    let options = args.source.options();
+    let source = options.build().await?;
+    let model = app::compute_table(source, options.model(), args.timeout).await?;
     let selected = view::select(&model, args.namespace.as_deref(), args.service.as_deref());
     if selected.service_ports.is_empty() && args.service.is_some() {
         anyhow::bail!(

@@ -4,7 +4,7 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
-use crate::model::{Model, NodeEntry, ServicePortEntry};
+use crate::model::{Model, NodeEntry, PluginEntry, ServicePortEntry};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -32,9 +32,14 @@ impl std::str::FromStr for Format {
 pub struct TableView<'a> {
     pub service_ports: Vec<&'a ServicePortEntry>,
     pub nodes: Vec<&'a NodeEntry>,
+    /// WasmPlugins (the module's sha256 and size, never its bytes).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub wasm_plugins: Vec<&'a PluginEntry>,
 }
 
-/// Selects the entries to print: all, a namespace, or one Service.
+/// Selects the entries to print: all, a namespace, or one Service. With a namespace, the
+/// plugins that can apply there (its own and the mesh-wide ones); with a Service, those of
+/// them that do not target other Services only.
 pub fn select<'a>(
     model: &'a Model,
     namespace: Option<&str>,
@@ -53,6 +58,19 @@ pub fn select<'a>(
         } else {
             model.nodes().values().map(|n| n.as_ref()).collect()
         },
+        wasm_plugins: model
+            .plugins()
+            .values()
+            .map(|p| p.as_ref())
+            .filter(|p| namespace.is_none_or(|ns| p.mesh_wide || p.namespace == ns))
+            .filter(|p| {
+                service.is_none_or(|s| {
+                    p.target_services.is_empty()
+                        || (namespace.is_none_or(|ns| p.namespace == ns)
+                            && p.target_services.iter().any(|t| t == s))
+                })
+            })
+            .collect(),
     }
 }
 
@@ -159,6 +177,34 @@ fn text(view: &TableView<'_>) -> String {
                 .map(|r| format!("{}/{}", r.namespace, r.name))
                 .collect();
             let _ = writeln!(out, "HTTPRoutes on {}: {}", e.key, names.join(", "));
+        }
+    }
+    if !view.wasm_plugins.is_empty() {
+        let _ = writeln!(out);
+        for p in &view.wasm_plugins {
+            let _ = write!(
+                out,
+                "WasmPlugin {}/{}  phase={} priority={} {}  sha256={} size={}",
+                p.namespace,
+                p.name,
+                p.phase,
+                p.priority,
+                p.fail_strategy,
+                &p.sha256[..p.sha256.len().min(12)],
+                p.module_size
+            );
+            if p.mesh_wide {
+                let _ = write!(out, "  mesh-wide");
+            }
+            if !p.selector.is_empty() {
+                let labels: Vec<String> =
+                    p.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let _ = write!(out, "  selector={}", labels.join(","));
+            }
+            if !p.target_services.is_empty() {
+                let _ = write!(out, "  services={}", p.target_services.join(","));
+            }
+            let _ = writeln!(out);
         }
     }
     if !view.nodes.is_empty() {

@@ -305,7 +305,13 @@ async fn nothing_is_sent_before_services_and_endpoint_slices_are_listed() {
     })
     .await
     .expect("send");
-    for k in [Kind::EndpointSlice, Kind::Pod, Kind::Node, Kind::HttpRoute] {
+    for k in [
+        Kind::EndpointSlice,
+        Kind::Pod,
+        Kind::Node,
+        Kind::HttpRoute,
+        Kind::WasmPlugin,
+    ] {
         tx.send(Event::Synced(k)).await.expect("send");
     }
     let mut table = Table::default();
@@ -542,4 +548,171 @@ async fn an_unknown_method_gets_unimplemented_and_the_server_keeps_serving() {
     let mut t = Table::default();
     next_complete(&mut watch(addr, "after").await, &mut t).await;
     assert_eq!(t.ports.len(), 1);
+}
+
+fn wasm(tail: &str) -> Vec<u8> {
+    let mut v = b"\0asm\x01\0\0\0".to_vec();
+    v.extend_from_slice(tail.as_bytes());
+    v
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    wasmesh_control::source::wasmplugin::module::sha256_hex(bytes)
+}
+
+async fn get_module(addr: SocketAddr, sha256: &str) -> Result<wasmesh_api::Module, tonic::Status> {
+    let mut client = DiscoveryClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect")
+        .max_decoding_message_size(wasmesh_api::MAX_MODULE_SIZE + 1024);
+    client
+        .get_module(wasmesh_api::GetModuleRequest {
+            sha256: sha256.into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// A WasmPlugin in a folder reaches proxies with its module's sha256; GetModule serves the
+/// bytes; editing the module file sends a delta with only that plugin and the new sha256, and
+/// the old module is no longer served.
+#[tokio::test]
+async fn wasm_plugins_in_a_folder_reach_proxies_and_modules_are_served_by_sha256() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("filters")).expect("mkdir");
+    let auth = wasm("auth v1");
+    let stats = wasm("stats");
+    std::fs::write(dir.path().join("filters/auth.wasm"), &auth).expect("write");
+    std::fs::write(dir.path().join("stats.wasm"), &stats).expect("write");
+    std::fs::write(dir.path().join("svc.yaml"), svc_yaml("web", "10.244.0.1")).expect("write");
+    let plugins = format!(
+        "apiVersion: wasmesh.io/v1alpha1
+kind: WasmPlugin
+metadata: {{name: auth, namespace: default}}
+spec:
+  selector: {{matchLabels: {{app: web}}}}
+  targetRefs: [{{kind: Service, group: '', name: web}}]
+  url: file://filters/auth.wasm
+  pluginName: auth
+  pluginConfig: {{header: x-user}}
+  phase: AUTHN
+  failStrategy: FAIL_OPEN
+  match: [{{mode: SERVER, ports: [{{number: 8080}}]}}]
+---
+apiVersion: wasmesh.io/v1alpha1
+kind: WasmPlugin
+metadata: {{name: stats, namespace: wasmesh-system}}
+spec:
+  url: file://{}
+  sha256: '{}'
+  phase: STATS
+",
+        dir.path().join("stats.wasm").display(),
+        sha256_hex(&stats)
+    );
+    std::fs::write(dir.path().join("plugins.yaml"), plugins).expect("write");
+    let (l, addr) = listener().await;
+    let source = wasmesh_control::source::Source::Folder(FolderSource::new(
+        dir.path(),
+        Cidr::parse("10.96.0.0/12").expect("cidr"),
+    ));
+    tokio::spawn(app::serve(
+        source,
+        l,
+        None,
+        Duration::ZERO,
+        std::future::pending(),
+    ));
+    let mut stream = watch(addr, "client").await;
+    let mut table = Table::default();
+    next_complete(&mut stream, &mut table).await;
+    assert_eq!(
+        table.wasm_plugins.keys().collect::<Vec<_>>(),
+        ["default/auth", "wasmesh-system/stats"]
+    );
+    let a = table.wasm_plugins["default/auth"].clone();
+    assert_eq!(a.sha256, sha256_hex(&auth));
+    assert_eq!(a.module_size, auth.len() as u64);
+    assert_eq!(a.plugin_config, br#"{"header":"x-user"}"#);
+    assert_eq!(a.target_services, ["web"]);
+    assert_eq!(a.selector.get("app").map(String::as_str), Some("web"));
+    assert_eq!(
+        (a.phase, a.fail_strategy, a.generation, a.mesh_wide),
+        (1, 1, 1, false)
+    );
+    assert_eq!(a.r#match[0].ports, [8080]);
+    let s = table.wasm_plugins["wasmesh-system/stats"].clone();
+    assert!(s.mesh_wide, "the root namespace's plugins are mesh-wide");
+
+    // GetModule: the bytes by sha256; NOT_FOUND for anything else.
+    let m = get_module(addr, &a.sha256).await.expect("module");
+    assert_eq!(
+        (m.sha256.as_str(), &m.wasm[..]),
+        (a.sha256.as_str(), &auth[..])
+    );
+    let m = get_module(addr, &s.sha256.to_uppercase())
+        .await
+        .expect("any case");
+    assert_eq!(m.wasm, stats);
+    let err = get_module(addr, &"0".repeat(64))
+        .await
+        .expect_err("unknown");
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+
+    // The module file changes: one delta with only that plugin.
+    let v = table.version;
+    let old_sha = a.sha256.clone();
+    let auth2 = wasm("auth v2, a little longer");
+    std::fs::write(dir.path().join("filters/auth.wasm"), &auth2).expect("write");
+    let delta = next_complete(&mut stream, &mut table).await;
+    assert_eq!(delta.len(), 1);
+    let d = &delta[0];
+    assert_eq!((d.kind, d.version), (UpdateKind::Delta as i32, v + 1));
+    assert!(d.service_ports.is_empty() && d.nodes.is_empty() && d.removed_wasm_plugins.is_empty());
+    assert_eq!(d.wasm_plugins.len(), 1);
+    let a2 = &d.wasm_plugins[0];
+    assert_eq!((a2.name.as_str(), a2.generation), ("auth", 2));
+    assert_eq!(a2.sha256, sha256_hex(&auth2));
+    assert_eq!(
+        get_module(addr, &a2.sha256).await.expect("new module").wasm,
+        auth2
+    );
+    let err = get_module(addr, &old_sha)
+        .await
+        .expect_err("old module dropped");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+
+    // The pinned module changes: refused (sha256 mismatch), the last good version stays and
+    // nothing is sent; removing the other plugin is the next delta.
+    std::fs::write(dir.path().join("stats.wasm"), wasm("tampered")).expect("write");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let only_stats = std::fs::read_to_string(dir.path().join("plugins.yaml"))
+        .expect("read")
+        .split("---\n")
+        .nth(1)
+        .expect("second document")
+        .to_string();
+    std::fs::write(dir.path().join("plugins.yaml"), only_stats).expect("write");
+    let delta = next_complete(&mut stream, &mut table).await;
+    let d = &delta[0];
+    assert_eq!(
+        d.version,
+        v + 2,
+        "nothing was sent for the mismatching module"
+    );
+    assert!(d.wasm_plugins.is_empty(), "{d:?}");
+    assert_eq!(d.removed_wasm_plugins, ["default/auth"]);
+    assert_eq!(
+        get_module(addr, &s.sha256).await.expect("last good").wasm,
+        stats
+    );
+
+    // A proxy joining now gets the plugins in its snapshot.
+    let mut s2 = watch(addr, "client-2").await;
+    let mut t2 = Table::default();
+    next_complete(&mut s2, &mut t2).await;
+    assert_eq!(
+        t2.wasm_plugins.keys().collect::<Vec<_>>(),
+        ["wasmesh-system/stats"]
+    );
 }

@@ -156,6 +156,7 @@ fn cluster(p: Params) -> Vec<Event> {
         (Kind::Service, services),
         (Kind::EndpointSlice, slices),
         (Kind::HttpRoute, Vec::new()),
+        (Kind::WasmPlugin, Vec::new()),
     ] {
         events.push(Event::Replace {
             kind,

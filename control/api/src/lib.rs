@@ -27,12 +27,20 @@ pub mod identity {
 }
 
 pub use discovery::{
-    Endpoint, Node, Protocol, ServicePort, ServicePortKey, ServiceType, TableUpdate, TrafficPolicy,
-    WatchRequest, Workload, table_update::Kind as UpdateKind,
+    Endpoint, GetModuleRequest, Module, Node, Protocol, ServicePort, ServicePortKey, ServiceType,
+    TableUpdate, TrafficPolicy, WasmPlugin, WatchRequest, Workload,
+    table_update::Kind as UpdateKind,
 };
 
 /// Fully-qualified gRPC path of the watch method.
 pub const WATCH_PATH: &str = "/wasmesh.discovery.v1.Discovery/Watch";
+
+/// Fully-qualified gRPC path of the method that returns a Wasm module's bytes by sha256.
+pub const GET_MODULE_PATH: &str = "/wasmesh.discovery.v1.Discovery/GetModule";
+
+/// The largest Wasm module control serves (and a `GetModule` response may carry); clients
+/// should accept messages of this size plus a little framing.
+pub const MAX_MODULE_SIZE: usize = 64 * 1024 * 1024;
 
 /// Prefix of every method path of the identity service.
 pub const IDENTITY_PATH_PREFIX: &str = "/wasmesh.identity.v1.Identity/";

@@ -2,7 +2,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::discovery::{Node, ServicePort, ServicePortKey, TableUpdate, table_update::Kind};
+use crate::discovery::{
+    Node, ServicePort, ServicePortKey, TableUpdate, WasmPlugin, table_update::Kind,
+};
 
 /// `(namespace, service, port name, protocol)` — the identity of a service port.
 pub type PortId = (String, String, String, i32);
@@ -14,6 +16,12 @@ pub fn port_id(key: &ServicePortKey) -> PortId {
         key.port_name.clone(),
         key.protocol,
     )
+}
+
+/// `namespace/name`: the identity of a WasmPlugin in the table and in
+/// `TableUpdate.removed_wasm_plugins`.
+pub fn plugin_id(plugin: &WasmPlugin) -> String {
+    format!("{}/{}", plugin.namespace, plugin.name)
 }
 
 /// Why an update could not be applied; the subscriber should reconnect for a fresh snapshot.
@@ -52,6 +60,9 @@ pub struct Table {
     pub version: u64,
     pub ports: BTreeMap<PortId, ServicePort>,
     pub nodes: BTreeMap<String, Node>,
+    /// Every WasmPlugin of the mesh by `namespace/name` (each proxy picks those that apply to
+    /// it); module bytes are fetched separately with `GetModule`.
+    pub wasm_plugins: BTreeMap<String, WasmPlugin>,
     /// A snapshot being received (not yet complete).
     pending: Option<Box<Table>>,
     /// True once a complete snapshot has been applied.
@@ -65,6 +76,9 @@ pub struct Applied {
     pub complete: bool,
     pub changed_ports: usize,
     pub removed_ports: usize,
+    /// Some WasmPlugin was added, changed or removed (on a complete snapshot: the set differs
+    /// from the one held before).
+    pub plugins_changed: bool,
 }
 
 impl Table {
@@ -79,9 +93,11 @@ impl Table {
                 let applied = fresh.merge(update.clone())?;
                 if update.complete {
                     fresh.synced = true;
+                    let plugins_changed = fresh.wasm_plugins != self.wasm_plugins;
                     *self = fresh;
                     Ok(Applied {
                         complete: true,
+                        plugins_changed,
                         ..applied
                     })
                 } else {
@@ -95,9 +111,11 @@ impl Table {
                 let applied = pending.merge(update)?;
                 if complete {
                     pending.synced = true;
+                    let plugins_changed = pending.wasm_plugins != self.wasm_plugins;
                     *self = *pending;
                     Ok(Applied {
                         complete: true,
+                        plugins_changed,
                         ..applied
                     })
                 } else {
@@ -141,6 +159,18 @@ impl Table {
         for node in update.nodes {
             self.nodes.insert(node.name.clone(), node);
         }
+        for id in &update.removed_wasm_plugins {
+            if self.wasm_plugins.remove(id).is_some() {
+                applied.plugins_changed = true;
+            }
+        }
+        for plugin in update.wasm_plugins {
+            let id = plugin_id(&plugin);
+            if self.wasm_plugins.get(&id) != Some(&plugin) {
+                applied.plugins_changed = true;
+            }
+            self.wasm_plugins.insert(id, plugin);
+        }
         Ok(applied)
     }
 
@@ -158,5 +188,71 @@ impl Table {
             port_name.to_string(),
             protocol,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plugin(name: &str, sha: &str) -> WasmPlugin {
+        WasmPlugin {
+            namespace: "demo".into(),
+            name: name.into(),
+            sha256: sha.into(),
+            ..Default::default()
+        }
+    }
+
+    fn update(version: u64, kind: Kind, complete: bool) -> TableUpdate {
+        TableUpdate {
+            version,
+            kind: kind as i32,
+            complete,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn plugins_kept_through_snapshots_and_deltas() {
+        let mut t = Table::default();
+        let mut snap = update(1, Kind::Snapshot, false);
+        snap.wasm_plugins = vec![plugin("a", "1")];
+        assert_eq!(t.apply(snap).unwrap(), Applied::default());
+        let mut rest = update(1, Kind::SnapshotContinued, true);
+        rest.wasm_plugins = vec![plugin("b", "2")];
+        let applied = t.apply(rest).unwrap();
+        assert!(applied.complete && applied.plugins_changed, "{applied:?}");
+        assert_eq!(
+            t.wasm_plugins.keys().collect::<Vec<_>>(),
+            ["demo/a", "demo/b"]
+        );
+
+        // A delta without plugins leaves them alone.
+        let applied = t.apply(update(2, Kind::Delta, true)).unwrap();
+        assert!(!applied.plugins_changed);
+        assert_eq!(t.wasm_plugins.len(), 2);
+
+        // Changed and removed.
+        let mut d = update(3, Kind::Delta, true);
+        d.wasm_plugins = vec![plugin("a", "3")];
+        d.removed_wasm_plugins = vec!["demo/b".into()];
+        assert!(t.apply(d).unwrap().plugins_changed);
+        assert_eq!(t.wasm_plugins.len(), 1);
+        assert_eq!(t.wasm_plugins["demo/a"].sha256, "3");
+
+        // The same plugin again is no change; removing an unknown one neither.
+        let mut d = update(4, Kind::Delta, true);
+        d.wasm_plugins = vec![plugin("a", "3")];
+        d.removed_wasm_plugins = vec!["demo/zz".into()];
+        assert!(!t.apply(d).unwrap().plugins_changed);
+
+        // A fresh snapshot replaces the set; an identical one changes nothing.
+        let mut snap = update(9, Kind::Snapshot, true);
+        snap.wasm_plugins = vec![plugin("a", "3")];
+        assert!(!t.apply(snap.clone()).unwrap().plugins_changed);
+        snap.wasm_plugins.clear();
+        assert!(t.apply(snap).unwrap().plugins_changed);
+        assert!(t.wasm_plugins.is_empty());
     }
 }

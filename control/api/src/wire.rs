@@ -9,7 +9,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 
-use crate::discovery::{Node, ServicePort, ServicePortKey, TableUpdate, table_update::Kind};
+use crate::discovery::{
+    Node, ServicePort, ServicePortKey, TableUpdate, WasmPlugin, table_update::Kind,
+};
 
 const VERSION: u32 = 1;
 const KIND: u32 = 2;
@@ -18,6 +20,8 @@ const REMOVED_SERVICE_PORTS: u32 = 4;
 const NODES: u32 = 5;
 const REMOVED_NODES: u32 = 6;
 const COMPLETE: u32 = 7;
+const WASM_PLUGINS: u32 = 8;
+const REMOVED_WASM_PLUGINS: u32 = 9;
 
 /// Encodes one service port for later inclusion in updates.
 pub fn encode_service_port(port: &ServicePort) -> Bytes {
@@ -27,6 +31,11 @@ pub fn encode_service_port(port: &ServicePort) -> Bytes {
 /// Encodes one node for later inclusion in updates.
 pub fn encode_node(node: &Node) -> Bytes {
     node.encode_to_vec().into()
+}
+
+/// Encodes one WasmPlugin for later inclusion in updates.
+pub fn encode_wasm_plugin(plugin: &WasmPlugin) -> Bytes {
+    plugin.encode_to_vec().into()
 }
 
 /// Incrementally writes one encoded `TableUpdate`.
@@ -71,6 +80,16 @@ impl UpdateWriter {
 
     pub fn removed_node(&mut self, name: &str) {
         self.put_message(REMOVED_NODES, name.as_bytes());
+    }
+
+    /// Adds a WasmPlugin encoded by [`encode_wasm_plugin`].
+    pub fn wasm_plugin(&mut self, encoded: &[u8]) {
+        self.put_message(WASM_PLUGINS, encoded);
+    }
+
+    /// A WasmPlugin removed, as `namespace/name`.
+    pub fn removed_wasm_plugin(&mut self, id: &str) {
+        self.put_message(REMOVED_WASM_PLUGINS, id.as_bytes());
     }
 
     /// Bytes written so far.
@@ -130,6 +149,16 @@ mod tests {
         w.removed_service_port(&key);
         w.node(&encode_node(&node));
         w.removed_node("gone");
+        let plugin = WasmPlugin {
+            namespace: "demo".into(),
+            name: "auth".into(),
+            sha256: "ab".repeat(32),
+            module_size: 8,
+            plugin_config: br#"{"a":1}"#.to_vec(),
+            ..Default::default()
+        };
+        w.wasm_plugin(&encode_wasm_plugin(&plugin));
+        w.removed_wasm_plugin("demo/old");
         let got = decode_update(&w.finish(true)).unwrap();
         let want = TableUpdate {
             version: 7,
@@ -138,8 +167,9 @@ mod tests {
             removed_service_ports: vec![key],
             nodes: vec![node],
             removed_nodes: vec!["gone".into()],
+            wasm_plugins: vec![plugin],
+            removed_wasm_plugins: vec!["demo/old".into()],
             complete: true,
-            ..Default::default()
         };
         assert_eq!(got, want);
     }

@@ -5,20 +5,23 @@
 //! is a sequence of memory copies of the encoded ports. So the work of a change grows with the
 //! size of the change, not with the number of proxies.
 //!
+//! WasmPlugins are kept encoded the same way, and their modules by sha256 for `GetModule`: a
+//! module stays while some plugin names it and is dropped with the last one.
+//!
 //! Each subscriber has a bounded place in the ring: one that falls more than
 //! [`Hub::RING`] deltas behind is resynchronised with a fresh snapshot instead of stalling
 //! the others.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use tokio::sync::{broadcast, watch};
 use wasmesh_api::UpdateKind;
-use wasmesh_api::wire::{UpdateWriter, encode_node, encode_service_port};
+use wasmesh_api::wire::{UpdateWriter, encode_node, encode_service_port, encode_wasm_plugin};
 
-use crate::model::{NodeEntry, PortKey, ServicePortEntry};
+use crate::model::{NodeEntry, PluginEntry, PortKey, ServicePortEntry};
 
 /// One encoded delta.
 #[derive(Debug)]
@@ -32,6 +35,10 @@ struct State {
     version: u64,
     ports: BTreeMap<PortKey, Bytes>,
     nodes: BTreeMap<String, Bytes>,
+    /// WasmPlugins by `namespace/name`: encoded, and the sha256 of their module.
+    plugins: BTreeMap<String, (Bytes, String)>,
+    /// Module bytes by sha256, for every module some plugin names.
+    modules: HashMap<String, Bytes>,
     /// The snapshot of `version`, shared by every subscriber that joins before the next change.
     snapshot: Option<Arc<Snapshot>>,
 }
@@ -59,6 +66,7 @@ pub struct Snapshot {
     pub version: u64,
     ports: Vec<Bytes>,
     nodes: Vec<Bytes>,
+    plugins: Vec<Bytes>,
 }
 
 /// Change to one service port or node, ready to publish.
@@ -68,6 +76,9 @@ pub struct Publish {
     pub removals: Vec<PortKey>,
     pub node_upserts: Vec<Arc<NodeEntry>>,
     pub node_removals: Vec<String>,
+    pub plugin_upserts: Vec<Arc<PluginEntry>>,
+    /// `namespace/name`.
+    pub plugin_removals: Vec<String>,
 }
 
 impl Publish {
@@ -76,6 +87,17 @@ impl Publish {
             && self.removals.is_empty()
             && self.node_upserts.is_empty()
             && self.node_removals.is_empty()
+            && self.plugin_upserts.is_empty()
+            && self.plugin_removals.is_empty()
+    }
+}
+
+impl State {
+    /// Keeps only the modules some plugin names.
+    fn drop_unused_modules(&mut self) {
+        let used: std::collections::HashSet<&str> =
+            self.plugins.values().map(|(_, sha)| sha.as_str()).collect();
+        self.modules.retain(|sha, _| used.contains(sha.as_str()));
     }
 }
 
@@ -124,6 +146,27 @@ impl Hub {
         ports: impl IntoIterator<Item = &'a Arc<ServicePortEntry>>,
         nodes: impl IntoIterator<Item = &'a Arc<NodeEntry>>,
     ) {
+        self.init_with_plugins(ports, nodes, [])
+    }
+
+    /// [`Hub::init`] with WasmPlugins (and their modules).
+    pub fn init_with_plugins<'a>(
+        &self,
+        ports: impl IntoIterator<Item = &'a Arc<ServicePortEntry>>,
+        nodes: impl IntoIterator<Item = &'a Arc<NodeEntry>>,
+        plugins: impl IntoIterator<Item = &'a Arc<PluginEntry>>,
+    ) {
+        let mut modules = HashMap::new();
+        let plugins: BTreeMap<String, (Bytes, String)> = plugins
+            .into_iter()
+            .map(|p| {
+                modules.insert(p.sha256.clone(), p.module.clone());
+                (
+                    p.id(),
+                    (encode_wasm_plugin(&p.to_proto()), p.sha256.clone()),
+                )
+            })
+            .collect();
         let ports: BTreeMap<PortKey, Bytes> = ports
             .into_iter()
             .map(|e| (e.key.clone(), encode_service_port(&e.to_proto())))
@@ -137,9 +180,22 @@ impl Hub {
             st.version += 1;
             st.ports = ports;
             st.nodes = nodes;
+            st.plugins = plugins;
+            st.modules = modules;
             st.snapshot = None;
         }
         self.synced.send_replace(true);
+    }
+
+    /// The bytes of the module with this sha256, if a plugin names it.
+    pub fn module(&self, sha256: &str) -> Option<Bytes> {
+        self.read().modules.get(sha256).cloned()
+    }
+
+    /// How many modules are held, and their total size.
+    pub fn module_stats(&self) -> (usize, usize) {
+        let st = self.read();
+        (st.modules.len(), st.modules.values().map(Bytes::len).sum())
     }
 
     /// Publishes one delta; returns its version (None when there was nothing to publish).
@@ -158,9 +214,15 @@ impl Hub {
             .iter()
             .map(|n| (n.name.clone(), encode_node(&n.to_proto())))
             .collect();
+        let plugins: Vec<(String, Bytes, &PluginEntry)> = change
+            .plugin_upserts
+            .iter()
+            .map(|p| (p.id(), encode_wasm_plugin(&p.to_proto()), p.as_ref()))
+            .collect();
         let size: usize = upserts.iter().map(|(_, b)| b.len() + 8).sum::<usize>()
             + nodes.iter().map(|(_, b)| b.len() + 8).sum::<usize>()
-            + change.removals.len() * 64;
+            + plugins.iter().map(|(_, b, _)| b.len() + 8).sum::<usize>()
+            + (change.removals.len() + change.plugin_removals.len()) * 64;
 
         let mut st = self.write();
         let version = st.version + 1;
@@ -180,6 +242,21 @@ impl Hub {
         for name in &change.node_removals {
             w.removed_node(name);
             st.nodes.remove(name);
+        }
+        let plugins_changed = !plugins.is_empty() || !change.plugin_removals.is_empty();
+        for (id, bytes, p) in plugins {
+            w.wasm_plugin(&bytes);
+            st.modules
+                .entry(p.sha256.clone())
+                .or_insert_with(|| p.module.clone());
+            st.plugins.insert(id, (bytes, p.sha256.clone()));
+        }
+        for id in &change.plugin_removals {
+            w.removed_wasm_plugin(id);
+            st.plugins.remove(id);
+        }
+        if plugins_changed {
+            st.drop_unused_modules();
         }
         st.version = version;
         st.snapshot = None;
@@ -222,6 +299,7 @@ impl Hub {
                             version: st.version,
                             ports: st.ports.values().cloned().collect(),
                             nodes: st.nodes.values().cloned().collect(),
+                            plugins: st.plugins.values().map(|(b, _)| b.clone()).collect(),
                         });
                         st.snapshot = Some(s.clone());
                         s
@@ -261,12 +339,18 @@ impl Snapshot {
     }
 }
 
+enum Item {
+    Node,
+    Plugin,
+    Port,
+}
+
 /// Iterator over the messages of a [`Snapshot`].
 #[derive(Debug)]
 pub struct SnapshotParts<'a> {
     snapshot: &'a Snapshot,
     max: usize,
-    /// Index into nodes, then ports.
+    /// Index into nodes, then plugins, then ports.
     next: usize,
     first: bool,
     done: bool,
@@ -287,26 +371,78 @@ impl Iterator for SnapshotParts<'_> {
         };
         self.first = false;
         let mut w = UpdateWriter::new(s.version, kind, self.max.min(1 << 20));
-        let total = s.nodes.len() + s.ports.len();
+        let (nodes, plugins) = (s.nodes.len(), s.plugins.len());
+        let total = nodes + plugins + s.ports.len();
         let mut has_items = false;
         while self.next < total {
-            let (is_node, bytes) = if self.next < s.nodes.len() {
-                (true, &s.nodes[self.next])
+            let (item, bytes) = if self.next < nodes {
+                (Item::Node, &s.nodes[self.next])
+            } else if self.next < nodes + plugins {
+                (Item::Plugin, &s.plugins[self.next - nodes])
             } else {
-                (false, &s.ports[self.next - s.nodes.len()])
+                (Item::Port, &s.ports[self.next - nodes - plugins])
             };
             if has_items && w.len() + UpdateWriter::record_len(bytes.len()) > self.max {
                 return Some(w.finish(false));
             }
-            if is_node {
-                w.node(bytes);
-            } else {
-                w.service_port(bytes);
+            match item {
+                Item::Node => w.node(bytes),
+                Item::Plugin => w.wasm_plugin(bytes),
+                Item::Port => w.service_port(bytes),
             }
             has_items = true;
             self.next += 1;
         }
         self.done = true;
         Some(w.finish(true))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::wasmplugin::{Module, WasmPlugin};
+
+    fn plugin(name: &str, module: &[u8]) -> Arc<PluginEntry> {
+        let mut bytes = crate::source::wasmplugin::module::WASM_MAGIC.to_vec();
+        bytes.extend_from_slice(module);
+        let mut p = WasmPlugin::default();
+        p.metadata.namespace = Some("demo".into());
+        p.metadata.name = Some(name.into());
+        p.module = Some(Module::from_bytes("/m.wasm", bytes));
+        Arc::new(PluginEntry::new(&p, "wasmesh-system").expect("entry"))
+    }
+
+    #[test]
+    fn modules_stay_while_a_plugin_names_them() {
+        let hub = Hub::new();
+        let (a, b) = (plugin("a", b"shared"), plugin("b", b"shared"));
+        let c = plugin("c", b"own");
+        hub.init_with_plugins([], [], [&a, &b]);
+        assert_eq!(hub.module_stats().0, 1, "one module for two plugins");
+        assert!(hub.module(&a.sha256).is_some());
+
+        hub.publish(Publish {
+            plugin_upserts: vec![c.clone()],
+            plugin_removals: vec!["demo/a".into()],
+            ..Default::default()
+        });
+        assert!(hub.module(&a.sha256).is_some(), "b still names it");
+        assert!(hub.module(&c.sha256).is_some());
+
+        // b moves to c's module: the shared one goes.
+        let b2 = plugin("b", b"own");
+        hub.publish(Publish {
+            plugin_upserts: vec![b2],
+            ..Default::default()
+        });
+        assert!(hub.module(&a.sha256).is_none());
+        assert_eq!(hub.module_stats(), (1, c.module.len()));
+
+        hub.publish(Publish {
+            plugin_removals: vec!["demo/b".into(), "demo/c".into()],
+            ..Default::default()
+        });
+        assert_eq!(hub.module_stats(), (0, 0));
     }
 }

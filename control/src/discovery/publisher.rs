@@ -68,12 +68,17 @@ pub async fn run(
         }
         if !initialised {
             initialised = true;
-            hub.init(model.entries().values(), model.nodes().values());
+            hub.init_with_plugins(
+                model.entries().values(),
+                model.nodes().values(),
+                model.plugins().values(),
+            );
             published = model.entries().clone();
             tracing::info!(
                 service_ports = published.len(),
                 endpoints = model.endpoint_count(),
                 nodes = model.nodes().len(),
+                wasm_plugins = model.plugins().len(),
                 "table synced; serving snapshots"
             );
             continue;
@@ -108,6 +113,15 @@ pub async fn run(
         }
         change.node_upserts = delta.node_upserts.into_values().collect();
         change.node_removals = delta.node_removals.into_iter().collect();
+        // Plugins are never held back: a plugin change loses no endpoints.
+        for p in delta.plugin_upserts.values() {
+            tracing::info!(plugin = %p.id(), sha256 = %p.sha256, generation = p.generation, "WasmPlugin updated");
+        }
+        for id in &delta.plugin_removals {
+            tracing::info!(plugin = %id, "WasmPlugin removed");
+        }
+        change.plugin_upserts = delta.plugin_upserts.into_values().collect();
+        change.plugin_removals = delta.plugin_removals.into_iter().collect();
         if let Some(version) = hub.publish(change) {
             tracing::debug!(version, "published delta");
         }

@@ -1,6 +1,7 @@
 //! The `wasmesh.discovery.v1.Discovery` gRPC service, written by hand around a codec that
 //! sends pre-encoded `TableUpdate`s: the generated server would re-encode every update for
-//! every subscriber. The same port serves `wasmesh.identity.v1.Identity` when control is the
+//! every subscriber. `GetModule` answers with the bytes of a module some WasmPlugin names
+//! (NOT_FOUND for any other sha256). The same port serves `wasmesh.identity.v1.Identity` when control is the
 //! mesh's CA (see [`crate::identity`]).
 
 use std::convert::Infallible;
@@ -20,7 +21,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Status, server::ServerStreamingService};
 use wasmesh_api::identity::identity_server::IdentityServer;
-use wasmesh_api::{IDENTITY_PATH_PREFIX, WATCH_PATH, WatchRequest};
+use wasmesh_api::{
+    GET_MODULE_PATH, GetModuleRequest, IDENTITY_PATH_PREFIX, MAX_MODULE_SIZE, Module, WATCH_PATH,
+    WatchRequest,
+};
 
 use crate::identity::IdentityService;
 
@@ -138,6 +142,35 @@ async fn feed(
     }
 }
 
+/// `GetModule`: a module's bytes by sha256.
+#[derive(Clone, Debug)]
+struct GetModule(Arc<Hub>);
+
+impl tonic::server::UnaryService<GetModuleRequest> for GetModule {
+    type Response = Module;
+    type Future = BoxFuture<'static, Result<tonic::Response<Module>, Status>>;
+
+    fn call(&mut self, request: tonic::Request<GetModuleRequest>) -> Self::Future {
+        let hub = self.0.clone();
+        Box::pin(async move {
+            let peer = request.remote_addr();
+            let sha256 = request.into_inner().sha256.trim().to_ascii_lowercase();
+            match hub.module(&sha256) {
+                Some(bytes) => {
+                    tracing::debug!(%sha256, size = bytes.len(), ?peer, "module sent");
+                    Ok(tonic::Response::new(Module {
+                        sha256,
+                        wasm: bytes.to_vec(),
+                    }))
+                }
+                None => Err(Status::not_found(format!(
+                    "no module with sha256 {sha256:?}: no WasmPlugin names it (any more)"
+                ))),
+            }
+        })
+    }
+}
+
 struct OnDrop<F: FnMut()>(F);
 
 impl<F: FnMut()> Drop for OnDrop<F> {
@@ -197,6 +230,13 @@ where
             if path == WATCH_PATH {
                 let mut grpc = tonic::server::Grpc::new(PreEncoded);
                 Ok(grpc.server_streaming(Watch(hub), req).await)
+            } else if path == GET_MODULE_PATH {
+                let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::<
+                    Module,
+                    GetModuleRequest,
+                >::default())
+                .max_encoding_message_size(MAX_MODULE_SIZE + 1024);
+                Ok(grpc.unary(GetModule(hub), req).await)
             } else if let Some(mut identity) = identity
                 && path.starts_with(IDENTITY_PATH_PREFIX)
             {

@@ -8,9 +8,12 @@
 //! - `build`: a Service, its slices and Pods → its [`ServicePortEntry`]s (kube-proxy's rules).
 //! - [`routes`]: HTTPRoutes → which ports they attach to, and their proto form.
 //! - [`entry`]: the table's types and their proto form.
+//! - [`plugins`]: WasmPlugins, kept apart from the service ports: every proxy gets every
+//!   plugin, so a plugin change touches nothing else.
 
 mod build;
 pub mod entry;
+pub mod plugins;
 pub mod routes;
 #[cfg(test)]
 mod tests;
@@ -23,6 +26,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 pub use build::{PodInfo, node_entry, service_entries, slice_service};
 pub use entry::*;
+pub use plugins::PluginEntry;
 pub use routes::{ParentTarget, Route, RouteEntry};
 
 use crate::source::{Event, Kind, Object};
@@ -38,6 +42,9 @@ pub struct Delta {
     pub removals: BTreeSet<PortKey>,
     pub node_upserts: BTreeMap<String, Arc<NodeEntry>>,
     pub node_removals: BTreeSet<String>,
+    /// WasmPlugins added or changed, by `namespace/name`.
+    pub plugin_upserts: BTreeMap<String, Arc<PluginEntry>>,
+    pub plugin_removals: BTreeSet<String>,
 }
 
 impl Delta {
@@ -46,6 +53,8 @@ impl Delta {
             && self.removals.is_empty()
             && self.node_upserts.is_empty()
             && self.node_removals.is_empty()
+            && self.plugin_upserts.is_empty()
+            && self.plugin_removals.is_empty()
     }
 
     /// Folds a later delta into this one.
@@ -66,11 +75,19 @@ impl Delta {
             self.node_upserts.remove(&k);
             self.node_removals.insert(k);
         }
+        for (k, v) in later.plugin_upserts {
+            self.plugin_removals.remove(&k);
+            self.plugin_upserts.insert(k, v);
+        }
+        for k in later.plugin_removals {
+            self.plugin_upserts.remove(&k);
+            self.plugin_removals.insert(k);
+        }
     }
 }
 
 /// Objects as control holds them, and the table computed from them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Model {
     services: HashMap<NsName, Service>,
     /// Slices by the Service they name (namespace, service-name label), then by slice name.
@@ -90,7 +107,32 @@ pub struct Model {
     routes: HashMap<NsName, Route>,
     /// Service → the routes whose parentRefs name it (sorted: the order routes are attached).
     service_routes: HashMap<NsName, BTreeSet<NsName>>,
+    /// WasmPlugins by `namespace/name`.
+    plugins: BTreeMap<String, Arc<PluginEntry>>,
+    /// Plugins in this namespace are mesh-wide.
+    root_namespace: String,
     synced: BTreeSet<Kind>,
+}
+
+impl Default for Model {
+    fn default() -> Self {
+        Model {
+            services: HashMap::new(),
+            slices: HashMap::new(),
+            slice_owner: HashMap::new(),
+            pods: Default::default(),
+            pod_users: HashMap::new(),
+            service_pods: HashMap::new(),
+            nodes: BTreeMap::new(),
+            entries: BTreeMap::new(),
+            service_keys: HashMap::new(),
+            routes: HashMap::new(),
+            service_routes: HashMap::new(),
+            plugins: BTreeMap::new(),
+            root_namespace: crate::source::wasmplugin::DEFAULT_ROOT_NAMESPACE.into(),
+            synced: BTreeSet::new(),
+        }
+    }
 }
 
 fn ns_name(o: &Object) -> NsName {
@@ -104,6 +146,23 @@ fn ns_name(o: &Object) -> NsName {
 impl Model {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A model whose WasmPlugins in `root_namespace` apply to every namespace (`mesh_wide`).
+    pub fn with_root_namespace(root_namespace: impl Into<String>) -> Self {
+        Model {
+            root_namespace: root_namespace.into(),
+            ..Self::default()
+        }
+    }
+
+    pub fn root_namespace(&self) -> &str {
+        &self.root_namespace
+    }
+
+    /// Every WasmPlugin, by `namespace/name`.
+    pub fn plugins(&self) -> &BTreeMap<String, Arc<PluginEntry>> {
+        &self.plugins
     }
 
     /// True once every kind has been listed completely: before that, an absent endpoint means
@@ -208,6 +267,22 @@ impl Model {
                     self.routes.insert(key, route);
                 }
             }
+            Object::WasmPlugin(plugin) => {
+                let id = format!("{}/{}", key.0, key.1);
+                // Sources only send plugins whose module they read.
+                let Some(mut entry) = PluginEntry::new(&plugin, &self.root_namespace) else {
+                    tracing::warn!(plugin = %id, "WasmPlugin without its module; ignored");
+                    return;
+                };
+                match self.plugins.get(&id) {
+                    Some(old) if old.same_except_generation(&entry) => {}
+                    old => {
+                        entry.generation = old.map_or(1, |o| o.generation + 1);
+                        dirty.plugins.insert(id.clone());
+                        self.plugins.insert(id, Arc::new(entry));
+                    }
+                }
+            }
         }
     }
 
@@ -251,6 +326,12 @@ impl Model {
                 }
             }
             Kind::HttpRoute => self.remove_route(&key, dirty),
+            Kind::WasmPlugin => {
+                let id = format!("{}/{}", key.0, key.1);
+                if self.plugins.remove(&id).is_some() {
+                    dirty.plugins.insert(id);
+                }
+            }
         }
     }
 
@@ -286,6 +367,11 @@ impl Model {
                 .map(|n| (String::new(), n.clone()))
                 .collect(),
             Kind::HttpRoute => self.routes.keys().cloned().collect(),
+            Kind::WasmPlugin => self
+                .plugins
+                .values()
+                .map(|p| (p.namespace.clone(), p.name.clone()))
+                .collect(),
         };
         let stale: Vec<NsName> = known
             .into_iter()
@@ -363,6 +449,16 @@ impl Model {
                 self.service_keys.insert(svc_key, new_keys);
             }
         }
+        for id in dirty.plugins {
+            match self.plugins.get(&id) {
+                Some(p) => {
+                    delta.plugin_upserts.insert(id, p.clone());
+                }
+                None => {
+                    delta.plugin_removals.insert(id);
+                }
+            }
+        }
         for name in dirty.nodes {
             match self.nodes.get(&name) {
                 Some(n) => {
@@ -427,6 +523,10 @@ fn placeholder(
             metadata,
             ..Default::default()
         }),
+        Kind::WasmPlugin => Object::WasmPlugin(crate::source::WasmPlugin {
+            metadata,
+            ..Default::default()
+        }),
     }
 }
 
@@ -435,4 +535,5 @@ struct Dirty {
     services: HashSet<NsName>,
     pods: HashSet<NsName>,
     nodes: BTreeSet<String>,
+    plugins: BTreeSet<String>,
 }

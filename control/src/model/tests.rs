@@ -677,9 +677,21 @@ fn not_synced_until_every_kind_is_listed() {
     assert!(!m.is_synced());
     assert_eq!(
         m.unsynced(),
-        [Kind::EndpointSlice, Kind::Pod, Kind::Node, Kind::HttpRoute]
+        [
+            Kind::EndpointSlice,
+            Kind::Pod,
+            Kind::Node,
+            Kind::HttpRoute,
+            Kind::WasmPlugin
+        ]
     );
-    for k in [Kind::EndpointSlice, Kind::Pod, Kind::Node, Kind::HttpRoute] {
+    for k in [
+        Kind::EndpointSlice,
+        Kind::Pod,
+        Kind::Node,
+        Kind::HttpRoute,
+        Kind::WasmPlugin,
+    ] {
         m.apply(Event::Synced(k));
     }
     assert!(m.is_synced());

@@ -13,17 +13,21 @@
 //! - [`Event::Apply`] / [`Event::Delete`] are single changes.
 //!
 //! [`httproute`] holds our own types for Gateway API HTTPRoutes (k8s-openapi has none), their
-//! defaults and their validation, shared by both sources.
+//! defaults and their validation, shared by both sources; [`wasmplugin`] the same for our
+//! WasmPlugin resource, and the module files plugins name (read by the sources, so a plugin
+//! reaches the model with its module's bytes and sha256).
 
 pub mod folder;
 pub mod httproute;
 pub mod kube;
+pub mod wasmplugin;
 
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use tokio::sync::mpsc;
 
 pub use httproute::HttpRoute;
+pub use wasmplugin::WasmPlugin;
 
 /// The kinds of object control reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -34,15 +38,18 @@ pub enum Kind {
     Node,
     /// `gateway.networking.k8s.io/v1` HTTPRoute (GAMMA: attached to Services).
     HttpRoute,
+    /// `wasmesh.io/v1alpha1` WasmPlugin.
+    WasmPlugin,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Pod,
         Kind::Node,
         Kind::HttpRoute,
+        Kind::WasmPlugin,
     ];
 
     /// The Kubernetes `kind`.
@@ -53,6 +60,7 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::Node => "Node",
             Kind::HttpRoute => httproute::KIND,
+            Kind::WasmPlugin => wasmplugin::KIND,
         }
     }
 
@@ -62,6 +70,7 @@ impl Kind {
             Kind::Service | Kind::Pod | Kind::Node => "v1",
             Kind::EndpointSlice => "discovery.k8s.io/v1",
             Kind::HttpRoute => httproute::API_VERSION,
+            Kind::WasmPlugin => wasmplugin::API_VERSION,
         }
     }
 }
@@ -83,6 +92,7 @@ pub enum Object {
     Pod(Pod),
     Node(Node),
     HttpRoute(HttpRoute),
+    WasmPlugin(WasmPlugin),
 }
 
 impl Object {
@@ -93,6 +103,7 @@ impl Object {
             Object::Pod(_) => Kind::Pod,
             Object::Node(_) => Kind::Node,
             Object::HttpRoute(_) => Kind::HttpRoute,
+            Object::WasmPlugin(_) => Kind::WasmPlugin,
         }
     }
 
@@ -103,6 +114,7 @@ impl Object {
             Object::Pod(o) => &o.metadata,
             Object::Node(o) => &o.metadata,
             Object::HttpRoute(o) => &o.metadata,
+            Object::WasmPlugin(o) => &o.metadata,
         }
     }
 
@@ -113,6 +125,7 @@ impl Object {
             Object::Pod(o) => &mut o.metadata,
             Object::Node(o) => &mut o.metadata,
             Object::HttpRoute(o) => &mut o.metadata,
+            Object::WasmPlugin(o) => &mut o.metadata,
         }
     }
 
@@ -146,6 +159,7 @@ impl serde::Serialize for Object {
             Object::Pod(o) => serde::Serialize::serialize(o, s),
             Object::Node(o) => serde::Serialize::serialize(o, s),
             Object::HttpRoute(o) => serde::Serialize::serialize(o, s),
+            Object::WasmPlugin(o) => serde::Serialize::serialize(o, s),
         }
     }
 }

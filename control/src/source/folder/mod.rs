@@ -8,6 +8,12 @@
 //! - A file that cannot be read or parsed, or an invalid object, is reported with the file, the
 //!   document's index and line, and the reason; the rest of the folder still loads, and the last
 //!   good version of that object stays in force.
+//! - A WasmPlugin's module file (`spec.url`, relative paths against the manifest's folder) is
+//!   read and hashed on every scan (unless its size, mtime and inode are unchanged); a plugin
+//!   whose module cannot be read or does not match `spec.sha256` is reported like an invalid
+//!   object, and its last good version (with the module bytes it had) stays in force. Module
+//!   files inside the folder are watched with the manifests; those outside it are picked up by
+//!   the periodic rescan.
 //! - Changes are picked up through inotify (with a short debounce) and a slow periodic rescan as
 //!   a safety net; only changed objects are sent on.
 
@@ -23,6 +29,7 @@ use tokio::sync::mpsc;
 
 pub use parse::{Document, Outcome, default_and_validate, objects_from_manifest, parse_file};
 
+use super::wasmplugin::ModuleCache;
 use super::{Event, EventSender, Kind, Object, ObjectKey, SourceError};
 use crate::model::Cidr;
 
@@ -77,6 +84,8 @@ pub struct Folder {
     service_cidr: Cidr,
     files: BTreeMap<PathBuf, FileState>,
     current: BTreeMap<ObjectKey, Object>,
+    /// WasmPlugin module files, by path.
+    modules: ModuleCache,
     scanned: bool,
 }
 
@@ -90,6 +99,7 @@ impl Folder {
             service_cidr,
             files: BTreeMap::new(),
             current: BTreeMap::new(),
+            modules: ModuleCache::new(),
             scanned: false,
         }
     }
@@ -114,6 +124,7 @@ impl Folder {
         let mut desired: BTreeMap<ObjectKey, Object> = BTreeMap::new();
         let mut origin: HashMap<ObjectKey, (PathBuf, usize)> = HashMap::new();
         let mut new_files = BTreeMap::new();
+        let mut modules_used = std::collections::HashSet::new();
         for path in paths {
             let old = self.files.remove(&path);
             let text = match std::fs::read_to_string(&path) {
@@ -152,6 +163,53 @@ impl Folder {
                     Outcome::Objects(objs) => {
                         for obj in objs {
                             let key = obj.key();
+                            // A plugin goes on with its module, or not at all (its last good
+                            // version, if any, stays).
+                            let loaded;
+                            let obj = match obj {
+                                Object::WasmPlugin(p) => {
+                                    let mut p = p.clone();
+                                    let base = path.parent();
+                                    match p.load_module(base, &mut self.modules) {
+                                        Ok(()) => {
+                                            if let Some(m) = &p.module {
+                                                modules_used.insert(m.path.clone());
+                                            }
+                                            loaded = Object::WasmPlugin(p);
+                                            &loaded
+                                        }
+                                        Err(e) => {
+                                            let mut kept = false;
+                                            if !desired.contains_key(&key)
+                                                && let Some(old) = self.current.get(&key)
+                                            {
+                                                if let Object::WasmPlugin(p) = old
+                                                    && let Some(m) = &p.module
+                                                {
+                                                    modules_used.insert(m.path.clone());
+                                                }
+                                                desired.insert(key.clone(), old.clone());
+                                                origin
+                                                    .insert(key.clone(), (path.clone(), doc.index));
+                                                keys.entry(doc.index)
+                                                    .or_default()
+                                                    .push(key.clone());
+                                                kept = true;
+                                            }
+                                            report.problems.push(Problem {
+                                                file: path.clone(),
+                                                document: doc.index,
+                                                line: doc.line,
+                                                object: Some(key),
+                                                reason: e.to_string(),
+                                                kept,
+                                            });
+                                            continue;
+                                        }
+                                    }
+                                }
+                                other => other,
+                            };
                             if let Some((other, idx)) = origin.get(&key) {
                                 report.problems.push(Problem {
                                     file: path.clone(),
@@ -206,6 +264,7 @@ impl Folder {
             new_files.insert(path, FileState { text, docs, keys });
         }
         self.files = new_files;
+        self.modules.retain(&modules_used);
         self.allocate(&mut desired);
 
         if !self.scanned {

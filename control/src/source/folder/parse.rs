@@ -10,6 +10,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::Value;
 
 use crate::source::httproute::{self, HttpRoute};
+use crate::source::wasmplugin::{self, WasmPlugin};
 use crate::source::{Kind, Object, ObjectKey};
 
 /// One document of a file.
@@ -140,6 +141,7 @@ fn objects_from_value(value: Value) -> Result<Option<Vec<Object>>, ParseError> {
         ("v1", "Pod") => Kind::Pod,
         ("v1", "Node") => Kind::Node,
         (v, httproute::KIND) if httproute::API_VERSIONS.contains(&v) => Kind::HttpRoute,
+        (wasmplugin::API_VERSION, wasmplugin::KIND) => Kind::WasmPlugin,
         ("v1", "List") | (_, "List") => {
             let mut out = Vec::new();
             let items = map.get("items").and_then(Value::as_array).cloned();
@@ -149,6 +151,15 @@ fn objects_from_value(value: Value) -> Result<Option<Vec<Object>>, ParseError> {
                 }
             }
             return Ok(Some(out));
+        }
+        (_, wasmplugin::KIND) if api_version.starts_with("wasmesh.io/") => {
+            return Err((
+                None,
+                format!(
+                    "{kind_name} with apiVersion `{api_version}`: control reads {} WasmPlugin",
+                    wasmplugin::API_VERSION
+                ),
+            ));
         }
         (_, "Service" | "EndpointSlice" | "Pod" | "Node" | httproute::KIND) => {
             return Err((
@@ -203,6 +214,9 @@ fn objects_from_value(value: Value) -> Result<Option<Vec<Object>>, ParseError> {
         Kind::HttpRoute => {
             Object::HttpRoute(serde_json::from_value::<HttpRoute>(value).map_err(typed)?)
         }
+        Kind::WasmPlugin => {
+            Object::WasmPlugin(serde_json::from_value::<WasmPlugin>(value).map_err(typed)?)
+        }
     };
     if kind != Kind::Node {
         obj.meta_mut().namespace = Some(namespace);
@@ -233,6 +247,9 @@ pub fn default_and_validate(obj: &mut Object) -> Result<(), String> {
         Object::Node(_) => Ok(()),
         Object::HttpRoute(route) => {
             httproute::default_and_validate(route).map_err(|e| e.to_string())
+        }
+        Object::WasmPlugin(plugin) => {
+            wasmplugin::default_and_validate(plugin).map_err(|e| e.to_string())
         }
     }
 }

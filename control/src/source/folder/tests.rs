@@ -510,3 +510,167 @@ fn http_route_versions_and_unknown_filters() {
         o => panic!("accepted: {o:?}"),
     }
 }
+
+fn plugin_in<'a>(
+    folder: &'a Folder,
+    ns: &str,
+    name: &str,
+) -> Option<&'a crate::source::WasmPlugin> {
+    folder.objects().find_map(|o| match o {
+        Object::WasmPlugin(p)
+            if p.metadata.name.as_deref() == Some(name)
+                && p.metadata.namespace.as_deref() == Some(ns) =>
+        {
+            Some(p)
+        }
+        _ => None,
+    })
+}
+
+fn wasm(tail: &str) -> Vec<u8> {
+    let mut v = crate::source::wasmplugin::module::WASM_MAGIC.to_vec();
+    v.extend_from_slice(tail.as_bytes());
+    v
+}
+
+const PLUGIN: &str = "apiVersion: wasmesh.io/v1alpha1
+kind: WasmPlugin
+metadata: {name: auth, namespace: demo}
+spec:
+  url: file://filters/auth.wasm
+  phase: AUTHN
+";
+
+#[test]
+fn wasm_plugins_are_read_with_their_module_relative_to_the_manifest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("demo/filters")).expect("mkdir");
+    std::fs::write(dir.path().join("demo/filters/auth.wasm"), wasm("one")).expect("write");
+    write(
+        &dir.path().join("demo"),
+        "plugin.yaml",
+        &format!("{WEB}\n---\n{PLUGIN}"),
+    );
+    let mut f = Folder::new(dir.path(), cidr());
+    let r = f.scan().expect("scan");
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    assert!(r.events.contains(&Event::Synced(Kind::WasmPlugin)));
+    let p = plugin_in(&f, "demo", "auth").expect("plugin");
+    let m = p.module.as_ref().expect("module read");
+    assert_eq!(m.path, dir.path().join("demo/filters/auth.wasm"));
+    assert_eq!(&m.bytes[..], &wasm("one")[..]);
+    let first_sha = m.sha256.clone();
+
+    // Nothing changed: nothing sent.
+    let r = f.scan().expect("rescan");
+    assert!(r.events.is_empty(), "{:?}", r.events);
+
+    // The module file changed (the manifest did not): the plugin again, with the new module.
+    std::fs::write(dir.path().join("demo/filters/auth.wasm"), wasm("two")).expect("write");
+    let r = f.scan().expect("rescan");
+    let [Event::Apply(Object::WasmPlugin(p))] = &r.events[..] else {
+        panic!("{:?}", r.events);
+    };
+    let second_sha = p.module.as_ref().expect("module").sha256.clone();
+    assert_ne!(first_sha, second_sha);
+
+    // Gone: reported with file, line, plugin and module path; the last good version (and its
+    // bytes) stays.
+    std::fs::remove_file(dir.path().join("demo/filters/auth.wasm")).expect("rm");
+    let r = f.scan().expect("rescan");
+    assert!(r.events.is_empty(), "{:?}", r.events);
+    assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+    let problem = r.problems[0].to_string();
+    assert!(
+        problem.contains("plugin.yaml:")
+            && problem.contains("(document 4)")
+            && problem.contains("WasmPlugin demo/auth: module ")
+            && problem.contains("filters/auth.wasm: cannot read")
+            && problem.ends_with("keeping the last good version"),
+        "{problem}"
+    );
+    let kept = plugin_in(&f, "demo", "auth").expect("kept");
+    assert_eq!(kept.module.as_ref().expect("module").sha256, second_sha);
+
+    // A sha256 that does not match: refused the same way.
+    std::fs::write(dir.path().join("demo/filters/auth.wasm"), wasm("three")).expect("write");
+    let pinned = format!("{PLUGIN}  sha256: '{}'\n", "0".repeat(64));
+    write(
+        &dir.path().join("demo"),
+        "plugin.yaml",
+        &format!("{WEB}\n---\n{pinned}"),
+    );
+    let r = f.scan().expect("rescan");
+    assert!(r.events.is_empty(), "{:?}", r.events);
+    let problem = r.problems[0].to_string();
+    assert!(
+        problem.contains("WasmPlugin demo/auth: module ")
+            && problem.contains("but spec.sha256 says 0000"),
+        "{problem}"
+    );
+
+    // Fixed: one Apply. Removed: one Delete.
+    write(
+        &dir.path().join("demo"),
+        "plugin.yaml",
+        &format!("{WEB}\n---\n{PLUGIN}"),
+    );
+    let r = f.scan().expect("rescan");
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    assert!(
+        matches!(&r.events[..], [Event::Apply(Object::WasmPlugin(_))]),
+        "{:?}",
+        r.events
+    );
+    write(&dir.path().join("demo"), "plugin.yaml", WEB);
+    let r = f.scan().expect("rescan");
+    assert!(
+        matches!(&r.events[..], [Event::Delete(Object::WasmPlugin(_))]),
+        "{:?}",
+        r.events
+    );
+}
+
+#[test]
+fn a_plugin_never_readable_is_left_out_and_oci_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let oci = PLUGIN
+        .replace("name: auth", "name: pulled")
+        .replace("file://filters/auth.wasm", "oci://ghcr.io/acme/auth:1");
+    write(dir.path(), "p.yaml", &format!("{PLUGIN}---\n{oci}"));
+    let mut f = Folder::new(dir.path(), cidr());
+    let r = f.scan().expect("scan");
+    assert!(plugin_in(&f, "demo", "auth").is_none());
+    assert!(plugin_in(&f, "demo", "pulled").is_none());
+    let problems: Vec<String> = r.problems.iter().map(|p| p.to_string()).collect();
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert!(
+        problems[0].contains("p.yaml:1 (document 1)")
+            && problems[0].contains("auth.wasm: cannot read")
+            && !problems[0].contains("keeping"),
+        "{problems:?}"
+    );
+    assert!(
+        problems[1].contains("p.yaml:8 (document 2)")
+            && problems[1].contains("WasmPlugin demo/pulled: spec.url")
+            && problems[1].contains("does not pull OCI images"),
+        "{problems:?}"
+    );
+    let Event::Replace { objects, .. } = r
+        .events
+        .iter()
+        .find(|e| {
+            matches!(
+                e,
+                Event::Replace {
+                    kind: Kind::WasmPlugin,
+                    ..
+                }
+            )
+        })
+        .expect("a replace")
+    else {
+        unreachable!()
+    };
+    assert!(objects.is_empty());
+}

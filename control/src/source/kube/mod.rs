@@ -17,15 +17,22 @@
 //! source reports "no routes" for them once, so that the rest of the table is not held back,
 //! and the watcher keeps retrying with backoff.
 //!
-//! Permissions needed: list and watch on the five kinds, see `examples/k8s/control-rbac.yaml`.
+//! WasmPlugins (`wasmesh.io/v1alpha1`, see [`wasmplugin`]) are optional the same way (the CRD
+//! in `examples/k8s/wasmplugin-crd.yaml` not installed); they are watched in the watched
+//! namespaces and in the root namespace (mesh-wide plugins), and their module files are read
+//! from control's filesystem.
+//!
+//! Permissions needed: list and watch on the six kinds, see `examples/k8s/control-rbac.yaml`.
 
 pub mod httproute;
 mod scope;
 #[cfg(test)]
 mod tests;
+pub mod wasmplugin;
 
 use std::collections::BTreeSet;
 use std::fmt::Debug;
+use std::time::Duration;
 
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
@@ -49,6 +56,9 @@ pub struct KubeSource {
     /// Empty: all namespaces.
     namespaces: Vec<String>,
     page_size: Option<u32>,
+    /// WasmPlugins here are mesh-wide: watched even when `namespaces` leaves it out.
+    root_namespace: String,
+    module_recheck: Duration,
 }
 
 impl Debug for KubeSource {
@@ -56,6 +66,7 @@ impl Debug for KubeSource {
         f.debug_struct("KubeSource")
             .field("namespaces", &self.namespaces)
             .field("page_size", &self.page_size)
+            .field("root_namespace", &self.root_namespace)
             .finish_non_exhaustive()
     }
 }
@@ -74,7 +85,24 @@ impl KubeSource {
             client,
             namespaces: namespaces.into_iter().collect(),
             page_size: None,
+            root_namespace: crate::source::wasmplugin::DEFAULT_ROOT_NAMESPACE.into(),
+            module_recheck: wasmplugin::MODULE_RECHECK,
         }
+    }
+
+    /// The mesh's root namespace (default `wasmesh-system`): its WasmPlugins are watched
+    /// even when control watches a list of namespaces without it.
+    #[must_use]
+    pub fn with_root_namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.root_namespace = namespace.into();
+        self
+    }
+
+    /// How often WasmPlugin module files are checked for changes (default 10 s).
+    #[must_use]
+    pub fn with_module_recheck(mut self, every: Duration) -> Self {
+        self.module_recheck = every;
+        self
     }
 
     /// A source using the in-cluster service account, or the kubeconfig named by `KUBECONFIG`
@@ -116,7 +144,7 @@ impl KubeSource {
         tracing::info!(
             namespaces = ?self.namespaces,
             watches = scopes.len(),
-            "watching Services, EndpointSlices, Pods, Nodes and HTTPRoutes on the Kubernetes API server"
+            "watching Services, EndpointSlices, Pods, Nodes, HTTPRoutes and WasmPlugins on the Kubernetes API server"
         );
         loop {
             let next = tokio::select! {
@@ -165,6 +193,7 @@ impl KubeSource {
             Kind::EndpointSlice,
             Kind::Pod,
             Kind::HttpRoute,
+            Kind::WasmPlugin,
         ] {
             if self.namespaces.is_empty() {
                 scopes.push(Scope::new(kind, None));
@@ -173,6 +202,12 @@ impl KubeSource {
                     scopes.push(Scope::new(kind, Some(ns.clone())));
                 }
             }
+        }
+        if !self.namespaces.is_empty() && !self.namespaces.contains(&self.root_namespace) {
+            scopes.push(Scope::new(
+                Kind::WasmPlugin,
+                Some(self.root_namespace.clone()),
+            ));
         }
         scopes.push(Scope::new(Kind::Node, None));
         scopes
@@ -200,16 +235,19 @@ impl KubeSource {
             Kind::Pod => watch(namespaced::<Pod>(client, ns), config, Object::Pod),
             Kind::Node => watch(Api::<Node>::all(client), config, Object::Node),
             Kind::HttpRoute => httproute::stream(httproute::api(client, ns), config),
+            Kind::WasmPlugin => {
+                wasmplugin::stream(wasmplugin::api(client, ns), config, self.module_recheck)
+            }
         }
     }
 }
 
-/// A watch error, logged; for HTTPRoutes that cannot be listed at all (404: the CRD is not
+/// A watch error, logged; for HTTPRoutes and WasmPlugins that cannot be listed at all (404: the CRD is not
 /// installed; 403 before any list succeeded: RBAC not updated), an empty list as well, once,
 /// so that the kind counts as synced and the rest of the table goes out.
 fn optional_kind_unavailable(scope: &mut Scope, err: &watcher::Error) -> Option<scope::Output> {
     let code = status_code(err);
-    let unavailable = scope.kind == Kind::HttpRoute
+    let unavailable = matches!(scope.kind, Kind::HttpRoute | Kind::WasmPlugin)
         && (code == Some(404) || (code == Some(403) && !scope.listed_once()));
     if !unavailable {
         warn_watch_error(scope, err);
@@ -220,9 +258,14 @@ fn optional_kind_unavailable(scope: &mut Scope, err: &watcher::Error) -> Option<
         (Some(_), Some(404)) => tracing::warn!(
             kind = %scope.kind,
             namespace = scope.namespace.as_deref().unwrap_or("(all)"),
-            "the API server does not serve {} (are the Gateway API CRDs installed?): no \
-             HTTPRoutes until it does; checking again with backoff",
+            "the API server does not serve {} ({}): no {}s until it does; checking again with \
+             backoff",
             scope.describe(),
+            match scope.kind {
+                Kind::WasmPlugin => "is examples/k8s/wasmplugin-crd.yaml applied?",
+                _ => "are the Gateway API CRDs installed?",
+            },
+            scope.kind,
         ),
         (None, Some(404)) => tracing::debug!(scope = %scope.describe(), "still not served"),
         _ => warn_watch_error(scope, err),

@@ -694,6 +694,11 @@ fn the_example_rbac_grants_exactly_what_the_watchers_need() {
             watch(),
         ),
         (
+            super::wasmplugin::api_resource().group,
+            super::wasmplugin::api_resource().plural,
+            watch(),
+        ),
+        (
             "authentication.k8s.io".to_string(),
             "tokenreviews".to_string(),
             vec!["create".to_string()],
@@ -899,4 +904,219 @@ fn unusable_route_objects_are_named_and_keep_their_identity() {
         Reading::Usable(r) => assert_eq!(r.spec.rules.map(|r| r.len()), Some(1)),
         Reading::Skipped { why, .. } => panic!("{why}"),
     }
+}
+
+fn wasm(tail: &str) -> Vec<u8> {
+    let mut v = crate::source::wasmplugin::module::WASM_MAGIC.to_vec();
+    v.extend_from_slice(tail.as_bytes());
+    v
+}
+
+/// A WasmPlugin as stored by the API server (no module: the source reads it).
+fn wasm_plugin(ns: &str, name: &str, url: &str, sha256: Option<&str>) -> Object {
+    let mut spec = serde_json::json!({"url": url, "phase": "STATS"});
+    if let Some(sha) = sha256 {
+        spec["sha256"] = sha.into();
+    }
+    let mut p: crate::source::WasmPlugin = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "namespace": ns},
+        "spec": spec,
+    }))
+    .expect("plugin");
+    crate::source::wasmplugin::default_and_validate(&mut p).expect("valid");
+    Object::WasmPlugin(p)
+}
+
+/// `name → sha256 of its module` of the plugins the consumer holds.
+fn plugin_modules(seen: &Seen) -> BTreeMap<String, String> {
+    seen.objects(Kind::WasmPlugin)
+        .iter()
+        .map(|o| match o {
+            Object::WasmPlugin(p) => (
+                name_of(o).to_string(),
+                p.module
+                    .as_ref()
+                    .expect("sent with its module")
+                    .sha256
+                    .clone(),
+            ),
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn wasm_plugins_are_watched_with_their_modules_and_keep_their_last_good_version() {
+    use crate::source::wasmplugin::module::sha256_hex;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let m1 = dir.path().join("m1.wasm");
+    std::fs::write(&m1, wasm("one")).expect("write");
+    let url = format!("file://{}", m1.display());
+    let mut world = small_world();
+    world.push(wasm_plugin("apps", "good", &url, None));
+    world.push(wasm_plugin(
+        "apps",
+        "missing",
+        &format!("file://{}", dir.path().join("nope.wasm").display()),
+        None,
+    ));
+    world.push(wasm_plugin("apps", "relative", "file://m1.wasm", None));
+    let server = server_with(world).await;
+    let mut h = Harness::start(server, |s| {
+        s.with_module_recheck(Duration::from_millis(100))
+    })
+    .await;
+    h.until_synced().await;
+    assert_eq!(
+        plugin_modules(&h.seen),
+        [("good".to_string(), sha256_hex(&wasm("one")))].into(),
+        "plugins whose module cannot be read are left out, the rest is not held back"
+    );
+
+    // The module file changes, the object does not: sent again with the new module.
+    std::fs::write(&m1, wasm("two")).expect("write");
+    h.until("the new module", |seen, _| {
+        plugin_modules(seen).get("good") == Some(&sha256_hex(&wasm("two")))
+    })
+    .await;
+
+    // The object changes to a sha256 that does not match: the last good version stays.
+    h.server
+        .apply(wasm_plugin("apps", "good", &url, Some(&"0".repeat(64))));
+    // So does a module that disappears.
+    std::fs::remove_file(&m1).expect("rm");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A plugin whose module shows up after it (a ConfigMap volume updated late) is picked up.
+    h.server.apply(wasm_plugin(
+        "shop",
+        "later",
+        &format!("file://{}", dir.path().join("m2.wasm").display()),
+        None,
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!plugin_modules(&h.seen).contains_key("later"));
+    std::fs::write(dir.path().join("m2.wasm"), wasm("m2")).expect("write");
+    h.until("a later plugin", |seen, _| {
+        plugin_modules(seen).contains_key("later")
+    })
+    .await;
+    assert_eq!(
+        plugin_modules(&h.seen).get("good"),
+        Some(&sha256_hex(&wasm("two"))),
+        "the last good version stays"
+    );
+    assert!(!h.seen.deleted(Kind::WasmPlugin, "good"));
+
+    // Fixed (the right sha256, the file back): sent; deleted: gone.
+    std::fs::write(&m1, wasm("three")).expect("write");
+    h.server.apply(wasm_plugin(
+        "apps",
+        "good",
+        &url,
+        Some(&sha256_hex(&wasm("three"))),
+    ));
+    h.until("the fixed plugin", |seen, _| {
+        plugin_modules(seen).get("good") == Some(&sha256_hex(&wasm("three")))
+    })
+    .await;
+    h.server.delete(Kind::WasmPlugin, "apps", "good");
+    h.until("the deleted plugin", |seen, _| {
+        seen.deleted(Kind::WasmPlugin, "good")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn without_the_wasmplugin_crd_the_table_syncs_and_plugins_come_later() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let m = dir.path().join("m.wasm");
+    std::fs::write(&m, wasm("m")).expect("write");
+    let server = server_with(small_world()).await;
+    server.set_served(Kind::WasmPlugin, false);
+    let mut h = Harness::start(server, |s| s).await;
+    h.until_synced().await;
+    let replaces = h.seen.replaces(Kind::WasmPlugin);
+    assert_eq!(replaces.len(), 1, "{replaces:#?}");
+    assert!(replaces[0].2.is_empty(), "no plugins");
+    h.server.set_served(Kind::WasmPlugin, true);
+    h.server.apply(wasm_plugin(
+        "apps",
+        "late",
+        &format!("file://{}", m.display()),
+        None,
+    ));
+    h.until("the plugin once the CRD is there", |seen, _| {
+        seen.objects(Kind::WasmPlugin).len() == 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn wasm_plugins_of_the_root_namespace_are_watched_whatever_the_namespaces() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let m = dir.path().join("m.wasm");
+    std::fs::write(&m, wasm("m")).expect("write");
+    let url = format!("file://{}", m.display());
+    let server = server_with([
+        service("a", "s1"),
+        wasm_plugin("a", "p1", &url, None),
+        wasm_plugin("c", "p3", &url, None),
+        wasm_plugin("mesh", "global", &url, None),
+    ])
+    .await;
+    let mut h = Harness::start_in(server, vec!["a", "b"], |s| s.with_root_namespace("mesh")).await;
+    h.until_synced().await;
+    assert_eq!(
+        plugin_modules(&h.seen).into_keys().collect::<Vec<_>>(),
+        ["global", "p1"]
+    );
+    let mut scopes: Vec<Option<String>> = h
+        .seen
+        .replaces(Kind::WasmPlugin)
+        .into_iter()
+        .map(|r| r.1)
+        .collect();
+    scopes.sort();
+    assert_eq!(
+        scopes,
+        [Some("a".into()), Some("b".into()), Some("mesh".into())]
+    );
+}
+
+/// What the kube source makes of plugin objects it cannot use.
+#[test]
+fn unusable_plugin_objects_are_named() {
+    use super::wasmplugin::read;
+    let dynamic = |spec: serde_json::Value| -> kube::api::DynamicObject {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "wasmesh.io/v1alpha1",
+            "kind": "WasmPlugin",
+            "metadata": {"name": "p", "namespace": "apps"},
+            "spec": spec,
+        }))
+        .expect("dynamic object")
+    };
+    let mut cache = crate::source::wasmplugin::ModuleCache::new();
+    let mut err = |spec| {
+        read(dynamic(spec), &mut cache)
+            .expect_err("refused")
+            .to_string()
+    };
+    let e = err(serde_json::json!({"url": "/m.wasm", "priority": "high"}));
+    assert!(
+        e.starts_with("WasmPlugin apps/p: spec does not match the WasmPlugin schema"),
+        "{e}"
+    );
+    let e = err(serde_json::json!({"url": "oci://ghcr.io/a/b:1"}));
+    assert!(
+        e.starts_with("WasmPlugin apps/p: spec.url") && e.contains("OCI"),
+        "{e}"
+    );
+    let e = err(serde_json::json!({"url": "m.wasm"}));
+    assert!(e.contains("give an absolute path"), "{e}");
+    let e = err(serde_json::json!({"url": "file:///nonexistent/m.wasm"}));
+    assert!(
+        e.starts_with("WasmPlugin apps/p: module /nonexistent/m.wasm: cannot read"),
+        "{e}"
+    );
 }

@@ -1,7 +1,7 @@
 //! An in-process fake kube-apiserver over loopback HTTP, good enough for `kube::runtime::watcher`.
 //!
-//! It serves LIST and WATCH (nothing else) for Services, EndpointSlices, Pods, Nodes and
-//! HTTPRoutes, on the paths the real API server uses (`/api/v1/services`,
+//! It serves LIST and WATCH (nothing else) for Services, EndpointSlices, Pods, Nodes,
+//! HTTPRoutes and WasmPlugins, on the paths the real API server uses (`/api/v1/services`,
 //! `/api/v1/namespaces/{ns}/pods`, `/apis/discovery.k8s.io/v1/endpointslices`,
 //! `/apis/gateway.networking.k8s.io/v1/httproutes`, ...), with:
 //! - one global, monotonically increasing `resourceVersion` and a change log, so a watch "from

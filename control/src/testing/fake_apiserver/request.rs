@@ -55,6 +55,13 @@ pub(crate) fn info(kind: Kind) -> ResourceInfo {
             list_kind: "HTTPRouteList",
             namespaced: true,
         },
+        Kind::WasmPlugin => ResourceInfo {
+            prefix: "/apis/wasmesh.io/v1alpha1",
+            api_version: "wasmesh.io/v1alpha1",
+            plural: "wasmplugins",
+            list_kind: "WasmPluginList",
+            namespaced: true,
+        },
     }
 }
 
