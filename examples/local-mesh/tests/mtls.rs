@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use support::{NS, TestMesh, backend, client, namespace, service};
+use wasmesh_local::cli;
 
 fn up(test: &str, list: &[(&str, String)]) -> Option<TestMesh> {
     let refs: Vec<(&str, &str)> = list.iter().map(|(a, b)| (*a, b.as_str())).collect();
@@ -72,6 +73,31 @@ endpoints:
     )
 }
 
+/// The last lines of a pod's sidecar log, for failure messages.
+fn sidecar_log(mesh: &TestMesh, pod: &str) -> String {
+    let path = mesh
+        .state
+        .join("logs")
+        .join(NS)
+        .join(pod)
+        .join("wasmesh-proxy.log");
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+    format!("--- {} (last 30 lines) ---\n{tail}", path.display())
+}
+
+/// Waits until `pod`'s sidecar has `n` ready endpoints for `svc`:80.
+fn wait_endpoints(mesh: &TestMesh, pod: &str, svc: &str, n: usize) {
+    mesh.wait_proxy(
+        NS,
+        pod,
+        (NS, svc, 80),
+        &format!("{n} ready endpoints"),
+        |eps| eps.iter().filter(|e| e.ready).count() == n,
+    );
+}
+
 /// Waits until the sidecar of `pod` has a certificate.
 fn wait_certified(mesh: &TestMesh, pod: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -117,10 +143,18 @@ fn the_app_sees_plaintext_while_the_wire_carries_tls() {
     let client_pod = mesh.ready_pods(NS, "client", 1).remove(0);
     let spy = mesh.ready_pods(NS, "spy", 1).remove(0);
     wait_certified(&mesh, "client");
+    wait_endpoints(&mesh, "client", "web", 2);
 
     // The apps: plain HTTP both ends, every call answered, through mTLS.
     let calls = mesh.calls(NS, "client", "http://web/", 20);
-    assert!(calls.failures.is_empty(), "{}", calls.output);
+    assert!(
+        calls.failures.is_empty(),
+        "{}\n{}\n{}\n{}",
+        calls.output,
+        sidecar_log(&mesh, "client"),
+        sidecar_log(&mesh, &webs[0].name),
+        sidecar_log(&mesh, &webs[1].name)
+    );
     assert_eq!(calls.answers.len(), 20, "{}", calls.output);
     let m = mesh.metrics(NS, "client");
     assert!(
@@ -251,6 +285,7 @@ fn strict_refuses_a_non_meshed_client_and_permissive_accepts_it() {
     mesh.ready_pods(NS, "outsider", 1);
     wait_certified(&mesh, "client");
     wait_certified(&mesh, &vault.name);
+    wait_endpoints(&mesh, "client", "vault", 1);
     // Without a sidecar the outsider's client resolves Services to ClusterIPs that nothing
     // serves; it calls the pods' addresses.
     let web = mesh.ready_pods(NS, "web-", 1).remove(0);
@@ -320,6 +355,8 @@ spec:
     mesh.ready_pods(NS, "stranger", 1);
     wait_certified(&mesh, "friend");
     wait_certified(&mesh, "stranger");
+    wait_endpoints(&mesh, "friend", "web", 1);
+    wait_endpoints(&mesh, "stranger", "web", 1);
     // The sidecars re-read policies every 2 s.
     std::thread::sleep(Duration::from_secs(3));
     let allowed = mesh.calls(NS, "friend", "http://web/", 5);
@@ -353,6 +390,7 @@ fn a_ca_rotation_fails_no_request() {
     let webs = mesh.ready_pods(NS, "web-", 2);
     mesh.ready_pods(NS, "client", 1);
     wait_certified(&mesh, "client");
+    wait_endpoints(&mesh, "client", "web", 2);
     let root =
         wasmesh_control::identity::Root::generate("cluster.local", Duration::from_secs(3600))
             .expect("a new root");
@@ -385,4 +423,102 @@ fn a_ca_rotation_fails_no_request() {
             "{p} did not renew: {m:?}"
         );
     }
+}
+
+#[test]
+fn a_one_minute_certificate_is_renewed_under_a_long_lived_stream() {
+    let Some(mesh) = TestMesh::up_with(
+        "a_one_minute_certificate_is_renewed_under_a_long_lived_stream",
+        &[
+            ("ns.yaml", &namespace()),
+            ("web.yaml", &backend(NS, "web", 1, &[("http", 8080)], "")),
+            (
+                "svc.yaml",
+                &service(NS, "web", "web", &[("tcp", 80, "http")], ""),
+            ),
+            ("client.yaml", &client(NS, "client", "")),
+        ],
+        |cfg| cfg.control_args = vec!["--cert-lifetime".into(), "1m".into()],
+    ) else {
+        return;
+    };
+    let web = mesh.ready_pods(NS, "web-", 1).remove(0);
+    mesh.ready_pods(NS, "client", 1);
+    wait_certified(&mesh, "client");
+    wait_certified(&mesh, &web.name);
+    wait_endpoints(&mesh, "client", "web", 1);
+    let expiry = |pod: &str| {
+        counter(
+            &mesh.metrics(NS, pod),
+            "wasmesh_mtls_certificate_expiry_seconds",
+        )
+    };
+    let first = expiry("client");
+    // One kept-alive connection, a call a second for 50 s: the certificates (renewed at ~40 s)
+    // change under it.
+    let argv: Vec<String> = [
+        "timeout",
+        "90",
+        "wasmesh-demo",
+        "client",
+        "--url",
+        "http://web/",
+        "--count",
+        "50",
+        "--interval",
+        "1s",
+        "--timeout",
+        "3s",
+        "--reuse",
+        "--verbose",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let out = cli::exec_command(&mesh.status(), NS, "client", &argv)
+        .expect("exec")
+        .output()
+        .expect("client runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // `#<i> <status> answered by <pod> ... for <peer>`; the summary line says "answered by" too.
+    let answers: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with('#') && l.contains(" answered by "))
+        .collect();
+    assert_eq!(
+        answers.len(),
+        50,
+        "every call on the long-lived connection answered: {stdout}\n{}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        sidecar_log(&mesh, "client"),
+        sidecar_log(&mesh, &web.name)
+    );
+    let peers: std::collections::BTreeSet<&str> = answers
+        .iter()
+        .filter_map(|l| {
+            l.split("  |")
+                .next()?
+                .rsplit_once(" for ")
+                .map(|(_, p)| p.trim())
+        })
+        .collect();
+    assert_eq!(
+        peers.len(),
+        1,
+        "one connection carried every call: {peers:?}"
+    );
+    for pod in ["client", web.name.as_str()] {
+        let m = mesh.metrics(NS, pod);
+        assert!(
+            counter(&m, "wasmesh_mtls_certificates_total") >= 2.0,
+            "{pod} renewed its 1-minute certificate: {m:?}"
+        );
+    }
+    assert!(
+        expiry("client") > first,
+        "the client's sidecar uses a newer certificate"
+    );
+    // New connections handshake with the new certificates.
+    let calls = mesh.calls(NS, "client", "http://web/", 5);
+    assert!(calls.failures.is_empty(), "{}", calls.output);
 }

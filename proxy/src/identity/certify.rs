@@ -200,6 +200,8 @@ pub async fn run(cfg: IdentityConfig, store: Arc<IdentityStore>, stats: Arc<Mesh
                         // make us hammer control.
                         let wait = renewal_time(&state.cert, SystemTime::now()).max(Duration::from_secs(1));
                         MeshStats::inc(&stats.certificates);
+                        let expiry = state.cert.not_after.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+                        stats.certificate_expiry.store(expiry.as_secs(), std::sync::atomic::Ordering::Relaxed);
                         tracing::info!(
                             identity = %state.cert.id,
                             expires_in = ?state.cert.not_after.duration_since(SystemTime::now()).unwrap_or_default(),
@@ -286,6 +288,31 @@ async fn follow_bundle(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_missing_or_empty_token_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = |token_file: PathBuf| IdentityConfig {
+            control: "http://127.0.0.1:1".into(),
+            token_file,
+            lifetime: None,
+            pod_name: "p".into(),
+            pod_namespace: "demo".into(),
+        };
+        let channel = channel("http://127.0.0.1:1").unwrap();
+        let missing = dir.path().join("nope.token");
+        let err = certify_once(&cfg(missing.clone()), channel.clone())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&missing.display().to_string()), "{err}");
+        let empty = dir.path().join("empty.token");
+        std::fs::write(&empty, "\n").unwrap();
+        let err = certify_once(&cfg(empty.clone()), channel)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, CertifyError::EmptyToken(p) if p == empty));
+    }
 
     #[test]
     fn renewal_comes_at_two_thirds_of_the_life_left_at_arrival() {

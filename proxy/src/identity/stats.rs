@@ -26,6 +26,8 @@ pub struct MeshStats {
     pub inbound_plaintext: AtomicU64,
     pub inbound_plaintext_refused: AtomicU64,
     pub authz_denied: AtomicU64,
+    /// notAfter of the certificate in use, Unix seconds (0: none yet).
+    pub certificate_expiry: AtomicU64,
     refused: [AtomicU64; REFUSAL_REASONS.len()],
 }
 
@@ -101,6 +103,12 @@ impl MeshStats {
                 c.load(Ordering::Relaxed)
             );
         }
+        let name = "wasmesh_mtls_certificate_expiry_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} notAfter of the workload certificate in use (Unix time; 0: none yet)\n# TYPE {name} gauge\n{name} {}",
+            self.certificate_expiry.load(Ordering::Relaxed)
+        );
         let name = "wasmesh_mtls_refused_total";
         let _ = writeln!(
             out,
