@@ -11,9 +11,15 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
+use tokio::io::AsyncWriteExt;
+
 use crate::copy;
+use crate::detect::{self, Protocol};
+use crate::http::inbound::{InboundConn, serve_inbound};
+use crate::http::pool::Pools;
 use crate::identity::Mesh;
 use crate::identity::accept::{self, Accepted};
+use crate::identity::detect::Detected as IdDetected;
 use crate::state::{ProxyState, Stats};
 
 /// Source address of inbound passthrough connections.
@@ -30,6 +36,14 @@ pub struct Inbound {
     pub copy: copy::CopyMode,
     /// Mesh TLS termination, strict/permissive and authorization (see [`crate::identity`]).
     pub mesh: Option<Arc<Mesh>>,
+    /// How long a plaintext client may stay silent before its connection is treated as L4.
+    pub detect_timeout: Duration,
+    /// Ports never parsed as HTTP (server-speaks-first protocols).
+    pub opaque_ports: Vec<u16>,
+    /// Connections to the app, for HTTP.
+    pub pools: Pools,
+    /// Wasm filters for requests the app receives.
+    pub filters: Option<Arc<crate::filters::Filters>>,
 }
 
 pub async fn serve(listener: TcpListener, inb: Arc<Inbound>) {
@@ -56,7 +70,7 @@ pub async fn serve(listener: TcpListener, inb: Arc<Inbound>) {
 }
 
 impl Inbound {
-    pub async fn handle(&self, client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+    pub async fn handle(self: &Arc<Self>, client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
         Stats::inc(&self.state.stats.inbound_accepted);
         let _open = self.state.open_connection();
         let _ = client.set_nodelay(true);
@@ -64,27 +78,88 @@ impl Inbound {
             tracing::debug!(%peer, %dst, "inbound connection to the proxy's own port; resetting");
             return copy::reset(client);
         }
-        let client = match &self.mesh {
-            None => Accepted::Plain(client),
+        let accepted = match &self.mesh {
+            None => {
+                // No mesh TLS: the first bytes decide between HTTP and L4 right here.
+                let mut tcp = client;
+                if self.opaque_ports.contains(&dst.port()) {
+                    return self.to_app_l4(tcp, peer, dst, &[]).await;
+                }
+                let d = match detect::detect(&mut tcp, self.detect_timeout).await {
+                    Ok(d) => d,
+                    Err(_) => return copy::reset(tcp),
+                };
+                return self.after_detect(tcp, d, peer, dst, None).await;
+            }
             Some(mesh) => match accept::accept(mesh, client, peer, dst).await {
                 Some(a) => a,
                 None => return,
             },
         };
-        let client = match client {
-            Accepted::Plain(tcp) => tcp,
-            Accepted::Mesh(tls, _id) => {
-                return match tokio::time::timeout(self.connect_timeout, connect_app(dst)).await {
-                    Ok(Ok(app)) => copy::proxy_streams(*tls, app, &self.state.stats).await,
-                    _ => {
-                        Stats::inc(&self.state.stats.inbound_app_refused);
-                        tracing::debug!(%peer, %dst, "app did not accept a mesh connection; closing it");
-                    }
-                };
+        match accepted {
+            Accepted::Plain(tcp, kind) => {
+                let http = matches!(kind, IdDetected::Http1 | IdDetected::Http2);
+                if !http || self.opaque_ports.contains(&dst.port()) {
+                    return self.to_app_l4(tcp, peer, dst, &[]).await;
+                }
+                let mut tcp = tcp;
+                match detect::detect(&mut tcp, self.detect_timeout).await {
+                    Ok(d) => self.after_detect(tcp, d, peer, dst, None).await,
+                    Err(_) => copy::reset(tcp),
+                }
             }
+            Accepted::Mesh(tls, id) => {
+                let mut tls = *tls;
+                let id = Some(id.to_string());
+                if self.opaque_ports.contains(&dst.port()) {
+                    return self.to_app_tls(tls, peer, dst, &[]).await;
+                }
+                match detect::detect(&mut tls, self.detect_timeout).await {
+                    Ok(d) if d.protocol != Protocol::Opaque => {
+                        let c = InboundConn {
+                            peer,
+                            dst,
+                            identity: id,
+                        };
+                        serve_inbound(self.clone(), tls, d.protocol, d.prefix, c).await
+                    }
+                    Ok(d) => self.to_app_tls(tls, peer, dst, &d.prefix).await,
+                    Err(e) => {
+                        tracing::debug!(%peer, %dst, error = %e, "mesh connection failed during protocol detection");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn after_detect(
+        self: &Arc<Self>,
+        tcp: TcpStream,
+        d: detect::Detected,
+        peer: SocketAddr,
+        dst: SocketAddr,
+        identity: Option<String>,
+    ) {
+        if d.protocol == Protocol::Opaque {
+            return self.to_app_l4(tcp, peer, dst, &d.prefix).await;
+        }
+        let c = InboundConn {
+            peer,
+            dst,
+            identity,
         };
+        serve_inbound(self.clone(), tcp, d.protocol, d.prefix, c).await
+    }
+
+    /// Plain bytes to the app (whatever detection read first).
+    async fn to_app_l4(&self, client: TcpStream, peer: SocketAddr, dst: SocketAddr, prefix: &[u8]) {
         match tokio::time::timeout(self.connect_timeout, connect_app(dst)).await {
-            Ok(Ok(app)) => copy::proxy(client, app, &self.state.stats, self.copy).await,
+            Ok(Ok(mut app)) => {
+                if !prefix.is_empty() && app.write_all(prefix).await.is_err() {
+                    return copy::reset(client);
+                }
+                copy::proxy(client, app, &self.state.stats, self.copy).await
+            }
             Ok(Err(e)) => {
                 Stats::inc(&self.state.stats.inbound_app_refused);
                 tracing::debug!(%peer, %dst, error = %e, "app did not accept; resetting the client");
@@ -94,6 +169,25 @@ impl Inbound {
                 Stats::inc(&self.state.stats.inbound_app_refused);
                 tracing::debug!(%peer, %dst, "app did not answer in time; resetting the client");
                 copy::reset(client)
+            }
+        }
+    }
+
+    /// A terminated mesh connection's bytes to the app.
+    async fn to_app_tls<S>(&self, tls: S, peer: SocketAddr, dst: SocketAddr, prefix: &[u8])
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        match tokio::time::timeout(self.connect_timeout, connect_app(dst)).await {
+            Ok(Ok(mut app)) => {
+                if !prefix.is_empty() && app.write_all(prefix).await.is_err() {
+                    return;
+                }
+                copy::proxy_streams(tls, app, &self.state.stats).await
+            }
+            _ => {
+                Stats::inc(&self.state.stats.inbound_app_refused);
+                tracing::debug!(%peer, %dst, "app did not accept a mesh connection; closing it");
             }
         }
     }

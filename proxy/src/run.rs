@@ -163,6 +163,13 @@ pub async fn run(
         connect_timeout: Duration::from_secs(5),
         copy: cfg.outbound.copy,
         mesh,
+        detect_timeout: cfg.outbound.detect_timeout,
+        opaque_ports: crate::detect::DEFAULT_OPAQUE_PORTS.to_vec(),
+        pools: crate::http::pool::Pools::new(
+            crate::http::pool::Dial::LocalApp,
+            Duration::from_secs(5),
+        ),
+        filters: None,
     });
 
     let who = WatchRequest {

@@ -65,6 +65,9 @@ pub struct Stats {
     /// Connections served as HTTP after detection or declaration, and those detection left L4.
     pub http_connections: AtomicU64,
     pub detected_opaque: AtomicU64,
+    /// Inbound connections served as HTTP, and the requests on them.
+    pub inbound_http_connections: AtomicU64,
+    pub inbound_http_requests: AtomicU64,
 }
 
 impl Stats {

@@ -1093,3 +1093,71 @@ async fn a_plugin_that_rejects_its_config_is_refused_and_the_previous_version_ke
         "the last good version still runs"
     );
 }
+
+#[tokio::test]
+async fn timeouts_on_one_http2_connection_do_not_delay_the_next_request() {
+    let (port, _b) = backends(&["b1"]).await;
+    let mut r = rule(vec![], vec![backend_ref("web", 1)]);
+    r.request_timeout_ms = Some(300);
+    let web = service_port("web", WEB_VIP, "http", vec![ep("127.0.0.2", port)], vec![route("web", vec![r])]);
+    let p = proxy(vec![web], WEB).await;
+    let mut c = Client::h2(&p).await;
+    for i in 0..3 {
+        let started = Instant::now();
+        let a = c.get("/sleep/3000").await;
+        assert_eq!(a.status, StatusCode::GATEWAY_TIMEOUT);
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(1200), "call {i} took {took:?}");
+    }
+}
+
+/// An inbound sidecar in front of the app at `app`: connections to the returned address are
+/// handled as if redirected to `app`.
+async fn inbound_front(app: SocketAddr) -> SocketAddr {
+    let state = ProxyState::new(Locality::default());
+    let inb = Arc::new(wasmesh_proxy::inbound::Inbound {
+        state,
+        own_ports: vec![],
+        connect_timeout: Duration::from_secs(2),
+        copy: Default::default(),
+        mesh: None,
+        detect_timeout: Duration::from_millis(500),
+        opaque_ports: vec![],
+        pools: wasmesh_proxy::http::pool::Pools::new(
+            wasmesh_proxy::http::pool::Dial::LocalApp,
+            Duration::from_secs(2),
+        ),
+        filters: None,
+    });
+    let l = TcpListener::bind("127.0.0.5:0").await.expect("bind inbound");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, peer)) = l.accept().await {
+            let inb = inb.clone();
+            tokio::spawn(async move { inb.handle(s, peer, app).await });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn through_both_sidecars_timeouts_on_http2_do_not_delay_the_next_request() {
+    let (app, _h) = http_backend("127.0.0.1:0".parse().expect("addr"), "app").await;
+    let front = inbound_front(app).await;
+    let mut r = rule(vec![], vec![backend_ref("web", 1)]);
+    r.request_timeout_ms = Some(300);
+    let web = service_port("web", WEB_VIP, "http", vec![ep("127.0.0.5", front.port())], vec![route("web", vec![r])]);
+    let p = proxy(vec![web], WEB).await;
+    let mut c = Client::h2(&p).await;
+    assert_eq!(c.get("/").await.body, "app");
+    for i in 0..3 {
+        let started = Instant::now();
+        let a = c.get("/sleep/3000").await;
+        assert_eq!(a.status, StatusCode::GATEWAY_TIMEOUT);
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(1200), "call {i} took {took:?}");
+    }
+    let mut c = Client::h1(&p).await;
+    let a = c.get("/echo").await;
+    assert_eq!(a.header("x-got-version"), "HTTP/1.1");
+}

@@ -117,7 +117,7 @@ async fn inbound(mesh: Arc<Mesh>) -> SocketAddr {
                             let _ = tls.shutdown().await;
                         }
                     }
-                    Some(Accepted::Plain(mut tcp)) => {
+                    Some(Accepted::Plain(mut tcp, _)) => {
                         let mut buf = [0u8; 5];
                         if tcp.read_exact(&mut buf).await.is_ok() {
                             let reply = format!("plaintext said {}", String::from_utf8_lossy(&buf));

@@ -668,8 +668,10 @@ fn a_route_timeout_answers_504_within_the_limit() {
                 "{mode:?}: {}",
                 calls.output
             );
+            // 500 ms limit; the app would take 3000. The upper bound leaves room for a loaded
+            // machine (two cores shared with builds).
             assert!(
-                (450..1500).contains(&a.ms),
+                (450..2500).contains(&a.ms),
                 "{mode:?}: answered after {} ms: {}",
                 a.ms,
                 calls.output

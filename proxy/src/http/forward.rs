@@ -484,7 +484,7 @@ impl Outbound {
 }
 
 /// A copy of the request head with a new body (the head is kept for retries).
-fn rebuild(parts: &http::request::Parts, body: Body) -> Request<Body> {
+pub(super) fn rebuild(parts: &http::request::Parts, body: Body) -> Request<Body> {
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = parts.uri.clone();
@@ -500,7 +500,7 @@ async fn backoff(base: Duration, attempt: u32) {
 }
 
 /// The endpoint's response, made fit for the client.
-fn finish(
+pub(super) fn finish(
     resp: Response<Incoming>,
     client_version: Version,
     rule: Option<&Rule>,
@@ -524,7 +524,7 @@ fn finish(
 }
 
 /// The response through the filters' response steps (last filter first).
-async fn filter_response(
+pub(super) async fn filter_response(
     chain: &Arc<tokio::sync::Mutex<ChainStream>>,
     resp: Response<Body>,
     upstream: SocketAddr,
@@ -554,12 +554,12 @@ async fn filter_response(
 }
 
 /// A filter's local reply, as the client gets it.
-fn local_reply(r: wasmesh_wasm::LocalReply) -> Response<Body> {
+pub(super) fn local_reply(r: wasmesh_wasm::LocalReply) -> Response<Body> {
     let (parts, body) = r.into_response().into_parts();
     Response::from_parts(parts, full(body))
 }
 
-fn protocol_name(v: Version) -> &'static str {
+pub(super) fn protocol_name(v: Version) -> &'static str {
     match v {
         Version::HTTP_10 => "HTTP/1.0",
         Version::HTTP_2 => "HTTP/2",
@@ -569,7 +569,11 @@ fn protocol_name(v: Version) -> &'static str {
 
 /// After a 101 (or a CONNECT's 2xx), bytes flow both ways between the client's and the
 /// endpoint's connections until both sides close.
-fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade, service: String) {
+pub(super) fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    service: String,
+) {
     tokio::spawn(async move {
         let (c, u) = match tokio::try_join!(client, upstream) {
             Ok(pair) => pair,

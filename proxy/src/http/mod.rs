@@ -9,6 +9,7 @@
 
 pub mod forward;
 pub mod headers;
+pub mod inbound;
 pub mod pool;
 pub mod prefixed;
 pub mod respond;

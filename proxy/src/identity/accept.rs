@@ -32,8 +32,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum Accepted {
     /// Mesh TLS, terminated; the client's verified identity.
     Mesh(Box<TlsStream<TcpStream>>, SpiffeId),
-    /// Plaintext (permissive mode), untouched.
-    Plain(TcpStream),
+    /// Plaintext (permissive mode), untouched, with what its first bytes looked like.
+    Plain(TcpStream, Detected),
 }
 
 /// Classifies, terminates, verifies and authorizes one inbound connection. None: refused (the
@@ -125,7 +125,7 @@ pub async fn accept(
                 return None;
             }
             MeshStats::inc(&stats.inbound_plaintext);
-            Some(Accepted::Plain(client))
+            Some(Accepted::Plain(client, kind))
         }
     }
 }

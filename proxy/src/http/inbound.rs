@@ -1,0 +1,198 @@
+//! Inbound HTTP: requests to this pod's app, from other pods (through their sidecars, or
+//! plaintext clients in permissive mode). Each request goes through the inbound Wasm filters and
+//! on to the app over a pooled connection from 127.0.0.6 — no routing, the app is the only
+//! destination. Upgrades (WebSocket) and CONNECT get a connection of their own.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use http::header::{self};
+use http::{Request, Response, StatusCode, Version};
+use hyper::body::{Body as _, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
+use wasmesh_wasm::body::FilteredBody;
+use wasmesh_wasm::{Direction as WasmDirection, StreamInfo, Verdict};
+
+use super::forward::{filter_response, finish, local_reply, protocol_name, rebuild, tunnel};
+use super::headers::{authority, is_grpc, is_upgrade, set_target, strip_hop_by_hop};
+use super::pool::{Sent, Wire};
+use super::prefixed::Prefixed;
+use super::respond::HttpError;
+use super::{Body, boxed};
+use crate::detect::Protocol;
+use crate::filters::select::Direction as FilterSide;
+use crate::inbound::Inbound;
+use crate::state::Stats;
+
+/// Who sent an inbound connection and where it was going.
+#[derive(Debug, Clone)]
+pub struct InboundConn {
+    pub peer: SocketAddr,
+    pub dst: SocketAddr,
+    /// The client's SPIFFE ID when it came over mesh mTLS.
+    pub identity: Option<String>,
+}
+
+/// Serves one inbound connection the bytes say is HTTP.
+pub async fn serve_inbound<IO>(
+    inb: Arc<Inbound>,
+    io: IO,
+    protocol: Protocol,
+    prefix: BytesMut,
+    c: InboundConn,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    Stats::inc(&inb.state.stats.inbound_http_connections);
+    let (peer, dst) = (c.peer, c.dst);
+    let c = Arc::new(c);
+    let svc = service_fn(move |req| {
+        let inb = inb.clone();
+        let c = c.clone();
+        async move { Ok::<_, Infallible>(inb.to_app(req, &c).await) }
+    });
+    let io = TokioIo::new(Prefixed::new(prefix, io));
+    let result = match protocol {
+        Protocol::Http2 => {
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .initial_stream_window_size(1 << 20)
+                .initial_connection_window_size(4 << 20)
+                .adaptive_window(true)
+                .serve_connection(io, svc)
+                .await
+        }
+        _ => {
+            hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(io, svc)
+                .with_upgrades()
+                .await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, %dst, error = %e, "inbound HTTP connection ended");
+    }
+}
+
+impl Inbound {
+    /// One request to the app: its response, or the proxy's own answer.
+    async fn to_app(&self, req: Request<Incoming>, c: &InboundConn) -> Response<Body> {
+        let grpc = is_grpc(req.headers());
+        match self.to_app_inner(req, c).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::info!(peer = %c.peer, dst = %c.dst, cause = e.cause(), error = %e, "inbound request answered by the proxy");
+                e.into_response(grpc)
+            }
+        }
+    }
+
+    async fn to_app_inner(
+        &self,
+        mut req: Request<Incoming>,
+        c: &InboundConn,
+    ) -> Result<Response<Body>, HttpError> {
+        Stats::inc(&self.state.stats.inbound_http_requests);
+        let client_version = req.version();
+        let upgrade = is_upgrade(&req);
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers, upgrade);
+        parts.headers.remove(header::EXPECT);
+
+        let request_eos = body.is_end_stream();
+        let chain = self
+            .filters
+            .as_ref()
+            .and_then(|f| f.chain(FilterSide::Inbound, c.dst.port(), None))
+            .map(|chain| {
+                Arc::new(tokio::sync::Mutex::new(chain.new_stream(StreamInfo {
+                    source: Some(c.peer),
+                    destination: Some(c.dst),
+                    mtls: c.identity.is_some(),
+                    peer_identity: c.identity.clone(),
+                    protocol: protocol_name(client_version),
+                    ..StreamInfo::default()
+                })))
+            });
+        if let Some(ch) = &chain {
+            let verdict = ch
+                .lock()
+                .await
+                .on_request_headers(&mut parts, request_eos)
+                .await;
+            match verdict {
+                Verdict::Continue => {}
+                Verdict::LocalReply(r) => return Ok(local_reply(r)),
+                Verdict::Reset => return Err(HttpError::FilterReset),
+            }
+        }
+        let body: Body = match &chain {
+            Some(ch) if !request_eos => boxed(FilteredBody::new(
+                body,
+                ch.clone(),
+                WasmDirection::Request,
+                false,
+            )),
+            _ => boxed(body),
+        };
+
+        // The app gets the version the client spoke.
+        let (wire, version) = if client_version == Version::HTTP_2 && !upgrade {
+            (Wire::Http2, Version::HTTP_2)
+        } else {
+            (Wire::Http1, Version::HTTP_11)
+        };
+        let host = authority(&parts.uri, &parts.headers).or_else(|| Some(c.dst.to_string()));
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
+        set_target(&mut parts, host.as_deref(), &path_and_query, version)
+            .map_err(|e| HttpError::BadRequest(format!("cannot form the request target: {e}")))?;
+
+        let app_unavailable = |e: String| HttpError::ConnectFailed {
+            service: format!("the app on port {}", c.dst.port()),
+            tried: 1,
+            last: e,
+        };
+        let mut body = Some(body);
+        for _ in 0..3 {
+            let conn = if upgrade {
+                self.pools.dedicated_h1(c.dst).await
+            } else {
+                self.pools.checkout(c.dst, wire).await
+            }
+            .map_err(|e| {
+                Stats::inc(&self.state.stats.inbound_app_refused);
+                app_unavailable(e.to_string())
+            })?;
+            let Some(b) = body.take() else { break };
+            match conn.send(rebuild(&parts, b)).await {
+                Sent::Response(mut resp) => {
+                    let upstream_upgrade = (resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                        || (parts.method == http::Method::CONNECT && resp.status().is_success()))
+                    .then(|| hyper::upgrade::on(&mut resp));
+                    if let (Some(client), Some(upstream)) = (client_upgrade, upstream_upgrade) {
+                        tunnel(client, upstream, format!("app port {}", c.dst.port()));
+                    }
+                    let resp = finish(resp, client_version, None, None);
+                    return Ok(match &chain {
+                        Some(ch) => filter_response(ch, resp, c.dst).await,
+                        None => resp,
+                    });
+                }
+                // The app closed an idle pooled connection: the request is intact, send it on
+                // a new one.
+                Sent::NotSent(req, _) => body = Some(req.into_body()),
+                Sent::Failed(e) => return Err(HttpError::Upstream(e.to_string())),
+            }
+        }
+        Err(app_unavailable("the app kept closing connections".into()))
+    }
+}
