@@ -1099,7 +1099,13 @@ async fn timeouts_on_one_http2_connection_do_not_delay_the_next_request() {
     let (port, _b) = backends(&["b1"]).await;
     let mut r = rule(vec![], vec![backend_ref("web", 1)]);
     r.request_timeout_ms = Some(300);
-    let web = service_port("web", WEB_VIP, "http", vec![ep("127.0.0.2", port)], vec![route("web", vec![r])]);
+    let web = service_port(
+        "web",
+        WEB_VIP,
+        "http",
+        vec![ep("127.0.0.2", port)],
+        vec![route("web", vec![r])],
+    );
     let p = proxy(vec![web], WEB).await;
     let mut c = Client::h2(&p).await;
     for i in 0..3 {
@@ -1129,7 +1135,9 @@ async fn inbound_front(app: SocketAddr) -> SocketAddr {
         ),
         filters: None,
     });
-    let l = TcpListener::bind("127.0.0.5:0").await.expect("bind inbound");
+    let l = TcpListener::bind("127.0.0.5:0")
+        .await
+        .expect("bind inbound");
     let addr = l.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((s, peer)) = l.accept().await {
@@ -1146,7 +1154,13 @@ async fn through_both_sidecars_timeouts_on_http2_do_not_delay_the_next_request()
     let front = inbound_front(app).await;
     let mut r = rule(vec![], vec![backend_ref("web", 1)]);
     r.request_timeout_ms = Some(300);
-    let web = service_port("web", WEB_VIP, "http", vec![ep("127.0.0.5", front.port())], vec![route("web", vec![r])]);
+    let web = service_port(
+        "web",
+        WEB_VIP,
+        "http",
+        vec![ep("127.0.0.5", front.port())],
+        vec![route("web", vec![r])],
+    );
     let p = proxy(vec![web], WEB).await;
     let mut c = Client::h2(&p).await;
     assert_eq!(c.get("/").await.body, "app");
