@@ -93,6 +93,11 @@ async fn follow(cfg: &DiscoveryConfig, state: &ProxyState, failures: &mut u32) -
         if !applied.complete {
             continue;
         }
+        if applied.plugins_changed {
+            state
+                .wasm_plugins
+                .send_replace(wire.wasm_plugins.values().cloned().collect());
+        }
         {
             let mut builder = state.builder.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(t) = builder.apply(&wire, changed.as_deref()) {

@@ -133,6 +133,10 @@ struct RunArgs {
     #[arg(long, env = "WASMESH_POD_LABELS", default_value = "")]
     pod_labels: String,
 
+    /// Where compiled Wasm modules are cached across restarts (default: in memory only).
+    #[arg(long, env = "WASMESH_WASM_CACHE_DIR")]
+    wasm_cache_dir: Option<std::path::PathBuf>,
+
     /// A downward API labels file (`key="value"` lines), as the injector mounts it.
     #[arg(long, env = "WASMESH_POD_LABELS_FILE")]
     pod_labels_file: Option<std::path::PathBuf>,
@@ -316,6 +320,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         pod_name: args.pod_name,
         pod_namespace: args.pod_namespace,
         pod_labels,
+        wasm_cache_dir: args.wasm_cache_dir,
         node_name: args.node_name.filter(|n| !n.is_empty()),
         zone: args.zone.filter(|z| !z.is_empty()),
         outbound: wasmesh_proxy::outbound::OutboundConfig {

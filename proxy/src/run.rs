@@ -24,6 +24,8 @@ pub struct RunConfig {
     pub inbound_port: u16,
     pub pod_name: String,
     pub pod_namespace: String,
+    /// Where compiled Wasm modules are cached (None: in memory only).
+    pub wasm_cache_dir: Option<std::path::PathBuf>,
     /// The pod's labels (WasmPlugin selectors match them).
     pub pod_labels: std::collections::BTreeMap<String, String>,
     pub node_name: Option<String>,
@@ -80,6 +82,34 @@ async fn bind_wildcard(port: u16, what: &'static str) -> Result<TcpListener, Run
                 what,
             )
             .await
+        }
+    }
+}
+
+/// The Proxy-Wasm host and the filters that run in it. Without a host (it could not start) the
+/// proxy runs without filters and says so.
+fn start_filters(cfg: &RunConfig) -> Option<Arc<crate::filters::Filters>> {
+    let host_config = wasmesh_wasm::HostConfig {
+        cache_dir: cfg.wasm_cache_dir.clone(),
+        node: wasmesh_wasm::NodeInfo {
+            id: format!("sidecar~{}.{}", cfg.pod_name, cfg.pod_namespace),
+            pod: cfg.pod_name.clone(),
+            namespace: cfg.pod_namespace.clone(),
+            cluster: "wasmesh".into(),
+        },
+        ..Default::default()
+    };
+    match wasmesh_wasm::WasmHost::new(host_config) {
+        Ok(host) => Some(Arc::new(crate::filters::Filters::new(
+            host,
+            crate::filters::select::Me {
+                namespace: cfg.pod_namespace.clone(),
+                labels: cfg.pod_labels.clone(),
+            },
+        ))),
+        Err(e) => {
+            tracing::error!(error = %e, "the Wasm host did not start: running without Wasm filters");
+            None
         }
     }
 }
@@ -155,8 +185,20 @@ pub async fn run(
         }
         mesh
     });
-    let outbound =
-        Arc::new(Outbound::new(state.clone(), cfg.outbound.clone(), own).with_mesh(mesh.clone()));
+    let filters = start_filters(&cfg);
+    if let Some(f) = &filters {
+        let _ = state.filters.set(f.clone());
+        tasks.spawn(crate::filters::follow(
+            f.clone(),
+            state.wasm_plugins.subscribe(),
+            cfg.control.clone(),
+        ));
+    }
+    let outbound = Arc::new(
+        Outbound::new(state.clone(), cfg.outbound.clone(), own)
+            .with_mesh(mesh.clone())
+            .with_filters(filters.clone()),
+    );
     let inbound = Arc::new(Inbound {
         state: state.clone(),
         own_ports: vec![cfg.inbound_port, cfg.outbound_port, cfg.admin.port()],
@@ -169,7 +211,7 @@ pub async fn run(
             crate::http::pool::Dial::LocalApp,
             Duration::from_secs(5),
         ),
-        filters: None,
+        filters,
     });
 
     let who = WatchRequest {

@@ -26,6 +26,10 @@ pub struct ProxyState {
     pub stats: Stats,
     /// Counters of the mTLS path (zero while it is off).
     pub mesh_stats: Arc<crate::identity::MeshStats>,
+    /// The Wasm filters, once the host started (for `/metrics` and `/config`).
+    pub filters: std::sync::OnceLock<Arc<crate::filters::Filters>>,
+    /// WasmPlugins from control, for the filters task.
+    pub wasm_plugins: watch::Sender<Vec<wasmesh_api::discovery::WasmPlugin>>,
 }
 
 /// Counts one open proxied connection until dropped.
@@ -90,6 +94,8 @@ impl ProxyState {
             quit: tokio::sync::Notify::new(),
             stats: Stats::default(),
             mesh_stats: Arc::default(),
+            filters: std::sync::OnceLock::new(),
+            wasm_plugins: watch::channel(Vec::new()).0,
         })
     }
 

@@ -166,6 +166,55 @@ impl Filters {
     }
 }
 
+/// Follows the WasmPlugins control streams (`plugins`) and keeps `filters` in step, fetching
+/// modules from control's `GetModule`. Runs forever.
+pub async fn follow(
+    filters: Arc<Filters>,
+    mut plugins: tokio::sync::watch::Receiver<Vec<pb::WasmPlugin>>,
+    control: String,
+) {
+    let fetch: Fetch = Arc::new(move |sha: String| {
+        let control = control.clone();
+        Box::pin(async move { get_module(&control, &sha).await })
+    });
+    loop {
+        let specs = plugins.borrow_and_update().clone();
+        filters.apply(specs, &fetch).await;
+        if plugins.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One module from control, checked against its sha256.
+async fn get_module(control: &str, sha256: &str) -> Result<Bytes, String> {
+    use wasmesh_api::discovery::discovery_client::DiscoveryClient;
+    let endpoint = tonic::transport::Endpoint::from_shared(control.to_string())
+        .map_err(|e| format!("bad control address {control:?}: {e}"))?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .timeout(std::time::Duration::from_secs(60));
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach control at {control}: {e}"))?;
+    let mut client = DiscoveryClient::new(channel)
+        .max_decoding_message_size(wasmesh_api::MAX_MODULE_SIZE + 1024);
+    let module = client
+        .get_module(pb::GetModuleRequest {
+            sha256: sha256.to_string(),
+        })
+        .await
+        .map_err(|e| format!("GetModule: {}", e.message()))?
+        .into_inner();
+    let got = wasmesh_wasm::sha256_hex(&module.wasm);
+    if got != sha256 {
+        return Err(format!(
+            "control sent a module with sha256 {got}, not {sha256}"
+        ));
+    }
+    Ok(Bytes::from(module.wasm))
+}
+
 /// Whether two specs load the same thing (module, configuration, order, fail strategy).
 fn same_load(a: &pb::WasmPlugin, b: &pb::WasmPlugin) -> bool {
     a.sha256 == b.sha256
