@@ -228,7 +228,15 @@ impl Reader {
                 let mut bad = Vec::new();
                 for doc in docs {
                     match doc.outcome {
-                        Outcome::Objects(o) => objects.extend(o),
+                        Outcome::Objects(o) => {
+                            let base = path.parent().unwrap_or(Path::new("/"));
+                            for m in o {
+                                match with_module_path(m, base) {
+                                    Ok(m) => objects.push(m),
+                                    Err(reason) => bad.push((doc.index, doc.line, reason)),
+                                }
+                            }
+                        }
                         Outcome::Skipped { kind, name } => scan.skipped.push(Skipped {
                             file: path.clone(),
                             line: doc.line,
@@ -519,6 +527,21 @@ fn objects(value: Value) -> Result<Parsed, String> {
         }
     };
     Ok(Parsed::Objects(vec![m]))
+}
+
+/// A WasmPlugin's module path relative to its manifest made absolute: control reads the
+/// plugin from its own objects folder, the module from where the user put it.
+fn with_module_path(m: Manifest, base: &Path) -> Result<Manifest, String> {
+    match m {
+        Manifest::Control(mut obj) => {
+            if let Object::WasmPlugin(p) = obj.as_mut() {
+                p.absolutize_module_url(base)
+                    .map_err(|e| format!("WasmPlugin {}: {e}", p.id()))?;
+            }
+            Ok(Manifest::Control(obj))
+        }
+        other => Ok(other),
+    }
 }
 
 /// A kind wasmesh-local does not read: handed to control if control reads it (and it is not
@@ -850,5 +873,74 @@ mod tests {
         let scan = reader.scan().expect("scan");
         assert!(scan.changed);
         assert!(scan.manifests.services.is_empty());
+    }
+
+    /// A WasmPlugin's module path is relative to the user's manifest; control reads the plugin
+    /// from its objects folder elsewhere and must still find the module.
+    #[test]
+    fn a_wasm_plugin_reaches_control_with_its_module_from_the_users_folder() {
+        let user = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(user.path().join("apps/filters")).expect("mkdir");
+        let module = b"\0asm\x01\0\0\0local".to_vec();
+        std::fs::write(user.path().join("apps/filters/auth.wasm"), &module).expect("write");
+        std::fs::write(
+            user.path().join("apps/plugin.yaml"),
+            "apiVersion: wasmesh.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: auth, namespace: demo}\nspec:\n  selector: {matchLabels: {app: web}}\n  url: file://filters/auth.wasm\n",
+        )
+        .expect("write");
+        let mut reader = Reader::new(user.path());
+        let scan = reader.scan().expect("scan");
+        assert!(scan.problems.is_empty(), "{:?}", scan.problems);
+        let (key, obj) = scan.manifests.control.iter().next().expect("one object");
+        assert_eq!(key.to_string(), "WasmPlugin demo/auth");
+        let Object::WasmPlugin(p) = obj else {
+            panic!("{obj:?}");
+        };
+        let abs = std::path::absolute(user.path().join("apps/filters/auth.wasm")).expect("abs");
+        assert_eq!(p.spec.url, format!("file://{}", abs.display()));
+
+        // Written to control's objects folder (somewhere else) and read by control's folder
+        // source: the plugin comes with the module's bytes.
+        let mut files = BTreeMap::new();
+        crate::objects::add(
+            &mut files,
+            key.kind.api_version(),
+            key.kind.as_str(),
+            Some(&key.namespace),
+            &key.name,
+            obj,
+        );
+        let objects_dir = tempfile::tempdir().expect("tempdir");
+        for (name, text) in &files {
+            std::fs::write(objects_dir.path().join(name), text).expect("write");
+        }
+        let mut folder = wasmesh_control::source::folder::Folder::new(
+            objects_dir.path(),
+            wasmesh_control::model::Cidr::parse("10.96.0.0/12").expect("cidr"),
+        );
+        let report = folder.scan().expect("control scans");
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        let loaded = folder
+            .objects()
+            .find_map(|o| match o {
+                Object::WasmPlugin(p) => p.module.clone(),
+                _ => None,
+            })
+            .expect("control read the plugin's module");
+        assert_eq!(&loaded.bytes[..], &module[..]);
+
+        // A refused URL is reported like any invalid document.
+        std::fs::write(
+            user.path().join("apps/plugin.yaml"),
+            "apiVersion: wasmesh.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: auth, namespace: demo}\nspec: {url: 'https://example.com/a.wasm'}\n",
+        )
+        .expect("write");
+        let scan = reader.scan().expect("scan");
+        assert_eq!(scan.problems.len(), 1, "{:?}", scan.problems);
+        assert!(
+            scan.problems[0].to_string().contains("over HTTP"),
+            "{}",
+            scan.problems[0]
+        );
     }
 }

@@ -113,6 +113,19 @@ impl Folder {
         self.current.values()
     }
 
+    /// Folders outside the root that hold modules of the plugins in force (to watch them).
+    pub fn module_dirs_outside(&self) -> BTreeSet<PathBuf> {
+        self.current
+            .values()
+            .filter_map(|o| match o {
+                Object::WasmPlugin(p) => p.module.as_ref(),
+                _ => None,
+            })
+            .filter(|m| !m.path.starts_with(&self.root))
+            .filter_map(|m| m.path.parent().map(Path::to_path_buf))
+            .collect()
+    }
+
     /// Reads the folder and returns the events that bring a consumer up to date: on the first
     /// scan a `Replace` and `Synced` per kind, afterwards `Apply`/`Delete` for what changed.
     pub fn scan(&mut self) -> Result<ScanReport, SourceError> {
@@ -430,7 +443,7 @@ impl FolderSource {
         let root = folder.root().to_path_buf();
         let (ntx, mut nrx) = mpsc::unbounded_channel::<()>();
         // Keep the watcher alive for the life of the loop.
-        let _watcher = match watch(&root, ntx) {
+        let mut watcher = match watch(&root, ntx) {
             Ok(w) => Some(w),
             Err(e) => {
                 tracing::warn!(folder = %root.display(), error = %e, "cannot watch folder; rescanning every {:?} instead", self.resync);
@@ -438,6 +451,7 @@ impl FolderSource {
             }
         };
         let mut last_problems = Vec::new();
+        let mut module_dirs: BTreeSet<PathBuf> = BTreeSet::new();
         let mut resync = tokio::time::interval(self.resync);
         resync.tick().await;
         loop {
@@ -451,6 +465,9 @@ impl FolderSource {
                 reason: format!("scan task failed: {e}"),
             })?;
             folder = f;
+            if let Some(w) = watcher.as_mut() {
+                watch_module_dirs(w, &mut module_dirs, folder.module_dirs_outside());
+            }
             match report {
                 Ok(report) => {
                     if report.problems != last_problems {
@@ -492,6 +509,24 @@ impl FolderSource {
             }
         }
     }
+}
+
+/// Watches the folders of modules outside the root (and stops watching those no longer used).
+fn watch_module_dirs(
+    w: &mut notify::RecommendedWatcher,
+    watched: &mut BTreeSet<PathBuf>,
+    wanted: BTreeSet<PathBuf>,
+) {
+    use notify::Watcher;
+    for gone in watched.difference(&wanted) {
+        let _ = w.unwatch(gone);
+    }
+    for dir in wanted.difference(watched) {
+        if let Err(e) = w.watch(dir, notify::RecursiveMode::NonRecursive) {
+            tracing::debug!(folder = %dir.display(), error = %e, "cannot watch a module folder; the periodic rescan will notice changes");
+        }
+    }
+    *watched = wanted;
 }
 
 fn watch(root: &Path, tx: mpsc::UnboundedSender<()>) -> notify::Result<notify::RecommendedWatcher> {

@@ -674,3 +674,39 @@ fn a_plugin_never_readable_is_left_out_and_oci_is_refused() {
     };
     assert!(objects.is_empty());
 }
+
+#[tokio::test]
+async fn a_module_outside_the_folder_is_watched_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let modules = tempfile::tempdir().expect("tempdir");
+    let m = modules.path().join("auth.wasm");
+    std::fs::write(&m, wasm("one")).expect("write");
+    write(
+        dir.path(),
+        "p.yaml",
+        &PLUGIN.replace(
+            "file://filters/auth.wasm",
+            &format!("file://{}", m.display()),
+        ),
+    );
+    let mut source = FolderSource::new(dir.path(), cidr());
+    // Far longer than the wait below: the change must come through the watch.
+    source.resync = Duration::from_secs(600);
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let _task = tokio::spawn(source.run(tx));
+    for _ in 0..2 * Kind::ALL.len() {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("initial events")
+            .expect("open");
+    }
+    std::fs::write(&m, wasm("two")).expect("write");
+    let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("change seen")
+        .expect("open");
+    let Event::Apply(Object::WasmPlugin(p)) = ev else {
+        panic!("{ev:?}");
+    };
+    assert_eq!(&p.module.expect("module").bytes[8..], b"two");
+}

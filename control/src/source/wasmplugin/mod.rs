@@ -420,6 +420,23 @@ impl WasmPlugin {
         )
     }
 
+    /// Makes a relative module path absolute against `base` (the manifest's folder), for tools
+    /// that hand the plugin to control from another folder (the local mesh): control then
+    /// reads the module where the user put it.
+    pub fn absolutize_module_url(&mut self, base: &Path) -> Result<(), InvalidPlugin> {
+        let path = module_path(&self.spec.url)?;
+        if path.is_relative() {
+            let abs = std::path::absolute(base.join(&path)).map_err(|e| {
+                invalid(
+                    "spec.url",
+                    format!("cannot make {} absolute: {e}", path.display()),
+                )
+            })?;
+            self.spec.url = format!("file://{}", abs.display());
+        }
+        Ok(())
+    }
+
     /// Reads the module `spec.url` names (relative paths against `base`, the manifest's
     /// folder; `None`: only absolute paths) through `cache`, checks it against `spec.sha256`
     /// and keeps it in [`WasmPlugin::module`].
