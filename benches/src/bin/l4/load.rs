@@ -8,7 +8,6 @@
 //!   flight when the client stops writing are counted only once they arrive.
 //! - `E` (echo): read 64-byte messages and send each back, until EOF.
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,39 +18,11 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use wasmesh_benches::harness::run::{Args, own_cpu, percentile, wait_http};
 
 /// Size of a request and of a response.
 pub const MSG: usize = 64;
 const BULK_WRITE: usize = 128 * 1024;
-
-/// `--key value` arguments.
-struct Args(HashMap<String, String>);
-
-impl Args {
-    fn parse(args: &[String]) -> anyhow::Result<Self> {
-        let mut map = HashMap::new();
-        let mut it = args.iter();
-        while let Some(k) = it.next() {
-            let key = k
-                .strip_prefix("--")
-                .with_context(|| format!("unexpected argument {k}"))?;
-            let v = it.next().with_context(|| format!("{k} needs a value"))?;
-            map.insert(key.to_string(), v.clone());
-        }
-        Ok(Self(map))
-    }
-
-    fn get<T: std::str::FromStr>(&self, key: &str) -> anyhow::Result<T>
-    where
-        T::Err: std::fmt::Display,
-    {
-        let v = self
-            .0
-            .get(key)
-            .with_context(|| format!("--{key} is required"))?;
-        v.parse().map_err(|e| anyhow::anyhow!("--{key} {v}: {e}"))
-    }
-}
 
 /// Runs one tool; `cmd` is the subcommand without its leading `__`.
 pub fn main(cmd: &str, args: &[String]) -> anyhow::Result<()> {
@@ -108,11 +79,6 @@ pub fn main(cmd: &str, args: &[String]) -> anyhow::Result<()> {
     };
     println!("{json}");
     Ok(())
-}
-
-/// CPU seconds this process has used (for the load generator's own cost).
-fn own_cpu() -> f64 {
-    crate::procfs::cpu_seconds(std::process::id(), 100.0).unwrap_or(0.0)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -489,47 +455,8 @@ fn latency(
     })
 }
 
-/// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
 // ---------------------------------------------------------------------------------------------
 // Readiness
-
-/// Polls `GET path` on `addr` until it answers 200, or fails after `max`.
-fn wait_http(addr: SocketAddr, path: &str, max: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + max;
-    let mut last = String::from("no answer");
-    while Instant::now() < deadline {
-        let attempt = || -> std::io::Result<String> {
-            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
-            s.set_read_timeout(Some(Duration::from_secs(1)))?;
-            write!(
-                s,
-                "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-            )?;
-            let mut head = [0u8; 64];
-            let n = s.read(&mut head)?;
-            Ok(String::from_utf8_lossy(&head[..n])
-                .lines()
-                .next()
-                .unwrap_or("")
-                .to_string())
-        };
-        match attempt() {
-            Ok(status) if status.split_whitespace().nth(1) == Some("200") => return Ok(()),
-            Ok(status) => last = status,
-            Err(e) => last = e.to_string(),
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    bail!("{addr}{path} did not answer 200 within {max:?} (last: {last})")
-}
 
 /// Sends one echo request through the path until it succeeds, or fails after `max`.
 fn probe(to: SocketAddr, max: Duration) -> anyhow::Result<()> {

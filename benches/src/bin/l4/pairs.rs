@@ -21,22 +21,16 @@
 
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
-
-use crate::netns::{Daemon, NODE_IP, Placement, Pod, command_in};
-
-pub const SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-pub const SERVICE_PORT: u16 = 80;
-pub const APP_PORT: u16 = 8080;
-pub const PROXY_UID: u32 = 1337;
-/// The core the proxies are pinned to.
-pub const PROXY_CPU: u32 = 1;
-/// The core the app, the load generators and control are pinned to.
-pub const LOAD_CPU: u32 = 0;
+pub use wasmesh_benches::harness::mesh::Alt;
+use wasmesh_benches::harness::mesh::{
+    self, APP_PORT, ENVOY_ADMIN, LOAD_CPU, SERVICE_IP, SERVICE_PORT, as_proxy, write_config,
+};
+use wasmesh_benches::harness::netns::{Daemon, Placement, Pod, command_in};
+use wasmesh_benches::harness::run::{self, Run};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -57,36 +51,6 @@ pub enum Kind {
         index: usize,
         name: &'static str,
     },
-}
-
-/// An experiment build of `wasmesh-proxy` run like `wasmesh` (`--alt NAME=PATH[,K=V…]`).
-#[derive(Debug, Clone)]
-pub struct Alt {
-    pub name: String,
-    pub path: PathBuf,
-    pub env: Vec<(String, String)>,
-}
-
-impl Alt {
-    pub fn parse(spec: &str) -> anyhow::Result<Self> {
-        let mut parts = spec.split(',');
-        let head = parts.next().unwrap_or_default();
-        let (name, path) = head
-            .split_once('=')
-            .with_context(|| format!("--alt {spec}: expected NAME=PATH[,KEY=VALUE…]"))?;
-        let env = parts
-            .map(|kv| {
-                kv.split_once('=')
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .with_context(|| format!("--alt {spec}: {kv} is not KEY=VALUE"))
-            })
-            .collect::<anyhow::Result<_>>()?;
-        Ok(Self {
-            name: name.to_string(),
-            path: path.into(),
-            env,
-        })
-    }
 }
 
 /// Names `--pairs` accepts.
@@ -174,6 +138,17 @@ pub struct Tools {
     pub dir: PathBuf,
 }
 
+impl Tools {
+    /// What the harness needs to start this binary's tools.
+    pub fn run(&self) -> Run<'_> {
+        Run {
+            label: "l4",
+            me: &self.me,
+            dir: &self.dir,
+        }
+    }
+}
+
 /// A pair: its kind and its two pods.
 #[derive(Debug, Clone)]
 pub struct Pair {
@@ -253,88 +228,29 @@ impl Pair {
                     ),
                     _ => (&tools.proxy, Vec::new()),
                 };
-                for (role, pod) in [("client", &self.client), ("server", &self.server)] {
-                    let args: Vec<String> = [
-                        "run",
-                        "--control",
-                        &format!("http://{NODE_IP}:15010"),
-                        "--pod-name",
-                        &format!("bench-{role}"),
-                        "--pod-namespace",
-                        "default",
-                        "--node-name",
-                        "bench-node",
-                    ]
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect();
-                    let mut cmd = command_in(&as_proxy(pod), binary, &args);
-                    cmd.env("RUST_LOG", "warn");
-                    cmd.envs(env.iter().map(|(k, v)| (k, v)));
-                    let d = Daemon::spawn(&format!("wasmesh-proxy ({role})"), cmd, log(role))?;
+                for (role, d) in mesh::start_wasmesh(
+                    tools.run(),
+                    binary,
+                    &env,
+                    &self.client,
+                    &self.server,
+                    &log,
+                )? {
                     proxies.push((role, d.pid()));
                     daemons.push(d);
-                }
-                for pod in [&self.client, &self.server] {
-                    tool_ok(
-                        tools,
-                        &pod.ns,
-                        &[
-                            "__wait-http",
-                            "--addr",
-                            "127.0.0.1:15000",
-                            "--path",
-                            "/ready",
-                            "--secs",
-                            "30",
-                        ],
-                    )
-                    .context("waiting for wasmesh-proxy's /ready")?;
                 }
             }
             Kind::Envoy => {
                 let envoy = tools.envoy.as_ref().context("no envoy")?;
-                for (role, pod, cfg) in [
-                    ("client", &self.client, envoy_outbound(self.server.ip)),
-                    ("server", &self.server, envoy_inbound()),
-                ] {
-                    let path = tools.dir.join(format!("envoy-{role}.yaml"));
-                    write_config(&path, &cfg)?;
-                    let args: Vec<String> = [
-                        "-c",
-                        &path.to_string_lossy(),
-                        "--concurrency",
-                        "1",
-                        "--disable-hot-restart",
-                        "-l",
-                        "warning",
-                    ]
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect();
-                    let d = Daemon::spawn(
-                        &format!("envoy ({role})"),
-                        command_in(&as_proxy(pod), envoy, &args),
-                        log(role),
-                    )?;
+                for (role, d) in mesh::start_envoy(
+                    tools.run(),
+                    envoy,
+                    (&self.client, envoy_outbound(self.server.ip)),
+                    (&self.server, envoy_inbound()),
+                    &log,
+                )? {
                     proxies.push((role, d.pid()));
                     daemons.push(d);
-                }
-                for pod in [&self.client, &self.server] {
-                    tool_ok(
-                        tools,
-                        &pod.ns,
-                        &[
-                            "__wait-http",
-                            "--addr",
-                            "127.0.0.1:15000",
-                            "--path",
-                            "/ready",
-                            "--secs",
-                            "30",
-                        ],
-                    )
-                    .context("waiting for Envoy's /ready")?;
                 }
             }
             Kind::Haproxy | Kind::HaproxySplice => {
@@ -407,78 +323,17 @@ impl Pair {
     }
 }
 
-/// Where a proxy runs: its pod's namespace, the proxy core, UID 1337.
-fn as_proxy(pod: &Pod) -> Placement<'_> {
-    Placement {
-        ns: &pod.ns,
-        cpu: PROXY_CPU,
-        uid: Some(PROXY_UID),
-    }
-}
-
-fn write_config(path: &Path, text: &str) -> anyhow::Result<()> {
-    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
-}
-
-/// Runs one of this binary's tools inside `ns` on the load core; returns its stdout. Bounded:
-/// the tools have their own deadlines, and the process is killed after `limit` regardless.
+/// Runs one of this binary's tools inside `ns` on the load core; returns its stdout.
 pub fn tool(tools: &Tools, ns: &str, args: &[&str], limit: Duration) -> anyhow::Result<String> {
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let cmd = command_in(
-        &Placement {
-            ns,
-            cpu: LOAD_CPU,
-            uid: None,
-        },
-        &tools.me,
-        &args,
-    );
-    let (status, out, err) = run_bounded(cmd, &tools.dir, limit)?;
-    if !status.success() {
-        bail!("`l4 {}` failed ({status}): {}", args.join(" "), err.trim());
-    }
-    Ok(out)
-}
-
-/// Runs `cmd` to completion, killing it after `limit` or on Ctrl-C; returns its status, stdout
-/// and stderr (through files in `dir`, so a chatty child never blocks on a full pipe).
-pub fn run_bounded(
-    mut cmd: Command,
-    dir: &Path,
-    limit: Duration,
-) -> anyhow::Result<(ExitStatus, String, String)> {
-    let out_path = dir.join("last-tool.out");
-    let err_path = dir.join("last-tool.err");
-    cmd.stdout(std::fs::File::create(&out_path)?)
-        .stderr(std::fs::File::create(&err_path)?);
-    let what = format!("{cmd:?}");
-    let mut child = cmd.spawn().with_context(|| format!("starting {what}"))?;
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(s) = child.try_wait()? {
-            break s;
-        }
-        if Instant::now() >= deadline || crate::interrupted() {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("{what} did not finish within {limit:?} (or was interrupted)");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let out = std::fs::read_to_string(&out_path).unwrap_or_default();
-    let err = std::fs::read_to_string(&err_path).unwrap_or_default();
-    Ok((status, out, err))
+    run::tool(tools.run(), ns, args, limit)
 }
 
 fn tool_ok(tools: &Tools, ns: &str, args: &[&str]) -> anyhow::Result<()> {
-    tool(tools, ns, args, Duration::from_secs(60)).map(|_| ())
+    run::tool_ok(tools.run(), ns, args)
 }
 
 // ---------------------------------------------------------------------------------------------
 // Envoy (static config; admin on 127.0.0.1:15000 for /ready, as in an Istio sidecar)
-
-const ENVOY_ADMIN: &str =
-    "admin:\n  address:\n    socket_address: { address: 127.0.0.1, port_value: 15000 }\n";
 
 fn envoy_outbound(server: Ipv4Addr) -> String {
     let mut s = String::from(ENVOY_ADMIN);

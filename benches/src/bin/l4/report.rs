@@ -1,105 +1,11 @@
 //! The figures: every round's values per pair, reported as medians in Markdown tables with the
 //! ratios the targets are stated in.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use wasmesh_benches::harness::report::{Results, f, pct, with_spread, x};
+
 use crate::Params;
-
-/// pair → metric → one value per round.
-#[derive(Debug, Default)]
-pub struct Results {
-    by_pair: BTreeMap<String, BTreeMap<String, Vec<f64>>>,
-    order: Vec<String>,
-}
-
-impl Results {
-    pub fn add(&mut self, pair: &str, values: BTreeMap<String, f64>) {
-        if !self.order.iter().any(|p| p == pair) {
-            self.order.push(pair.to_string());
-        }
-        let m = self.by_pair.entry(pair.to_string()).or_default();
-        for (k, v) in values {
-            m.entry(k).or_default().push(v);
-        }
-    }
-
-    /// Median over the rounds.
-    pub fn get(&self, pair: &str, key: &str) -> Option<f64> {
-        let mut v = self.by_pair.get(pair)?.get(key)?.clone();
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        Some(if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        })
-    }
-
-    /// Highest over the rounds.
-    fn max(&self, pair: &str, key: &str) -> Option<f64> {
-        let v = self.by_pair.get(pair)?.get(key)?;
-        v.iter().copied().reduce(f64::max)
-    }
-
-    /// Lowest and highest over the rounds, when there was more than one.
-    fn spread(&self, pair: &str, key: &str) -> Option<(f64, f64)> {
-        let v = self.by_pair.get(pair)?.get(key)?;
-        if v.len() < 2 {
-            return None;
-        }
-        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        Some((lo, hi))
-    }
-
-    /// Whether any pair has this measure (its phase ran).
-    fn measured(&self, key: &str) -> bool {
-        self.by_pair.values().any(|m| m.contains_key(key))
-    }
-
-    fn has(&self, pair: &str) -> bool {
-        self.by_pair.contains_key(pair)
-    }
-
-    fn ratio(&self, a: &str, b: &str, key: &str) -> Option<f64> {
-        let (x, y) = (self.get(a, key)?, self.get(b, key)?);
-        (y != 0.0).then(|| x / y)
-    }
-}
-
-fn f(v: Option<f64>, digits: usize) -> String {
-    match v {
-        Some(v) => format!("{v:.digits$}"),
-        None => "—".into(),
-    }
-}
-
-fn x(v: Option<f64>) -> String {
-    match v {
-        Some(v) => format!("{v:.2}×"),
-        None => "—".into(),
-    }
-}
-
-/// "12.3 (11.9–12.8)" when there were several rounds.
-fn with_spread(r: &Results, pair: &str, key: &str, digits: usize) -> String {
-    let m = f(r.get(pair, key), digits);
-    match r.spread(pair, key) {
-        Some((lo, hi)) => format!("{m} ({lo:.digits$}–{hi:.digits$})"),
-        None => m,
-    }
-}
-
-fn pct(v: Option<f64>) -> String {
-    match v {
-        Some(v) => format!("{:.0} %", v * 100.0),
-        None => "—".into(),
-    }
-}
 
 pub fn render(header: &[String], p: &Params, r: &Results) -> String {
     let mut s = String::new();
@@ -113,7 +19,7 @@ pub fn render(header: &[String], p: &Params, r: &Results) -> String {
     } else {
         "one round".to_string()
     };
-    let pairs = r.order.clone();
+    let pairs = r.pairs().to_vec();
     // Other work on the machine during the phases: the worst phase per pair.
     let mut busy = Vec::new();
     let mut steal: f64 = 0.0;

@@ -1,0 +1,306 @@
+//! The pairs under test and how each is started; the shape (pods, interception, cores, UID) is
+//! the harness's ([`wasmesh_benches::harness::mesh`]).
+//!
+//! - `wasmesh`: `wasmesh-proxy run` in both pods, following control, whose Service port is
+//!   named `http` (declared HTTP: the client side serves it with its L7 path at once, no
+//!   detection wait). The client-side proxy parses every request, routes it and sends it on a
+//!   pooled connection (HTTP/1.1 to HTTP/1.1, HTTP/2 multiplexed on one connection per
+//!   endpoint); the server-side proxy is still L4 (wasmesh's inbound L7 has not landed): it
+//!   copies the bytes to the app.
+//! - `envoy`: Envoy with the HTTP connection manager on both sides, Istio's sidecar shape:
+//!   outbound listener with the original_dst listener filter, a filter chain matching
+//!   10.96.0.10:80 → HCM (codec AUTO) → router → a STATIC cluster at the server pod's :8080;
+//!   inbound listener with original_dst → HCM → router → an ORIGINAL_DST cluster bound to
+//!   127.0.0.6. Both clusters speak upstream what the client spoke downstream
+//!   (`use_downstream_protocol_config`). No access log; stats off (`reject_all`).
+//! - `direct`: no rules, no proxies; the client connects to the server pod's :8080.
+//! - `--alt NAME=PATH`: another wasmesh-proxy build, run like `wasmesh`.
+
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use wasmesh_benches::harness::mesh::{
+    self, APP_PORT, Alt, ENVOY_ADMIN, LOAD_CPU, SERVICE_IP, SERVICE_PORT,
+};
+use wasmesh_benches::harness::netns::{Daemon, Placement, Pod, command_in};
+use wasmesh_benches::harness::run::{self, Run};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Direct,
+    Wasmesh,
+    Envoy,
+    /// Another `wasmesh-proxy` build (`--alt`): the `index`th of [`Tools::alts`].
+    Alt {
+        index: usize,
+        name: &'static str,
+    },
+}
+
+impl Kind {
+    pub fn parse(name: &str, alts: &[Alt]) -> anyhow::Result<Self> {
+        if let Some(index) = alts.iter().position(|a| a.name == name) {
+            // Lives for the whole run.
+            let name: &'static str = Box::leak(name.to_string().into_boxed_str());
+            return Ok(Self::Alt { index, name });
+        }
+        Ok(match name {
+            "direct" => Self::Direct,
+            "wasmesh" => Self::Wasmesh,
+            "envoy" => Self::Envoy,
+            other => bail!("unknown pair {other} (known: direct, wasmesh, envoy, and --alt names)"),
+        })
+    }
+
+    pub fn name(self) -> String {
+        match self {
+            Self::Direct => "direct".into(),
+            Self::Wasmesh => "wasmesh".into(),
+            Self::Envoy => "envoy".into(),
+            Self::Alt { name, .. } => name.to_string(),
+        }
+    }
+
+    /// Whether it needs wasmesh control.
+    pub fn wasmesh(self) -> bool {
+        matches!(self, Self::Wasmesh | Self::Alt { .. })
+    }
+}
+
+/// Paths of everything a run executes.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    /// This binary, for the app and the load tools.
+    pub me: PathBuf,
+    pub proxy: PathBuf,
+    pub control: PathBuf,
+    pub envoy: Option<PathBuf>,
+    /// Experiment builds of wasmesh-proxy (`--alt`), paths already copied into the run folder.
+    pub alts: Vec<Alt>,
+    /// The run's folder (configs, logs); readable by UID 1337.
+    pub dir: PathBuf,
+}
+
+impl Tools {
+    pub fn run(&self) -> Run<'_> {
+        Run {
+            label: "l7",
+            me: &self.me,
+            dir: &self.dir,
+        }
+    }
+}
+
+/// A pair: its kind and its two pods.
+#[derive(Debug, Clone)]
+pub struct Pair {
+    pub kind: Kind,
+    pub client: Pod,
+    pub server: Pod,
+}
+
+/// A started pair.
+#[derive(Debug)]
+pub struct Running {
+    pub daemons: Vec<Daemon>,
+    /// (role, pid) of each proxy process.
+    pub proxies: Vec<(&'static str, u32)>,
+    pub server_pid: u32,
+    /// Where the client connects.
+    pub target: SocketAddr,
+}
+
+impl Running {
+    /// Fails if any process of the pair has exited.
+    pub fn check(&mut self) -> anyhow::Result<()> {
+        for d in &mut self.daemons {
+            d.check()?;
+        }
+        Ok(())
+    }
+}
+
+impl Pair {
+    pub fn target(&self) -> SocketAddr {
+        match self.kind {
+            Kind::Direct => SocketAddr::V4(SocketAddrV4::new(self.server.ip, APP_PORT)),
+            _ => SocketAddr::V4(SocketAddrV4::new(SERVICE_IP, SERVICE_PORT)),
+        }
+    }
+
+    /// Starts the app and the proxies and waits until a request goes through.
+    pub fn start(&self, tools: &Tools, round: usize) -> anyhow::Result<Running> {
+        let tag = format!("{}-r{round}", self.kind.name());
+        let log = |what: &str| tools.dir.join(format!("{tag}-{what}.log"));
+        let mut daemons = Vec::new();
+        let server = Daemon::spawn(
+            "app server",
+            command_in(
+                &Placement {
+                    ns: &self.server.ns,
+                    cpu: LOAD_CPU,
+                    uid: None,
+                },
+                &tools.me,
+                &[
+                    "__serve".into(),
+                    "--listen".into(),
+                    format!("0.0.0.0:{APP_PORT}"),
+                    "--max-secs".into(),
+                    "7200".into(),
+                ],
+            ),
+            log("app"),
+        )?;
+        let server_pid = server.pid();
+        daemons.push(server);
+        let started = match self.kind {
+            Kind::Direct => Vec::new(),
+            Kind::Wasmesh | Kind::Alt { .. } => {
+                let (binary, env) = match self.kind {
+                    Kind::Alt { index, .. } => {
+                        let alt = &tools.alts[index];
+                        (&alt.path, alt.env.clone())
+                    }
+                    _ => (&tools.proxy, Vec::new()),
+                };
+                mesh::start_wasmesh(tools.run(), binary, &env, &self.client, &self.server, &log)?
+            }
+            Kind::Envoy => mesh::start_envoy(
+                tools.run(),
+                tools.envoy.as_ref().context("no envoy")?,
+                (&self.client, envoy_outbound(self.server.ip)),
+                (&self.server, envoy_inbound()),
+                &log,
+            )?,
+        };
+        let mut proxies = Vec::new();
+        for (role, d) in started {
+            proxies.push((role, d.pid()));
+            daemons.push(d);
+        }
+        let mut running = Running {
+            daemons,
+            proxies,
+            server_pid,
+            target: self.target(),
+        };
+        let probed = run::tool_ok(
+            tools.run(),
+            &self.client.ns,
+            &[
+                "__probe",
+                "--to",
+                &self.target().to_string(),
+                "--secs",
+                "30",
+            ],
+        );
+        running.check()?;
+        probed.with_context(|| format!("{tag}: the first request did not go through"))?;
+        Ok(running)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Envoy (static config): HTTP connection manager + router on both sides
+
+/// Stats off: no stat is instantiated (the admin's /ready still answers).
+const ENVOY_STATS: &str = "stats_config:\n  stats_matcher: { reject_all: true }\n";
+
+/// Upstream HTTP/1.1 when the client spoke HTTP/1.1, HTTP/2 when it spoke HTTP/2.
+const DOWNSTREAM_PROTOCOL: &str = r#"    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        use_downstream_protocol_config:
+          http_protocol_options: {}
+          http2_protocol_options: {}
+"#;
+
+/// An HCM (codec AUTO: HTTP/1.1, or HTTP/2 from its preface) routing everything to `cluster`;
+/// indented as a filter chain's `filters:` list.
+fn hcm(stat_prefix: &str, cluster: &str) -> String {
+    format!(
+        r#"      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {stat_prefix}
+          codec_type: AUTO
+          route_config:
+            name: {cluster}
+            virtual_hosts:
+            - name: {cluster}
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: {cluster}, timeout: 0s }}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+"#
+    )
+}
+
+fn envoy_outbound(server: Ipv4Addr) -> String {
+    let mut s = format!("{ENVOY_ADMIN}{ENVOY_STATS}");
+    let _ = write!(
+        s,
+        r#"static_resources:
+  listeners:
+  - name: outbound
+    address:
+      socket_address: {{ address: 127.0.0.1, port_value: 15001 }}
+    listener_filters:
+    - name: envoy.filters.listener.original_dst
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst
+    filter_chains:
+    - filter_chain_match:
+        prefix_ranges: [{{ address_prefix: {SERVICE_IP}, prefix_len: 32 }}]
+        destination_port: {SERVICE_PORT}
+      filters:
+{hcm}  clusters:
+  - name: bench
+    type: STATIC
+    connect_timeout: 1s
+    lb_policy: LEAST_REQUEST
+{DOWNSTREAM_PROTOCOL}    load_assignment:
+      cluster_name: bench
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: {server}, port_value: {APP_PORT} }}
+"#,
+        hcm = hcm("outbound_bench", "bench"),
+    );
+    s
+}
+
+fn envoy_inbound() -> String {
+    format!(
+        r#"{ENVOY_ADMIN}{ENVOY_STATS}static_resources:
+  listeners:
+  - name: inbound
+    address:
+      socket_address: {{ address: 0.0.0.0, port_value: 15006 }}
+    listener_filters:
+    - name: envoy.filters.listener.original_dst
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst
+    filter_chains:
+    - filters:
+{hcm}  clusters:
+  - name: inbound_app
+    type: ORIGINAL_DST
+    connect_timeout: 1s
+    lb_policy: CLUSTER_PROVIDED
+{DOWNSTREAM_PROTOCOL}    upstream_bind_config:
+      source_address: {{ address: 127.0.0.6, port_value: 0 }}
+"#,
+        hcm = hcm("inbound_bench", "inbound_app"),
+    )
+}

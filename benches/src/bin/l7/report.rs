@@ -1,0 +1,239 @@
+//! The figures as Markdown: per protocol, requests/s at saturation, the proxies' CPU per
+//! request, latency at the fixed rate and memory, with the ratios to direct and to Envoy; then
+//! the issue's targets.
+
+use std::fmt::Write as _;
+
+use wasmesh_benches::harness::report::{Results, f, pct, with_spread, x};
+
+use crate::Params;
+use crate::load::Proto;
+
+fn title(proto: Proto) -> &'static str {
+    match proto {
+        Proto::H1 => "HTTP/1.1",
+        Proto::H2 => "HTTP/2 (h2c)",
+    }
+}
+
+pub fn render(header: &[String], p: &Params, r: &Results) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "```");
+    for h in header {
+        let _ = writeln!(s, "{h}");
+    }
+    let _ = writeln!(s, "```\n");
+    let rounds = if p.rounds > 1 {
+        format!("median of {} rounds (lowest–highest)", p.rounds)
+    } else {
+        "one round".to_string()
+    };
+    let pairs = r.pairs().to_vec();
+    let keys: Vec<String> = p
+        .protocols
+        .iter()
+        .flat_map(|pr| ["sat", "lat"].map(|ph| format!("{}.{ph}", pr.name())))
+        .collect();
+    // Other work on the machine during the phases: the worst phase per pair.
+    let mut busy = Vec::new();
+    let mut steal: f64 = 0.0;
+    for pair in &pairs {
+        for k in &keys {
+            steal = steal.max(r.max(pair, &format!("{k}.steal")).unwrap_or(0.0));
+        }
+        let worst = keys
+            .iter()
+            .filter_map(|k| r.max(pair, &format!("{k}.other")))
+            .fold(0.0, f64::max);
+        if worst > 0.10 {
+            busy.push(format!("{pair} {:.0} %", worst * 100.0));
+        }
+    }
+    let _ = writeln!(
+        s,
+        "Other load on the machine during a phase (CPU not used by the pair, its app or its load \
+         generator, as a share of both cores; worst phase): {}; hypervisor steal at most {:.0} %\n",
+        if busy.is_empty() {
+            "under 10 % in every phase".to_string()
+        } else {
+            busy.join(", ")
+        },
+        steal * 100.0
+    );
+    let proxied = |pair: &str| pair != "direct";
+    let rate = format!("{:.0}", p.rate);
+
+    for proto in &p.protocols {
+        let pr = proto.name();
+        let k = |m: &str| format!("{pr}.{m}");
+        let load = match proto {
+            Proto::H1 => format!(
+                "{} keep-alive connections, one request in flight each",
+                p.h1_conns
+            ),
+            Proto::H2 => format!(
+                "{} connections × {} concurrent streams",
+                p.h2_conns, p.h2_streams
+            ),
+        };
+        let _ = writeln!(
+            s,
+            "**{}** — requests/s at saturation ({load}, each sends its next request when the \
+             response arrived; {} s); latency at {rate} req/s (open loop over {} connections, {} s \
+             after 1 s of warm-up, µs from each request's *scheduled* send time); GET, {}-byte \
+             response; {rounds}\n",
+            title(*proto),
+            p.secs,
+            p.latency_conns,
+            p.latency_secs,
+            crate::load::BODY,
+        );
+        let _ = writeln!(
+            s,
+            "| pair | req/s at saturation | × direct | × Envoy | proxy CPU-s per 100k requests | p50 / p99 at {rate} req/s (µs) | p99 added to direct (µs) | proxy RSS idle → peak, client / server (MiB) | core 0 / core 1 busy at saturation |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+        for pair in &pairs {
+            let added = proxied(pair)
+                .then(|| Some(r.get(pair, &k("lat.p99_us"))? - r.get("direct", &k("lat.p99_us"))?))
+                .flatten();
+            let rss = if proxied(pair) {
+                format!(
+                    "{} / {} → {} / {}",
+                    f(r.get(pair, "idle.rss.client"), 1),
+                    f(r.get(pair, "idle.rss.server"), 1),
+                    f(r.get(pair, "hwm.client"), 1),
+                    f(r.get(pair, "hwm.server"), 1)
+                )
+            } else {
+                "—".into()
+            };
+            let _ = writeln!(
+                s,
+                "| {pair} | {} | {} | {} | {} | {} / {} | {} | {rss} | {} / {} |",
+                with_spread(r, pair, &k("sat.per_s"), 0),
+                x(r.ratio(pair, "direct", &k("sat.per_s"))),
+                if r.has("envoy") {
+                    x(r.ratio(pair, "envoy", &k("sat.per_s")))
+                } else {
+                    "—".into()
+                },
+                if proxied(pair) {
+                    with_spread(r, pair, &k("sat.cpu_per_100k"), 2)
+                } else {
+                    "—".into()
+                },
+                f(r.get(pair, &k("lat.p50_us")), 0),
+                with_spread(r, pair, &k("lat.p99_us"), 0),
+                f(added, 0),
+                pct(r.get(pair, &k("sat.core0"))),
+                pct(r.get(pair, &k("sat.core1"))),
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\nLatency at {rate} req/s in detail ({})\n",
+            title(*proto)
+        );
+        let _ = writeln!(
+            s,
+            "| pair | p50 | p90 | p99 | p99.9 | max | from the actual send p50 / p99 | send lag p99 | proxy CPU (share of a core) | errors (sat / lat) |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
+        for pair in &pairs {
+            let share = proxied(pair)
+                .then(|| Some(r.get(pair, &k("lat.cpu"))? / r.get(pair, &k("lat.secs"))?))
+                .flatten();
+            let _ = writeln!(
+                s,
+                "| {pair} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} / {} |",
+                f(r.get(pair, &k("lat.p50_us")), 0),
+                f(r.get(pair, &k("lat.p90_us")), 0),
+                f(r.get(pair, &k("lat.p99_us")), 0),
+                f(r.get(pair, &k("lat.p999_us")), 0),
+                f(r.get(pair, &k("lat.max_us")), 0),
+                f(r.get(pair, &k("lat.service_p50_us")), 0),
+                f(r.get(pair, &k("lat.service_p99_us")), 0),
+                f(r.get(pair, &k("lat.send_lag_p99_us")), 0),
+                pct(share),
+                f(r.max(pair, &k("sat.errors")), 0),
+                f(r.max(pair, &k("lat.errors")), 0),
+            );
+        }
+        let _ = writeln!(s);
+    }
+
+    // Ratios and targets.
+    if r.has("wasmesh") {
+        let w = "wasmesh";
+        let _ = writeln!(s, "**Ratios and the issue's targets**\n");
+        let _ = writeln!(
+            s,
+            "| measure | wasmesh / direct | wasmesh / Envoy | target | met |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|");
+        let met = |ok: Option<bool>| match ok {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "—",
+        };
+        for proto in &p.protocols {
+            let t = title(*proto);
+            let k = |m: &str| format!("{}.{m}", proto.name());
+            let rows = [
+                (
+                    format!("{t} requests/s at saturation"),
+                    k("sat.per_s"),
+                    "≥ 2× Envoy",
+                    r.ratio(w, "envoy", &k("sat.per_s")).map(|v| v >= 2.0),
+                    true,
+                ),
+                (
+                    format!("{t} p99 at {rate} req/s"),
+                    k("lat.p99_us"),
+                    "< Envoy",
+                    r.ratio(w, "envoy", &k("lat.p99_us")).map(|v| v < 1.0),
+                    true,
+                ),
+                (
+                    format!("{t} proxy CPU per request"),
+                    k("sat.cpu_per_100k"),
+                    "≤ 0.5× Envoy",
+                    r.ratio(w, "envoy", &k("sat.cpu_per_100k"))
+                        .map(|v| v <= 0.5),
+                    false,
+                ),
+            ];
+            for (name, key, target, ok, vs_direct) in rows {
+                let _ = writeln!(
+                    s,
+                    "| {name} | {} | {} | {target} | {} |",
+                    if vs_direct {
+                        x(r.ratio(w, "direct", &key))
+                    } else {
+                        "—".into()
+                    },
+                    x(r.ratio(w, "envoy", &key)),
+                    met(ok)
+                );
+            }
+        }
+        let idle = match (r.get(w, "idle.rss.client"), r.get(w, "idle.rss.server")) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            _ => None,
+        };
+        let peak = match (r.get(w, "hwm.client"), r.get(w, "hwm.server")) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            _ => None,
+        };
+        let _ = writeln!(
+            s,
+            "| RSS per proxy, idle / peak | {} / {} MiB | Envoy {} / {} MiB | (reported) | — |",
+            f(idle, 1),
+            f(peak, 1),
+            f(r.get("envoy", "idle.rss.client"), 1),
+            f(r.get("envoy", "hwm.client"), 1),
+        );
+    }
+    s
+}

@@ -1,0 +1,104 @@
+//! The figures: every round's values per pair, kept in [`Results`], reported as medians
+//! (with the lowest and highest round) by the benches' Markdown tables; and the cell formats.
+
+use std::collections::BTreeMap;
+
+/// pair → metric → one value per round.
+#[derive(Debug, Default)]
+pub struct Results {
+    by_pair: BTreeMap<String, BTreeMap<String, Vec<f64>>>,
+    order: Vec<String>,
+}
+
+impl Results {
+    pub fn add(&mut self, pair: &str, values: BTreeMap<String, f64>) {
+        if !self.order.iter().any(|p| p == pair) {
+            self.order.push(pair.to_string());
+        }
+        let m = self.by_pair.entry(pair.to_string()).or_default();
+        for (k, v) in values {
+            m.entry(k).or_default().push(v);
+        }
+    }
+
+    /// The pairs, in the order they were first added.
+    pub fn pairs(&self) -> &[String] {
+        &self.order
+    }
+
+    /// Median over the rounds.
+    pub fn get(&self, pair: &str, key: &str) -> Option<f64> {
+        let mut v = self.by_pair.get(pair)?.get(key)?.clone();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        Some(if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        })
+    }
+
+    /// Highest over the rounds.
+    pub fn max(&self, pair: &str, key: &str) -> Option<f64> {
+        let v = self.by_pair.get(pair)?.get(key)?;
+        v.iter().copied().reduce(f64::max)
+    }
+
+    /// Lowest and highest over the rounds, when there was more than one.
+    pub fn spread(&self, pair: &str, key: &str) -> Option<(f64, f64)> {
+        let v = self.by_pair.get(pair)?.get(key)?;
+        if v.len() < 2 {
+            return None;
+        }
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        Some((lo, hi))
+    }
+
+    /// Whether any pair has this measure (its phase ran).
+    pub fn measured(&self, key: &str) -> bool {
+        self.by_pair.values().any(|m| m.contains_key(key))
+    }
+
+    pub fn has(&self, pair: &str) -> bool {
+        self.by_pair.contains_key(pair)
+    }
+
+    pub fn ratio(&self, a: &str, b: &str, key: &str) -> Option<f64> {
+        let (x, y) = (self.get(a, key)?, self.get(b, key)?);
+        (y != 0.0).then(|| x / y)
+    }
+}
+
+pub fn f(v: Option<f64>, digits: usize) -> String {
+    match v {
+        Some(v) => format!("{v:.digits$}"),
+        None => "—".into(),
+    }
+}
+
+pub fn x(v: Option<f64>) -> String {
+    match v {
+        Some(v) => format!("{v:.2}×"),
+        None => "—".into(),
+    }
+}
+
+/// "12.3 (11.9–12.8)" when there were several rounds.
+pub fn with_spread(r: &Results, pair: &str, key: &str, digits: usize) -> String {
+    let m = f(r.get(pair, key), digits);
+    match r.spread(pair, key) {
+        Some((lo, hi)) => format!("{m} ({lo:.digits$}–{hi:.digits$})"),
+        None => m,
+    }
+}
+
+pub fn pct(v: Option<f64>) -> String {
+    match v {
+        Some(v) => format!("{:.0} %", v * 100.0),
+        None => "—".into(),
+    }
+}
