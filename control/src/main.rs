@@ -113,10 +113,11 @@ struct IdentityArgs {
     /// mesh). Default: kube with the kube source.
     #[arg(long, env = "WASMESH_TOKENS")]
     tokens: Option<String>,
-    /// Audiences a ServiceAccount token must carry (TokenReview).
+    /// Audiences a ServiceAccount token must carry (TokenReview); the injector projects the
+    /// sidecar's token with `wasmesh-control`.
     #[arg(
         long,
-        default_value = "wasmesh",
+        default_value = "wasmesh-control",
         value_delimiter = ',',
         env = "WASMESH_TOKEN_AUDIENCES"
     )]

@@ -149,6 +149,13 @@ pub fn proxy_container(settings: &Settings, config: &Config, names: &Names) -> C
                 value: Some(format!("{TOKEN_MOUNT_PATH}/labels")),
                 ..EnvVar::default()
             },
+            // mTLS: the projected token proves the pod's ServiceAccount to control (without a
+            // CA in control the proxy runs without mTLS).
+            EnvVar {
+                name: "WASMESH_TOKEN_FILE".to_owned(),
+                value: Some(format!("{TOKEN_MOUNT_PATH}/token")),
+                ..EnvVar::default()
+            },
         ]),
         resources: resources(settings),
         // Up to 2 minutes to get the first table from control before the kubelet restarts it.

@@ -161,6 +161,7 @@ fn gke_review_gets_a_base64_patch_that_adds_the_sidecar() {
         ("NODE_NAME", "spec.nodeName"),
         ("SERVICE_ACCOUNT", "spec.serviceAccountName"),
         ("WASMESH_POD_LABELS_FILE", ""),
+        ("WASMESH_TOKEN_FILE", ""),
     ]
     .map(|(a, b)| (a.to_owned(), b.to_owned()));
     assert_eq!(env, expected);

@@ -240,11 +240,42 @@ fn control_listens_where_the_sidecar_looks() {
                 "--source",
                 "kube",
                 "--listen",
-                "0.0.0.0:15010"
+                "0.0.0.0:15010",
+                "--ca-cert",
+                "/etc/wasmesh/ca/tls.crt",
+                "--ca-key",
+                "/etc/wasmesh/ca/tls.key"
             ]
             .map(str::to_owned)[..]
         )
     );
+    // The mesh CA is the Secret cert-manager writes, mounted where the flags point, its key in
+    // the one format control reads.
+    let ca_volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "mesh-ca")
+        .expect("the mesh CA volume");
+    let ca_secret = ca_volume
+        .secret
+        .as_ref()
+        .and_then(|s| s.secret_name.clone())
+        .expect("a secret volume");
+    let ca_mount = pod.containers[0]
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == "mesh-ca")
+        .expect("the mesh CA mount");
+    assert_eq!(ca_mount.mount_path, "/etc/wasmesh/ca");
+    let ca = docs("cert-manager.yaml")
+        .into_iter()
+        .find(|d| d["kind"] == "Certificate" && d["metadata"]["name"] == "wasmesh-mesh-ca")
+        .expect("the mesh CA Certificate");
+    assert_eq!(ca["spec"]["secretName"], ca_secret.as_str());
+    assert_eq!(ca["spec"]["isCA"], true);
+    assert_eq!(ca["spec"]["privateKey"]["encoding"], "PKCS8");
     assert_eq!(
         pod.containers[0].image.as_deref(),
         Some("ghcr.io/wasmesh/wasmesh:0.1.0")

@@ -528,3 +528,60 @@ async fn a_ca_rotation_fails_no_connection() {
         assert!(m.stats.certificates.load(Ordering::Relaxed) >= 2);
     }
 }
+
+#[tokio::test]
+async fn without_a_ca_in_control_the_proxy_runs_without_mtls() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let control = listener.local_addr().unwrap();
+    tokio::spawn(server::serve_with_identity(
+        listener,
+        Arc::new(Hub::new()),
+        None,
+        std::future::pending(),
+    ));
+    let tokens = tempfile::tempdir().unwrap();
+    let token_file = write_token(tokens.path(), "demo", "client", "client-1");
+    let mesh = Arc::new(Mesh {
+        store: IdentityStore::new(),
+        authorizer: Authorizer::new(
+            authz::Workload::default(),
+            "cluster.local".into(),
+            MtlsMode::Permissive,
+        ),
+        stats: Arc::new(MeshStats::default()),
+    });
+    tokio::spawn(certify::run(
+        certify::IdentityConfig {
+            control: format!("http://{control}"),
+            token_file,
+            lifetime: None,
+            pod_name: "client-1".into(),
+            pod_namespace: "demo".into(),
+        },
+        mesh.store.clone(),
+        mesh.stats.clone(),
+    ));
+    tokio::time::timeout(WAIT, async {
+        while !mesh.store.is_unavailable() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the proxy learns that control is no CA");
+    // A meshed endpoint is reached in plaintext, at once.
+    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = backend.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = backend.accept().await.unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).await.unwrap();
+        s.write_all(b"plaintext said hello").await.unwrap();
+    });
+    let started = std::time::Instant::now();
+    assert_eq!(
+        call(&mesh, addr, backend_peer(addr)).await.unwrap(),
+        "plaintext said hello"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+}

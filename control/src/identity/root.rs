@@ -39,7 +39,7 @@ pub enum RootError {
     )]
     Cert { path: PathBuf, reason: String },
     #[error(
-        "{path} does not parse as a private key: {reason} (give a PEM file with a PKCS#8, SEC1 or PKCS#1 key)"
+        "{path} does not parse as a private key: {reason} (give a PEM PKCS#8 key, -----BEGIN PRIVATE KEY-----; `openssl pkcs8 -topk8 -nocrypt` converts others)"
     )]
     Key { path: PathBuf, reason: String },
     #[error("the key in {key} does not belong to the certificate in {cert}")]

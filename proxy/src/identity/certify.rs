@@ -3,6 +3,8 @@
 //! the old one is still valid), and the trust bundle followed as it changes. A new bundle is
 //! applied at once; a bundle whose signing root differs from the one that signed our certificate
 //! (a CA rotation) makes us renew soon, at a jittered moment so proxies do not all ask at once.
+//! If control is no CA (Certify unimplemented), the proxy runs without mTLS and asks again
+//! every minute.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -210,6 +212,14 @@ pub async fn run(cfg: IdentityConfig, store: Arc<IdentityStore>, stats: Arc<Mesh
                         );
                         store.set(state);
                         renew_at = Instant::now() + wait;
+                    }
+                    Err(CertifyError::Refused(status)) if status.code() == tonic::Code::Unimplemented => {
+                        // Control runs without a CA root: no mTLS until it has one.
+                        if !store.is_unavailable() && store.current().is_none() {
+                            tracing::warn!(control = %cfg.control, "identity: control is not a certificate authority (no --ca-cert/--ca-dir); running without mTLS, asking again every minute");
+                        }
+                        store.set_unavailable();
+                        renew_at = Instant::now() + Duration::from_secs(60);
                     }
                     Err(e) => {
                         failures += 1;

@@ -80,7 +80,7 @@ pub async fn secure(
     let Some(mesh) = mesh else {
         return Ok(Upstream::Plain(tcp));
     };
-    if !peer.meshed {
+    if !peer.meshed || mesh.store.is_unavailable() {
         return Ok(Upstream::Plain(tcp));
     }
     let Some(state) = mesh.wait_identity(identity_wait).await else {

@@ -41,14 +41,15 @@ pub struct Mesh {
 }
 
 impl Mesh {
-    /// Waits up to `max` for the first certificate.
+    /// Waits up to `max` for the first certificate (not at all while control says it is no
+    /// CA).
     pub async fn wait_identity(&self, max: std::time::Duration) -> Option<Arc<TlsState>> {
         let deadline = tokio::time::Instant::now() + max;
         loop {
             if let Some(s) = self.store.current() {
                 return Some(s);
             }
-            if tokio::time::Instant::now() >= deadline {
+            if self.store.is_unavailable() || tokio::time::Instant::now() >= deadline {
                 return None;
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;

@@ -201,6 +201,9 @@ impl HandshakeError {
 #[derive(Debug, Default)]
 pub struct IdentityStore {
     current: ArcSwapOption<TlsState>,
+    /// Set while control says it is no CA (Certify unimplemented): mTLS is off, plaintext to
+    /// every endpoint, as without `--token-file`.
+    unavailable: std::sync::atomic::AtomicBool,
 }
 
 impl IdentityStore {
@@ -214,6 +217,19 @@ impl IdentityStore {
     }
 
     pub fn set(&self, state: TlsState) {
+        self.unavailable
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         self.current.store(Some(Arc::new(state)));
+    }
+
+    /// Control is no CA: until a certificate arrives, connections go without mTLS.
+    pub fn set_unavailable(&self) {
+        self.unavailable
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// True while control says it is no CA and we hold no certificate.
+    pub fn is_unavailable(&self) -> bool {
+        self.unavailable.load(std::sync::atomic::Ordering::Relaxed) && self.current().is_none()
     }
 }
