@@ -36,7 +36,8 @@ fn respond(hub: &Hub, path: &str) -> Response<Full<Bytes>> {
 fn metrics(hub: &Hub) -> String {
     let s = &hub.stats;
     let mut out = String::new();
-    let rows: [(&str, &str, &str, u64); 6] = [
+    let (modules, module_bytes) = hub.module_stats();
+    let rows: [(&str, &str, &str, u64); 10] = [
         (
             "wasmesh_control_synced",
             "gauge",
@@ -72,6 +73,30 @@ fn metrics(hub: &Hub) -> String {
             "counter",
             "Proxies that fell behind and were sent a fresh snapshot",
             s.resyncs.load(Ordering::Relaxed),
+        ),
+        (
+            "wasmesh_control_wasm_modules",
+            "gauge",
+            "Wasm modules held for GetModule (one per sha256 some WasmPlugin names)",
+            modules as u64,
+        ),
+        (
+            "wasmesh_control_wasm_module_bytes",
+            "gauge",
+            "Total size of the Wasm modules held",
+            module_bytes as u64,
+        ),
+        (
+            "wasmesh_control_modules_sent_total",
+            "counter",
+            "GetModule requests answered with a module",
+            s.modules_sent.load(Ordering::Relaxed),
+        ),
+        (
+            "wasmesh_control_modules_not_found_total",
+            "counter",
+            "GetModule requests for a sha256 no WasmPlugin names",
+            s.modules_not_found.load(Ordering::Relaxed),
         ),
     ];
     for (name, ty, help, value) in rows {

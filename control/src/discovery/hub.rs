@@ -50,6 +50,9 @@ pub struct HubStats {
     pub snapshots_sent: AtomicU64,
     pub deltas_published: AtomicU64,
     pub resyncs: AtomicU64,
+    /// GetModule answered with a module / with NOT_FOUND.
+    pub modules_sent: AtomicU64,
+    pub modules_not_found: AtomicU64,
 }
 
 #[derive(Debug)]

@@ -157,15 +157,19 @@ impl tonic::server::UnaryService<GetModuleRequest> for GetModule {
             let sha256 = request.into_inner().sha256.trim().to_ascii_lowercase();
             match hub.module(&sha256) {
                 Some(bytes) => {
+                    hub.stats.modules_sent.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(%sha256, size = bytes.len(), ?peer, "module sent");
                     Ok(tonic::Response::new(Module {
                         sha256,
                         wasm: bytes.to_vec(),
                     }))
                 }
-                None => Err(Status::not_found(format!(
-                    "no module with sha256 {sha256:?}: no WasmPlugin names it (any more)"
-                ))),
+                None => {
+                    hub.stats.modules_not_found.fetch_add(1, Ordering::Relaxed);
+                    Err(Status::not_found(format!(
+                        "no module with sha256 {sha256:?}: no WasmPlugin names it (any more)"
+                    )))
+                }
             }
         })
     }
