@@ -1,4 +1,5 @@
-//! Control's admin endpoint: `/ready` (the table is synced), `/live`, `/metrics`.
+//! Control's admin endpoint: `/ready` (the table is synced), `/live`, `/metrics` (with the CA's
+//! counters when control is the mesh's CA).
 
 use std::convert::Infallible;
 use std::fmt::Write;
@@ -12,8 +13,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
 use crate::discovery::Hub;
+use crate::identity::service::IdentityStats;
 
-fn respond(hub: &Hub, path: &str) -> Response<Full<Bytes>> {
+fn respond(hub: &Hub, identity: Option<&IdentityStats>, path: &str) -> Response<Full<Bytes>> {
     let (status, body) = match path {
         "/live" => (StatusCode::OK, "live\n".to_string()),
         "/ready" if hub.is_synced() => (StatusCode::OK, "ready\n".to_string()),
@@ -22,7 +24,13 @@ fn respond(hub: &Hub, path: &str) -> Response<Full<Bytes>> {
             "not ready: waiting for a complete list of Services, EndpointSlices, Pods and Nodes\n"
                 .to_string(),
         ),
-        "/metrics" => (StatusCode::OK, metrics(hub)),
+        "/metrics" => {
+            let mut m = metrics(hub);
+            if let Some(i) = identity {
+                i.render(&mut m);
+            }
+            (StatusCode::OK, m)
+        }
         _ => (
             StatusCode::NOT_FOUND,
             "not found: try /ready, /live or /metrics\n".to_string(),
@@ -110,14 +118,24 @@ fn metrics(hub: &Hub) -> String {
 
 /// Serves admin requests on `listener` forever.
 pub async fn serve(listener: TcpListener, hub: Arc<Hub>) {
+    serve_with_identity(listener, hub, None).await
+}
+
+/// [`serve`], with the CA's counters on `/metrics`.
+pub async fn serve_with_identity(
+    listener: TcpListener,
+    hub: Arc<Hub>,
+    identity: Option<Arc<IdentityStats>>,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let hub = hub.clone();
+        let identity = identity.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let r = respond(&hub, req.uri().path());
+                let r = respond(&hub, identity.as_deref(), req.uri().path());
                 async move { Ok::<_, Infallible>(r) }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())

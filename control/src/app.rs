@@ -172,7 +172,11 @@ pub async fn serve_with_identity(
     let running = start_with_model(source, model, removal_grace);
     let hub = running.hub.clone();
     if let Some(admin) = admin {
-        tokio::spawn(crate::admin::serve(admin, hub.clone()));
+        tokio::spawn(crate::admin::serve_with_identity(
+            admin,
+            hub.clone(),
+            identity.as_ref().map(|i| i.stats.clone()),
+        ));
     }
     let Running {
         source, publisher, ..

@@ -29,6 +29,46 @@ pub struct IdentityStats {
     pub bundle_watchers: AtomicU64,
 }
 
+impl IdentityStats {
+    /// Prometheus text.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let rows = [
+            (
+                "wasmesh_control_certificates_issued_total",
+                "counter",
+                "Workload certificates signed",
+                &self.certified,
+            ),
+            (
+                "wasmesh_control_certify_refused_token_total",
+                "counter",
+                "Certify refused: the token proves no identity (missing, unknown, expired, foreign)",
+                &self.refused_token,
+            ),
+            (
+                "wasmesh_control_certify_refused_csr_total",
+                "counter",
+                "Certify refused: the CSR does not parse or asks for another identity",
+                &self.refused_csr,
+            ),
+            (
+                "wasmesh_control_trust_bundle_watchers",
+                "gauge",
+                "Proxies following the trust bundle",
+                &self.bundle_watchers,
+            ),
+        ];
+        for (name, ty, help, v) in rows {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {ty}\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct IdentityService {
     pub authority: Arc<Authority>,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::discovery::{Hub, server};
+use crate::identity::service::IdentityStats;
 use crate::identity::{Authority, AuthorityConfig, IdentityService, Root, TokenReviewer, token};
 use crate::testing::fake_apiserver::FakeApiServer;
 use rcgen::{CertificateParams, KeyPair, SanType};
@@ -15,7 +16,10 @@ use wasmesh_api::identity::identity_client::IdentityClient;
 use wasmesh_api::identity::{CertifyRequest, WatchTrustBundleRequest};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
-async fn start(reviewer: TokenReviewer, propagation: Duration) -> (SocketAddr, Arc<Authority>) {
+async fn start(
+    reviewer: TokenReviewer,
+    propagation: Duration,
+) -> (SocketAddr, Arc<Authority>, Arc<IdentityStats>) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut cfg = AuthorityConfig::new("cluster.local");
     cfg.propagation = propagation;
@@ -24,13 +28,14 @@ async fn start(reviewer: TokenReviewer, propagation: Duration) -> (SocketAddr, A
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let service = IdentityService::new(authority.clone(), reviewer);
+    let stats = service.stats.clone();
     tokio::spawn(server::serve_with_identity(
         listener,
         Arc::new(Hub::new()),
         Some(service),
         std::future::pending(),
     ));
-    (addr, authority)
+    (addr, authority, stats)
 }
 
 fn csr(uri: Option<&str>) -> Vec<u8> {
@@ -72,7 +77,7 @@ async fn service_account_tokens_are_checked_with_token_review() {
         client: api.client().unwrap(),
         audiences: vec!["wasmesh".into()],
     };
-    let (addr, _) = start(reviewer, Duration::ZERO).await;
+    let (addr, _, stats) = start(reviewer, Duration::ZERO).await;
     let mut c = client(addr).await;
 
     let ok = c
@@ -118,6 +123,13 @@ async fn service_account_tokens_are_checked_with_token_review() {
         .expect_err("an expired token");
     assert_eq!(err.code(), Code::Unauthenticated);
     assert!(err.message().contains("invalid bearer token"), "{err:?}");
+    let mut metrics = String::new();
+    stats.render(&mut metrics);
+    assert!(
+        metrics.contains("wasmesh_control_certificates_issued_total 1\n")
+            && metrics.contains("wasmesh_control_certify_refused_token_total 4\n"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -126,7 +138,7 @@ async fn a_request_for_another_identity_is_refused() {
     let path = token::token_path(dir.path(), "demo", "client", "client-1");
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(&path, "client-token").unwrap();
-    let (addr, _) = start(TokenReviewer::Dir(dir.path().into()), Duration::ZERO).await;
+    let (addr, _, stats) = start(TokenReviewer::Dir(dir.path().into()), Duration::ZERO).await;
     let mut c = client(addr).await;
     let err = c
         .certify(CertifyRequest {
@@ -157,12 +169,16 @@ async fn a_request_for_another_identity_is_refused() {
         .await
         .expect_err("garbage CSR");
     assert_eq!(err.code(), Code::PermissionDenied);
+    assert_eq!(
+        stats.refused_csr.load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
 }
 
 #[tokio::test]
 async fn trust_bundle_watchers_see_a_rotation() {
     let dir = tempfile::tempdir().unwrap();
-    let (addr, authority) = start(
+    let (addr, authority, _) = start(
         TokenReviewer::Dir(dir.path().into()),
         Duration::from_millis(200),
     )
