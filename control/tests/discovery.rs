@@ -716,3 +716,37 @@ spec:
         ["wasmesh-system/stats"]
     );
 }
+
+/// A module larger than gRPC's usual 4 MiB message limit is served whole.
+#[tokio::test]
+async fn a_large_module_is_served_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut big = wasm("");
+    big.extend((0..6 * 1024 * 1024u32).map(|i| (i % 251) as u8));
+    std::fs::write(dir.path().join("big.wasm"), &big).expect("write");
+    std::fs::write(
+        dir.path().join("p.yaml"),
+        "apiVersion: wasmesh.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: big}\nspec: {url: big.wasm}\n",
+    )
+    .expect("write");
+    let (l, addr) = listener().await;
+    let source = wasmesh_control::source::Source::Folder(FolderSource::new(
+        dir.path(),
+        Cidr::parse("10.96.0.0/12").expect("cidr"),
+    ));
+    tokio::spawn(app::serve(
+        source,
+        l,
+        None,
+        Duration::ZERO,
+        std::future::pending(),
+    ));
+    let mut stream = watch(addr, "client").await;
+    let mut table = Table::default();
+    next_complete(&mut stream, &mut table).await;
+    let p = &table.wasm_plugins["default/big"];
+    assert_eq!(p.module_size, big.len() as u64);
+    let m = get_module(addr, &p.sha256).await.expect("module");
+    assert_eq!(m.wasm.len(), big.len());
+    assert_eq!(sha256_hex(&m.wasm), p.sha256);
+}
