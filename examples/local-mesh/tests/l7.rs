@@ -762,3 +762,123 @@ fn canary_example_routes_by_header_and_by_weight() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// A compiled filter from `filters/` (`.ci/run` builds them before the tests).
+fn filter_wasm(name: &str) -> Vec<u8> {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut dirs = Vec::new();
+    if let Ok(d) = std::env::var("CARGO_TARGET_DIR") {
+        dirs.push(std::path::PathBuf::from(d).join("wasm32-wasip1/release"));
+    }
+    dirs.push(repo.join("target/wasm32-wasip1/release"));
+    dirs.push(repo.join("filters/target/wasm32-wasip1/release"));
+    for d in &dirs {
+        if let Ok(b) = std::fs::read(d.join(format!("{name}.wasm"))) {
+            return b;
+        }
+    }
+    panic!(
+        "{name}.wasm not found in {dirs:?}: build the filters first: rustup target add wasm32-wasip1 && cargo build --manifest-path filters/Cargo.toml --target wasm32-wasip1 --release"
+    );
+}
+
+#[test]
+fn a_wasm_canary_filter_sets_the_header_the_route_matches() {
+    let mut files = versions(&[], &[]);
+    files.push((
+        "route.yaml",
+        route(
+            "web",
+            r#"  - matches:
+    - headers: [{name: x-canary, value: canary}]
+    backendRefs: [{name: web-v2, port: 80}]
+  - backendRefs: [{name: web-v1, port: 80}]
+"#,
+        ),
+    ));
+    let Some(mesh) = versions_mesh(
+        "a_wasm_canary_filter_sets_the_header_the_route_matches",
+        &files,
+    ) else {
+        return;
+    };
+    mesh.wait_routes("client", (NS, "web", 80), &["t/web"]);
+    // Without the filter nobody reaches v2.
+    let calls = mesh.calls_with(
+        NS,
+        "client",
+        "http://web/",
+        10,
+        &["--reuse", "--header", "x-opt-in: yes"],
+    );
+    assert_eq!(
+        calls.versions(),
+        BTreeMap::from([("v1".to_string(), 10)]),
+        "{}",
+        calls.output
+    );
+
+    // The module next to the manifests, and a WasmPlugin for the client's sidecar: users who
+    // opt in go to the canary, nobody else (0 %).
+    std::fs::write(mesh.folder().join("canary.wasm"), filter_wasm("canary")).expect("module");
+    mesh.write(
+        "filter.yaml",
+        &format!(
+            r#"apiVersion: wasmesh.io/v1alpha1
+kind: WasmPlugin
+metadata: {{name: canary, namespace: {NS}}}
+spec:
+  url: file://canary.wasm
+  pluginConfig: {{percentage: 0, match_headers: {{x-opt-in: "yes"}}}}
+  match: [{{mode: CLIENT}}]
+"#
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let calls = mesh.calls_with(
+            NS,
+            "client",
+            "http://web/",
+            1,
+            &["--header", "x-opt-in: yes"],
+        );
+        if calls.versions().contains_key("v2") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the filter never took effect: {}\nclient sidecar: {}\ncontrol: {}",
+            calls.output,
+            mesh.log_tail(&format!("logs/{NS}/client/wasmesh-proxy.log"), 30),
+            mesh.log_tail("logs/wasmesh-control.log", 30)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let calls = mesh.calls_with(
+        NS,
+        "client",
+        "http://web/",
+        20,
+        &["--reuse", "--header", "x-opt-in: yes"],
+    );
+    assert_eq!(
+        calls.versions(),
+        BTreeMap::from([("v2".to_string(), 20)]),
+        "{}",
+        calls.output
+    );
+    let calls = mesh.calls_with(NS, "client", "http://web/", 20, &["--reuse"]);
+    assert_eq!(
+        calls.versions(),
+        BTreeMap::from([("v1".to_string(), 20)]),
+        "{}",
+        calls.output
+    );
+    let m = mesh.metrics(NS, "client");
+    assert!(
+        m.keys().any(|k| k.contains("wasm")),
+        "the filter's metrics on /metrics: {:?}",
+        m.keys().collect::<Vec<_>>()
+    );
+}
