@@ -181,6 +181,30 @@ impl Context for Stream {
     }
 }
 
+/// Host calls the SDK has no wrapper for: answered statuses (and a size) as header values.
+fn raw_calls() -> Vec<(&'static str, String)> {
+    #[link(wasm_import_module = "env")]
+    unsafe extern "C" {
+        fn proxy_get_log_level(level: *mut u32) -> u32;
+        fn proxy_get_header_map_size(map: u32, size: *mut usize) -> u32;
+        fn proxy_get_buffer_status(buffer: u32, len: *mut usize, flags: *mut u32) -> u32;
+    }
+    let (mut level, mut size, mut len, mut flags) = (0u32, 0usize, 0usize, 0u32);
+    let (s1, s2, s3) = unsafe {
+        (
+            proxy_get_log_level(&mut level),
+            proxy_get_header_map_size(0, &mut size),
+            // The plugin configuration is not readable from a stream callback in Envoy.
+            proxy_get_buffer_status(0, &mut len, &mut flags),
+        )
+    };
+    vec![
+        ("x-abi-raw-log-level-status", s1.to_string()),
+        ("x-abi-raw-map-size", format!("{s2}/{}", size > 40)),
+        ("x-abi-raw-buffer-status", s3.to_string()),
+    ]
+}
+
 fn oob_log() {
     #[link(wasm_import_module = "env")]
     unsafe extern "C" {
@@ -429,6 +453,22 @@ impl HttpContext for Stream {
                 }
             }
             "oob" => oob_log(),
+            "raw" => {
+                for (k, v) in raw_calls() {
+                    self.set_http_request_header(k, Some(&v));
+                }
+            }
+            "grpc" => {
+                let r = self.dispatch_grpc_call(
+                    "authz",
+                    "svc",
+                    "Method",
+                    vec![],
+                    None,
+                    Duration::from_secs(1),
+                );
+                self.set_http_request_header("x-abi-grpc", Some(&format!("{:?}", r.err())));
+            }
             _ => {}
         }
         Action::Continue

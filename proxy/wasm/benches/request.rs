@@ -27,6 +27,10 @@ fn filter() -> Vec<u8> {
 }
 
 fn bench(c: &mut Criterion) {
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_writer(std::io::stderr)
+        .try_init();
     let host = WasmHost::new(HostConfig {
         instances_per_plugin: 1,
         max_instances: 8,

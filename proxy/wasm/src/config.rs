@@ -126,7 +126,8 @@ pub struct NodeInfo {
 pub struct HostConfig {
     /// Where precompiled modules are cached (`<sha256>-<engine>.cwasm`); `None` = memory only.
     pub cache_dir: Option<PathBuf>,
-    /// Longest a single callback may run before it is interrupted (default 10 ms).
+    /// CPU time a single callback may use before it is interrupted (default 10 ms; checked
+    /// once this much wall-clock time passed, so a callback gets 1–2× this).
     pub callback_deadline: Duration,
     /// Longest the start-up callbacks (`_initialize`, `on_vm_start`, `on_configure`) may run
     /// (default 1 s: parsing a configuration may take longer than a request callback).

@@ -194,6 +194,13 @@ pub(crate) struct HostState {
     pub(crate) warned: HashSet<&'static str>,
     /// Contexts whose `on_done` returned false and that called `proxy_done` since.
     pub(crate) done: HashSet<u32>,
+    /// The running callback's CPU budget, in time and in epoch ticks.
+    pub(crate) budget: std::time::Duration,
+    pub(crate) budget_ticks: u64,
+    /// Thread CPU time when the wall-clock deadline first passed in this callback.
+    pub(crate) cpu_mark: Option<std::time::Duration>,
+    /// The callback used up its CPU budget.
+    pub(crate) deadline_hit: bool,
 }
 
 impl HostState {
@@ -219,6 +226,10 @@ impl HostState {
             queue_waker: None,
             warned: HashSet::new(),
             done: HashSet::new(),
+            budget: std::time::Duration::ZERO,
+            budget_ticks: 1,
+            cpu_mark: None,
+            deadline_hit: false,
         }
     }
 

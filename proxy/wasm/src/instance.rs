@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use wasmtime::{Store, Trap, TypedFunc};
+use wasmtime::{Store, Trap, TypedFunc, UpdateDeadline};
 
 use crate::abi::GuestAction;
 use crate::callouts::CalloutResponse;
@@ -79,7 +79,7 @@ impl Instance {
         state.queue_waker = waker;
         let mut store = Store::new(&host.engine, state);
         store.limiter(|s| &mut s.limiter);
-        store.epoch_deadline_trap();
+        store.epoch_deadline_callback(deadline_passed);
         store.set_epoch_deadline(host.deadline_ticks);
         let instance = module
             .pre
@@ -184,8 +184,9 @@ impl Instance {
         ctx: u32,
         f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, Fault> {
-        let ticks = self.store.data().host.deadline_ticks;
-        self.guard_for(ticks, ctx, f)
+        let host = &self.store.data().host;
+        let (ticks, budget) = (host.deadline_ticks, host.config.callback_deadline);
+        self.guard_for(ticks, budget, ctx, f)
     }
 
     /// [`Instance::guard`] with the longer start-up deadline.
@@ -194,17 +195,31 @@ impl Instance {
         ctx: u32,
         f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, Fault> {
-        let ticks = self.store.data().host.start_ticks;
-        self.guard_for(ticks, ctx, f)
+        let host = &self.store.data().host;
+        let (ticks, budget) = (
+            host.start_ticks,
+            host.config
+                .start_deadline
+                .max(host.config.callback_deadline),
+        );
+        self.guard_for(ticks, budget, ctx, f)
     }
 
     fn guard_for<R>(
         &mut self,
         ticks: u64,
+        budget: Duration,
         ctx: u32,
         f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, Fault> {
         self.store.set_epoch_deadline(ticks);
+        {
+            let s = self.store.data_mut();
+            s.budget_ticks = ticks;
+            s.budget = budget;
+            s.cpu_mark = None;
+            s.deadline_hit = false;
+        }
         {
             let s = self.store.data_mut();
             s.effective = ctx;
@@ -387,8 +402,40 @@ impl Instance {
     }
 }
 
+/// The wall-clock deadline of a callback passed. The deadline is meant for CPU time: a callback
+/// the OS preempted (a loaded node) must not fault. So the first time, note the thread's CPU
+/// time and give it another budget; fault when it has used a whole budget of CPU since (a busy
+/// loop is stopped after one to two deadlines).
+fn deadline_passed(
+    mut ctx: wasmtime::StoreContextMut<'_, HostState>,
+) -> wasmtime::Result<UpdateDeadline> {
+    let s = ctx.data_mut();
+    let now = thread_cpu_time();
+    match (s.cpu_mark, now) {
+        (None, Some(now)) => {
+            s.cpu_mark = Some(now);
+            Ok(UpdateDeadline::Continue(s.budget_ticks))
+        }
+        (Some(mark), Some(now)) if now.saturating_sub(mark) < s.budget => {
+            Ok(UpdateDeadline::Continue(s.budget_ticks))
+        }
+        _ => {
+            s.deadline_hit = true;
+            Err(crate::memory::abort(HostAbort::Deadline))
+        }
+    }
+}
+
+/// CPU time of the calling thread (Linux: the first field of `/proc/thread-self/schedstat`).
+/// Read only when a callback ran past its deadline in wall-clock time.
+fn thread_cpu_time() -> Option<Duration> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: u64 = s.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_nanos(ns))
+}
+
 fn classify(e: wasmtime::Error, s: &HostState) -> Fault {
-    if let Some(Trap::Interrupt) = e.downcast_ref::<Trap>() {
+    if s.deadline_hit || matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
         return Fault::Deadline(s.host.config.callback_deadline);
     }
     if s.limiter.hit {

@@ -26,6 +26,8 @@ pub(crate) enum HostAbort {
     AllocFailed { call: &'static str, len: u32 },
     #[error("the module called proc_exit({0})")]
     Exit(i32),
+    #[error("the callback used up its CPU time")]
+    Deadline,
 }
 
 pub(crate) type Ctx<'a> = Caller<'a, HostState>;

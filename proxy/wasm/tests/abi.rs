@@ -459,3 +459,41 @@ async fn wasm32_unknown_unknown_modules_load_and_run() {
     let x = exchange(&chain, request("local-reply").body(vec![]).unwrap(), ok).await;
     assert_eq!(x.status, 403);
 }
+
+#[tokio::test]
+async fn calls_without_sdk_wrappers_and_grpc_stubs() {
+    let h = host();
+    let chain = abi_chain(&h, "raw", "{}");
+    let up = exchange(&chain, request("raw").body(vec![]).unwrap(), ok)
+        .await
+        .upstream_request
+        .unwrap();
+    assert_eq!(header(&up, "x-abi-raw-log-level-status"), Some("0"));
+    assert_eq!(header(&up, "x-abi-raw-map-size"), Some("0/true"));
+    assert_eq!(header(&up, "x-abi-raw-buffer-status"), Some("0"));
+    let up = exchange(&chain, request("grpc").body(vec![]).unwrap(), ok)
+        .await
+        .upstream_request
+        .unwrap();
+    assert_eq!(
+        header(&up, "x-abi-grpc"),
+        Some("Some(InternalFailure)"),
+        "gRPC callouts: a tolerated status"
+    );
+}
+
+#[tokio::test]
+async fn a_body_arriving_while_headers_are_paused_is_held_then_forwarded() {
+    let h = host_with(|c| c.callouts = Some(Arc::new(FakeCallouts)));
+    let chain = abi_chain(&h, "held", "{}");
+    let req = request("callout")
+        .method("POST")
+        .body(b"body held while paused".to_vec())
+        .unwrap();
+    let x = exchange(&chain, req, ok).await;
+    assert_eq!(x.upstream_body, b"body held while paused");
+    assert_eq!(
+        header(x.upstream_request.as_ref().unwrap(), "x-abi-callout-status"),
+        Some("200")
+    );
+}

@@ -197,6 +197,8 @@ async fn abi_test_filter_same_in_envoy_and_wasmesh() {
             post("/body", &[op("body-count")], b"hello world"),
             post("/body", &[op("body-upper")], b"hello world"),
             get("/fixed", &[op("response-body-upper")]),
+            get("/", &[op("raw")]),
+            post("/held", &[op("callout")], b"body held while paused"),
             get("/", &[op("callout")]),
             get("/", &[op("callout"), ("x-callout-want", "403")]),
             get("/", &[op("callout-bad-upstream")]),
