@@ -703,6 +703,8 @@ fn canary_example_routes_by_header_and_by_weight() {
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        // The filter needs its module next to it: added below, once the module is there.
+        .filter(|p| !p.ends_with("filter.yaml"))
         .map(|p| {
             let name = p.file_name().expect("name").to_string_lossy().into_owned();
             (name, std::fs::read_to_string(&p).expect("read"))
@@ -750,6 +752,44 @@ fn canary_example_routes_by_header_and_by_weight() {
     // Binomial(500, 0.1): mean 50, standard deviation 6.7.
     let v2 = v.get("v2").copied().unwrap_or(0);
     assert!((20..=85).contains(&v2), "v2 got {v2} of 500: {v:?}");
+    // The example's canary filter, once its module is next to the manifests (as the README
+    // says): users who opted in are sent to v2 by the header the filter sets.
+    std::fs::write(mesh.folder().join("canary.wasm"), filter_wasm("canary")).expect("module");
+    let filter = std::fs::read_to_string(dir.join("filter.yaml")).expect("filter.yaml");
+    mesh.write("filter.yaml", &filter);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let calls = mesh.calls_with(
+            ns,
+            "client",
+            "http://web/",
+            1,
+            &["--header", "x-beta: true"],
+        );
+        if calls.versions().contains_key("v2") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the canary filter never took effect: {}\n{}",
+            calls.output,
+            mesh.log_tail("logs/canary/client/wasmesh-proxy.log", 20)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let calls = mesh.calls_with(
+        ns,
+        "client",
+        "http://web/",
+        20,
+        &["--reuse", "--header", "x-beta: true"],
+    );
+    assert_eq!(
+        calls.versions(),
+        BTreeMap::from([("v2".to_string(), 20)]),
+        "{}",
+        calls.output
+    );
     // The example's own beta tester is calling and getting v2.
     mesh.ready_pods(ns, "beta-client", 1);
     let deadline = Instant::now() + Duration::from_secs(10);
