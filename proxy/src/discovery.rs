@@ -103,6 +103,9 @@ async fn follow(cfg: &DiscoveryConfig, state: &ProxyState, failures: &mut u32) -
             if let Some(t) = builder.apply(&wire, changed.as_deref()) {
                 state.table.store(Arc::new(t));
             }
+            state
+                .opaque_endpoints
+                .store(Arc::new(builder.opaque_endpoints()));
             if let (Some(tx), Some(v)) = (&cfg.verdicts, builder.take_verdicts()) {
                 tx.send_replace(v);
             }

@@ -82,7 +82,7 @@ impl Inbound {
             None => {
                 // No mesh TLS: the first bytes decide between HTTP and L4 right here.
                 let mut tcp = client;
-                if self.opaque_ports.contains(&dst.port()) {
+                if self.is_opaque(dst) {
                     return self.to_app_l4(tcp, peer, dst, &[]).await;
                 }
                 let d = match detect::detect(&mut tcp, self.detect_timeout).await {
@@ -99,7 +99,7 @@ impl Inbound {
         match accepted {
             Accepted::Plain(tcp, kind) => {
                 let http = matches!(kind, IdDetected::Http1 | IdDetected::Http2);
-                if !http || self.opaque_ports.contains(&dst.port()) {
+                if !http || self.is_opaque(dst) {
                     return self.to_app_l4(tcp, peer, dst, &[]).await;
                 }
                 let mut tcp = tcp;
@@ -111,7 +111,7 @@ impl Inbound {
             Accepted::Mesh(tls, id) => {
                 let mut tls = *tls;
                 let id = Some(id.to_string());
-                if self.opaque_ports.contains(&dst.port()) {
+                if self.is_opaque(dst) {
                     return self.to_app_tls(tls, peer, dst, &[]).await;
                 }
                 match detect::detect(&mut tls, self.detect_timeout).await {
@@ -130,6 +130,11 @@ impl Inbound {
                 }
             }
         }
+    }
+
+    /// A well-known server-speaks-first port, or a port a Service declares opaque.
+    fn is_opaque(&self, dst: SocketAddr) -> bool {
+        self.opaque_ports.contains(&dst.port()) || self.state.opaque_endpoints.load().contains(&dst)
     }
 
     async fn after_detect(

@@ -115,6 +115,7 @@ impl Outbound {
 
     /// mTLS to meshed endpoints with this identity (L4 path).
     pub fn with_mesh(mut self, mesh: Option<Arc<Mesh>>) -> Self {
+        self.http.pools.set_mesh(mesh.clone());
         self.mesh = mesh;
         self
     }

@@ -26,6 +26,8 @@ pub struct ProxyState {
     pub stats: Stats,
     /// Counters of the mTLS path (zero while it is off).
     pub mesh_stats: Arc<crate::identity::MeshStats>,
+    /// Pod addresses behind Service ports declared opaque ([`TableBuilder::opaque_endpoints`]).
+    pub opaque_endpoints: ArcSwap<std::collections::HashSet<std::net::SocketAddr>>,
     /// The Wasm filters, once the host started (for `/metrics` and `/config`).
     pub filters: std::sync::OnceLock<Arc<crate::filters::Filters>>,
     /// WasmPlugins from control, for the filters task.
@@ -94,6 +96,7 @@ impl ProxyState {
             quit: tokio::sync::Notify::new(),
             stats: Stats::default(),
             mesh_stats: Arc::default(),
+            opaque_endpoints: ArcSwap::from_pointee(Default::default()),
             filters: std::sync::OnceLock::new(),
             wasm_plugins: watch::channel(Vec::new()).0,
         })

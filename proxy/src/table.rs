@@ -503,6 +503,17 @@ impl TableBuilder {
         std::mem::take(&mut self.verdicts_changed).then(|| self.verdicts.clone())
     }
 
+    /// Endpoint addresses (pod IP and port) behind Service ports declared opaque: the inbound
+    /// side serves them as plain TCP without waiting to detect HTTP.
+    pub fn opaque_endpoints(&self) -> HashSet<SocketAddr> {
+        self.cells
+            .values()
+            .map(|c| c.load())
+            .filter(|sp| sp.protocol == Declared::Opaque)
+            .flat_map(|sp| sp.endpoints.iter().map(|e| e.addr).collect::<Vec<_>>())
+            .collect()
+    }
+
     /// The current Service ports, for `/config`.
     pub fn ports(&self) -> Vec<Arc<ServicePort>> {
         let mut v: Vec<Arc<ServicePort>> = self.cells.values().map(|c| c.load_full()).collect();

@@ -759,14 +759,15 @@ fn canary_example_routes_by_header_and_by_weight() {
     mesh.write("filter.yaml", &filter);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
+        // The route alone sends 1 in 10 to v2: the filter is in force when 10 in a row are.
         let calls = mesh.calls_with(
             ns,
             "client",
             "http://web/",
-            1,
-            &["--header", "x-beta: true"],
+            10,
+            &["--reuse", "--header", "x-beta: true"],
         );
-        if calls.versions().contains_key("v2") {
+        if calls.versions() == BTreeMap::from([("v2".to_string(), 10)]) {
             break;
         }
         assert!(

@@ -320,11 +320,12 @@ impl Outbound {
                     let Some(i) = i else { break };
                     tried.push(i);
                     let ep = &target.endpoints[i];
+                    let ep_wire = self.wire_to(ep, wire, upgrade);
                     let checkout = async {
                         if upgrade {
-                            self.http.pools.dedicated_h1(ep.addr).await
+                            self.http.pools.dedicated_h1(ep.mesh_peer()).await
                         } else {
-                            self.http.pools.checkout(ep.addr, wire).await
+                            self.http.pools.checkout(ep.mesh_peer(), ep_wire).await
                         }
                     };
                     let conn = match deadline {
@@ -357,7 +358,10 @@ impl Outbound {
                 // A streamed body already went out on an earlier try: nothing left to resend.
                 (None, None) => break,
             };
-            let req = rebuild(&parts, this_body);
+            let mut req = rebuild(&parts, this_body);
+            if self.wire_to(ep, wire, upgrade) == Wire::Http2 && parts.version != Version::HTTP_2 {
+                over_mesh_h2(&mut req);
+            }
             let guard = ep.load.request();
             let t0 = Instant::now();
             let limit = match (per_try, deadline) {
@@ -426,13 +430,16 @@ impl Outbound {
                         return Err(HttpError::Upstream(e.to_string()));
                     }
                     body = Some(req.into_body());
-                    let conn = self.http.pools.checkout(ep.addr, wire).await.map_err(|e| {
-                        HttpError::ConnectFailed {
+                    let conn = self
+                        .http
+                        .pools
+                        .checkout(ep.mesh_peer(), self.wire_to(ep, wire, upgrade))
+                        .await
+                        .map_err(|e| HttpError::ConnectFailed {
                             service: target.name(),
                             tried: tried.len(),
                             last: e.to_string(),
-                        }
-                    })?;
+                        })?;
                     pending_conn = Some((i, conn));
                 }
                 Sent::Failed(e) => {
@@ -454,6 +461,16 @@ impl Outbound {
             tried: tried.len(),
             last: last_error,
         })
+    }
+
+    /// The version spoken to `ep`: HTTP/1.1 requests to a meshed endpoint travel over the
+    /// one HTTP/2 mTLS connection to it (the inbound sidecar gives its app HTTP/1.1 again).
+    fn wire_to(&self, ep: &crate::table::Endpoint, wire: Wire, upgrade: bool) -> Wire {
+        if !upgrade && wire == Wire::Http1 && self.http.pools.is_mesh(&ep.mesh_peer()) {
+            Wire::Http2
+        } else {
+            wire
+        }
     }
 
     fn affinity_pick(&self, sp: &ServicePort, c: Conn4, candidates: &[usize]) -> Option<usize> {
@@ -481,6 +498,30 @@ impl Outbound {
         Stats::inc(&self.state.stats.http_retries);
         true
     }
+}
+
+/// An HTTP/1.1 request made fit for HTTP/2 to a meshed endpoint: the Host header becomes the
+/// `:authority`, and the inbound sidecar is told the app speaks HTTP/1.1.
+fn over_mesh_h2(req: &mut Request<Body>) {
+    let host = req
+        .headers_mut()
+        .remove(header::HOST)
+        .and_then(|h| h.to_str().ok().map(str::to_string));
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let mut b = http::Uri::builder().scheme("http").path_and_query(path);
+    if let Some(h) = host {
+        b = b.authority(h);
+    }
+    if let Ok(uri) = b.build() {
+        *req.uri_mut() = uri;
+    }
+    *req.version_mut() = Version::HTTP_2;
+    req.headers_mut()
+        .insert(super::ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
 }
 
 /// A copy of the request head with a new body (the head is kept for retries).

@@ -17,9 +17,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use wasmesh_wasm::body::FilteredBody;
 use wasmesh_wasm::{Direction as WasmDirection, StreamInfo, Verdict};
 
+use super::ORIG_PROTO;
 use super::forward::{filter_response, finish, local_reply, protocol_name, rebuild, tunnel};
 use super::headers::{authority, is_grpc, is_upgrade, set_target, strip_hop_by_hop};
-use super::pool::{Sent, Wire};
+use super::pool::{Sent, Wire, plain};
 use super::prefixed::Prefixed;
 use super::respond::HttpError;
 use super::{Body, boxed};
@@ -141,8 +142,10 @@ impl Inbound {
             _ => boxed(body),
         };
 
-        // The app gets the version the client spoke.
-        let (wire, version) = if client_version == Version::HTTP_2 && !upgrade {
+        // The app gets the version the client spoke: the outbound sidecar may have carried an
+        // HTTP/1.1 request over its HTTP/2 mesh connection, and says so.
+        let orig_h1 = parts.headers.remove(ORIG_PROTO).is_some();
+        let (wire, version) = if client_version == Version::HTTP_2 && !upgrade && !orig_h1 {
             (Wire::Http2, Version::HTTP_2)
         } else {
             (Wire::Http1, Version::HTTP_11)
@@ -164,9 +167,9 @@ impl Inbound {
         let mut body = Some(body);
         for _ in 0..3 {
             let conn = if upgrade {
-                self.pools.dedicated_h1(c.dst).await
+                self.pools.dedicated_h1(plain(c.dst)).await
             } else {
-                self.pools.checkout(c.dst, wire).await
+                self.pools.checkout(plain(c.dst), wire).await
             }
             .map_err(|e| {
                 Stats::inc(&self.state.stats.inbound_app_refused);

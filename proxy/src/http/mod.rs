@@ -21,6 +21,10 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 
+/// Set by an outbound sidecar that carries an HTTP/1.1 request over HTTP/2 to a meshed
+/// endpoint; the inbound sidecar removes it and speaks HTTP/1.1 to its app.
+pub const ORIG_PROTO: &str = "x-wasmesh-orig-proto";
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Every body the proxy sends or forwards.

@@ -5,6 +5,10 @@
 //! timed-out connect can move on to another endpoint before the request (and its body) is
 //! handed over. A request a reused connection never started to send (the server closed it
 //! while idle) is given back ([`Sent::NotSent`]) to be sent on a fresh one.
+//!
+//! With mTLS on, a connection to an endpoint whose pod has the sidecar is mesh TLS
+//! ([`crate::identity::connect::secure`]): the endpoint must prove its ServiceAccount's
+//! identity before any request goes out.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -15,9 +19,13 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 use super::Body;
+use crate::identity::Mesh;
+use crate::identity::connect::{self, Peer, Upstream};
 
 /// At most this many idle HTTP/1.1 connections are kept per endpoint.
 const MAX_IDLE_H1: usize = 64;
@@ -52,6 +60,63 @@ pub enum ConnectError {
         addr: SocketAddr,
         source: hyper::Error,
     },
+    #[error("{addr}: {source}")]
+    Mesh {
+        addr: SocketAddr,
+        source: connect::SecureError,
+    },
+}
+
+/// A connection to an endpoint: plain, or mesh TLS.
+pub enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -66,6 +131,18 @@ pub struct Pools {
     dial: Dial,
     connect_timeout: Duration,
     map: Mutex<HashMap<(SocketAddr, Wire), Arc<EndpointPool>>>,
+    /// mTLS to meshed endpoints (outbound), when the proxy has an identity.
+    mesh: Option<Arc<Mesh>>,
+}
+
+/// A plain endpoint (the local app, a test's backend).
+pub fn plain(addr: SocketAddr) -> Peer<'static> {
+    Peer {
+        addr,
+        meshed: false,
+        pod: None,
+        service_account: None,
+    }
 }
 
 /// A connection ready for one request.
@@ -95,7 +172,23 @@ impl Pools {
             dial,
             connect_timeout,
             map: Mutex::new(HashMap::new()),
+            mesh: None,
         }
+    }
+
+    /// Mesh TLS to meshed endpoints.
+    pub fn set_mesh(&mut self, mesh: Option<Arc<Mesh>>) {
+        self.mesh = mesh;
+    }
+
+    /// Whether connections to `peer` are mesh TLS (HTTP/2 can then carry HTTP/1.1 requests).
+    pub fn is_mesh(&self, peer: &Peer<'_>) -> bool {
+        peer.meshed
+            && self.dial == Dial::Direct
+            && self
+                .mesh
+                .as_ref()
+                .is_some_and(|m| !m.store.is_unavailable())
     }
 
     fn pool(&self, addr: SocketAddr, wire: Wire) -> Arc<EndpointPool> {
@@ -104,7 +197,8 @@ impl Pools {
     }
 
     /// A connection to `addr`, reused if one is idle.
-    pub async fn checkout(&self, addr: SocketAddr, wire: Wire) -> Result<Conn, ConnectError> {
+    pub async fn checkout(&self, peer: Peer<'_>, wire: Wire) -> Result<Conn, ConnectError> {
+        let addr = peer.addr;
         let pool = self.pool(addr, wire);
         match wire {
             Wire::Http1 => {
@@ -126,7 +220,7 @@ impl Pools {
                         reused: true,
                     });
                 }
-                let tx = self.handshake_h1(addr, false).await?;
+                let tx = self.handshake_h1(peer, false).await?;
                 Ok(Conn::Http1 {
                     tx,
                     pool,
@@ -140,7 +234,7 @@ impl Pools {
                 {
                     return Ok(Conn::Http2 { tx: tx.clone() });
                 }
-                let io = self.dial(addr).await?;
+                let io = self.dial(peer).await?;
                 let (tx, conn) = http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .initial_stream_window_size(1 << 20)
@@ -164,8 +258,8 @@ impl Pools {
 
     /// A connection of its own for one request that upgrades (WebSocket, CONNECT): never
     /// pooled, since after the upgrade it carries raw bytes.
-    pub async fn dedicated_h1(&self, addr: SocketAddr) -> Result<Conn, ConnectError> {
-        let tx = self.handshake_h1(addr, true).await?;
+    pub async fn dedicated_h1(&self, peer: Peer<'_>) -> Result<Conn, ConnectError> {
+        let tx = self.handshake_h1(peer, true).await?;
         Ok(Conn::Http1 {
             tx,
             pool: Arc::default(),
@@ -175,10 +269,11 @@ impl Pools {
 
     async fn handshake_h1(
         &self,
-        addr: SocketAddr,
+        peer: Peer<'_>,
         upgrades: bool,
     ) -> Result<http1::SendRequest<Body>, ConnectError> {
-        let io = self.dial(addr).await?;
+        let addr = peer.addr;
+        let io = self.dial(peer).await?;
         let (tx, conn) = http1::Builder::new()
             .handshake(TokioIo::new(io))
             .await
@@ -196,7 +291,28 @@ impl Pools {
         Ok(tx)
     }
 
-    async fn dial(&self, addr: SocketAddr) -> Result<TcpStream, ConnectError> {
+    async fn dial(&self, peer: Peer<'_>) -> Result<Io, ConnectError> {
+        let addr = peer.addr;
+        let tcp = self.dial_tcp(addr).await?;
+        if self.dial == Dial::LocalApp {
+            return Ok(Io::Plain(tcp));
+        }
+        match connect::secure(
+            self.mesh.as_deref(),
+            tcp,
+            peer,
+            Duration::from_secs(5),
+            self.connect_timeout * 3,
+        )
+        .await
+        {
+            Ok(Upstream::Plain(tcp)) => Ok(Io::Plain(tcp)),
+            Ok(Upstream::Mesh(tls)) => Ok(Io::Tls(tls)),
+            Err(source) => Err(ConnectError::Mesh { addr, source }),
+        }
+    }
+
+    async fn dial_tcp(&self, addr: SocketAddr) -> Result<TcpStream, ConnectError> {
         let connect = async {
             match self.dial {
                 Dial::Direct => TcpStream::connect(addr).await,
