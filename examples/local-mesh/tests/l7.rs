@@ -923,3 +923,125 @@ spec:
         m.keys().collect::<Vec<_>>()
     );
 }
+
+/// Pods at pinned addresses behind a selector-less Service `legacy` (port `http` 80 → 8080):
+/// `(name, ip, listens on, meshed)`. One that does not listen on 8080 refuses: the kernel
+/// does if it has no sidecar, its inbound sidecar (accepting, then resetting) if it has one.
+fn legacy(pods: &[(&str, &str, u16, bool)]) -> Vec<(String, String)> {
+    let mut files = vec![
+        ("ns.yaml".to_string(), namespace()),
+        ("client.yaml".to_string(), client(NS, "client", "")),
+    ];
+    let mut endpoints = String::new();
+    for (name, ip, port, meshed) in pods {
+        let inject = if *meshed {
+            ""
+        } else {
+            ", wasmesh.io/inject: \"false\""
+        };
+        files.push((
+            format!("{name}.yaml"),
+            format!(
+                r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: {NS}
+  annotations: {{local.wasmesh.io/pod-ip: "{ip}"{inject}}}
+spec:
+  containers:
+  - name: app
+    command: ["wasmesh-demo", "backend", "--drain", "0", "--listen", "0.0.0.0:{port}"]
+    ports: [{{containerPort: {port}}}]
+"#
+            ),
+        ));
+        endpoints.push_str(&format!("- addresses: [\"{ip}\"]\n"));
+    }
+    files.push((
+        "legacy.yaml".to_string(),
+        format!(
+            r#"apiVersion: v1
+kind: Service
+metadata: {{name: legacy, namespace: {NS}}}
+spec:
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: legacy-1
+  namespace: {NS}
+  labels: {{kubernetes.io/service-name: legacy}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints:
+{endpoints}"#
+        ),
+    ));
+    files
+}
+
+fn legacy_mesh(test: &str, pods: &[(&str, &str, u16, bool)]) -> Option<TestMesh> {
+    let files = legacy(pods);
+    let refs: Vec<(&str, String)> = files.iter().map(|(a, b)| (a.as_str(), b.clone())).collect();
+    let mesh = TestMesh::up_files(test, &refs)?;
+    for (name, ..) in pods {
+        mesh.ready_pods(NS, name, 1);
+    }
+    mesh.ready_pods(NS, "client", 1);
+    mesh.wait_endpoints("client", (NS, "legacy", 80), pods.len());
+    Some(mesh)
+}
+
+#[test]
+fn a_refusing_endpoint_is_failed_over_unnoticed() {
+    // good-1 and good-2 serve; refuser has no sidecar and nothing on 8080: the kernel refuses.
+    let Some(mesh) = legacy_mesh(
+        "a_refusing_endpoint_is_failed_over_unnoticed",
+        &[
+            ("good-1", "10.244.200.10", 8080, true),
+            ("good-2", "10.244.200.11", 8080, true),
+            ("refuser", "10.244.200.12", 8081, false),
+        ],
+    ) else {
+        return;
+    };
+    for mode in [&[][..], &["--reuse"][..], &["--h2"][..]] {
+        let calls = mesh.calls_with(NS, "client", "http://legacy/", 30, mode);
+        assert!(calls.failures.is_empty(), "{mode:?}: {}", calls.output);
+        assert_eq!(
+            calls.statuses(),
+            BTreeMap::from([(200, 30)]),
+            "{mode:?}: {}",
+            calls.output
+        );
+    }
+}
+
+#[test]
+fn endpoints_that_all_refuse_answer_503_connect_failed() {
+    let Some(mesh) = legacy_mesh(
+        "endpoints_that_all_refuse_answer_503_connect_failed",
+        &[
+            ("refuser-1", "10.244.200.10", 8081, false),
+            ("refuser-2", "10.244.200.11", 8081, false),
+        ],
+    ) else {
+        return;
+    };
+    for mode in [&[][..], &["--h2"][..]] {
+        let calls = mesh.calls_with(NS, "client", "http://legacy/", 3, mode);
+        assert!(calls.failures.is_empty(), "{mode:?}: {}", calls.output);
+        assert_eq!(calls.answers.len(), 3, "{mode:?}: {}", calls.output);
+        for a in &calls.answers {
+            assert_eq!(
+                (a.status, a.error.as_deref()),
+                (503, Some("connect-failed")),
+                "{mode:?}: {}",
+                calls.output
+            );
+            assert!(a.ms < 2000, "{mode:?}: {}", calls.output);
+        }
+    }
+}
