@@ -47,9 +47,16 @@ pub fn have_root(test: &str) -> bool {
     false
 }
 
-/// The binaries, checked.
+/// The binaries, checked: the target directory's, or those in `WASMESH_TEST_BINARIES` (a
+/// directory with `wasmesh-local`, `wasmesh-proxy`, `wasmesh-control` and `wasmesh-demo`: a
+/// copy taken right after a build, so a target directory shared with other builds cannot swap
+/// them mid-run).
 pub fn binaries() -> Binaries {
-    let bins = Binaries::next_to(env!("CARGO_BIN_EXE_wasmesh-local"));
+    let local = match std::env::var_os("WASMESH_TEST_BINARIES") {
+        Some(dir) => PathBuf::from(dir).join("wasmesh-local"),
+        None => PathBuf::from(env!("CARGO_BIN_EXE_wasmesh-local")),
+    };
+    let bins = Binaries::next_to(local);
     for name in ["wasmesh-proxy", "wasmesh-control", "wasmesh-demo"] {
         let p = bins.dir.join(name);
         assert!(
