@@ -308,7 +308,8 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
             git_head(&proxy_src)
         ),
         "wasmesh pair: client side L7 (outbound HTTP path: parse, route, balance per request, \
-         pooled upstream connections); server side still L4 (bytes copied to the app)"
+         pooled upstream connections); server side this build's inbound path (L4, bytes copied \
+         to the app, before commit e73d66a; L7 from it on)"
             .to_string(),
     ];
     if let Some(e) = &envoy {

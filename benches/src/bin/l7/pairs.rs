@@ -5,8 +5,8 @@
 //!   named `http` (declared HTTP: the client side serves it with its L7 path at once, no
 //!   detection wait). The client-side proxy parses every request, routes it and sends it on a
 //!   pooled connection (HTTP/1.1 to HTTP/1.1, HTTP/2 multiplexed on one connection per
-//!   endpoint); the server-side proxy is still L4 (wasmesh's inbound L7 has not landed): it
-//!   copies the bytes to the app.
+//!   endpoint); the server-side proxy runs the build's inbound path: L4 (bytes copied to
+//!   the app) before commit e73d66a, L7 (hyper, pooled connections to the app) from it on.
 //! - `envoy`: Envoy with the HTTP connection manager on both sides, Istio's sidecar shape:
 //!   outbound listener with the original_dst listener filter, a filter chain matching
 //!   10.96.0.10:80 → HCM (codec AUTO) → router → a STATIC cluster at the server pod's :8080;
