@@ -1,5 +1,5 @@
 //! What a connection's first bytes are, without consuming them (peek): mesh TLS (a ClientHello
-//! offering [`MESH_ALPN`](super::MESH_ALPN)), other TLS (the app's own), HTTP/1, HTTP/2 with
+//! offering a `wasmesh/...` ALPN, e.g. [`MESH_ALPN`](super::MESH_ALPN)), other TLS (the app's own), HTTP/1, HTTP/2 with
 //! prior knowledge, or anything else. Inbound uses it to tell a meshed peer from plaintext; the
 //! L7 path can use the same result to pick its protocol.
 //!
@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
+#[cfg(test)]
 use super::tls::MESH_ALPN;
+use super::tls::MESH_ALPN_PREFIX;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Detected {
@@ -89,7 +91,9 @@ fn detect_tls(buf: &[u8]) -> Option<Detected> {
     }
     let body = &buf[5..5 + record_len];
     match client_hello_alpns(body) {
-        Some(alpns) if alpns.contains(&MESH_ALPN) => Some(Detected::MeshTls),
+        Some(alpns) if alpns.iter().any(|a| a.starts_with(MESH_ALPN_PREFIX)) => {
+            Some(Detected::MeshTls)
+        }
         Some(_) => Some(Detected::Tls),
         None => Some(Detected::BrokenTls),
     }
@@ -228,6 +232,11 @@ mod tests {
         let mesh = client_hello(&[MESH_ALPN]);
         assert_eq!(detect(&mesh), Some(Detected::MeshTls));
         assert_eq!(detect(&client_hello(&[b"h2"])), Some(Detected::Tls));
+        assert_eq!(
+            detect(&client_hello(&[b"h2", b"wasmesh/h2"])),
+            Some(Detected::MeshTls),
+            "any wasmesh/ ALPN is mesh TLS"
+        );
         assert_eq!(detect(&client_hello(&[])), Some(Detected::Tls));
         assert_eq!(
             detect(&mesh[..40]),

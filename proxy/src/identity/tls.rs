@@ -20,8 +20,10 @@ use wasmesh_api::spiffe::SpiffeId;
 
 use super::verify::{MeshVerifier, PeerCertError};
 
-/// ALPN of a mesh connection carrying the client's bytes as they are (L4).
+/// ALPN of a mesh connection (L4 bytes or HTTP between the sidecars).
 pub const MESH_ALPN: &[u8] = b"wasmesh/1";
+/// Every mesh ALPN starts with this; [`super::detect`] tells mesh TLS from other TLS by it.
+pub const MESH_ALPN_PREFIX: &[u8] = b"wasmesh/";
 
 /// Why TLS configurations could not be built from what control sent.
 #[derive(Debug, thiserror::Error)]
