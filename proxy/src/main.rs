@@ -147,6 +147,12 @@ struct RunArgs {
     #[arg(long, env = "WASMESH_DETECT_TIMEOUT_MS", default_value_t = 500)]
     detect_timeout_ms: u64,
 
+    /// For an HTTP request whose HTTPRoute sets no `timeouts.request`: how long the endpoint may
+    /// take to send the response headers before the app gets 504 (milliseconds; 0 = no limit).
+    /// Streams (gRPC) are not cut: only the wait for the headers is limited.
+    #[arg(long, env = "WASMESH_REQUEST_TIMEOUT_MS", default_value_t = 15000)]
+    request_timeout_ms: u64,
+
     /// mTLS between sidecars: the token that proves this pod's ServiceAccount to control (a
     /// projected ServiceAccount token, or the local mesh's per-pod token file). Without it the
     /// proxy speaks plaintext, as before.
@@ -330,6 +336,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             table_wait: Duration::from_millis(args.table_wait_ms),
             copy: args.copy,
             detect_timeout: Duration::from_millis(args.detect_timeout_ms),
+            request_timeout: (args.request_timeout_ms > 0)
+                .then(|| Duration::from_millis(args.request_timeout_ms)),
         },
         reject_chain: args.reject_chain,
         drain_timeout: Duration::from_millis(args.drain_timeout_ms),

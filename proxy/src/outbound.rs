@@ -37,6 +37,9 @@ pub struct OutboundConfig {
     /// How long a connection to an undeclared Service port may stay silent before it is
     /// treated as L4 (server-speaks-first protocols wait this long once).
     pub detect_timeout: Duration,
+    /// Time to the response headers of an HTTP request when its route sets no
+    /// `timeouts.request` (None: no limit).
+    pub request_timeout: Option<Duration>,
 }
 
 impl Default for OutboundConfig {
@@ -48,6 +51,7 @@ impl Default for OutboundConfig {
             table_wait: Duration::from_secs(5),
             copy: copy::CopyMode::default(),
             detect_timeout: Duration::from_millis(500),
+            request_timeout: Some(Duration::from_secs(15)),
         }
     }
 }

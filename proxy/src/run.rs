@@ -88,8 +88,23 @@ async fn bind_wildcard(port: u16, what: &'static str) -> Result<TcpListener, Run
 
 /// The Proxy-Wasm host and the filters that run in it. Without a host (it could not start) the
 /// proxy runs without filters and says so.
-fn start_filters(cfg: &RunConfig) -> Option<Arc<crate::filters::Filters>> {
+fn start_filters(
+    cfg: &RunConfig,
+    state: &Arc<ProxyState>,
+    mesh: Option<Arc<Mesh>>,
+) -> Option<Arc<crate::filters::Filters>> {
+    let mut pools = crate::http::pool::Pools::new(
+        crate::http::pool::Dial::Direct,
+        cfg.outbound.connect_timeout,
+    );
+    pools.set_mesh(mesh);
+    let callouts = crate::filters::callouts::MeshCallouts {
+        state: state.clone(),
+        pools: Arc::new(pools),
+        namespace: cfg.pod_namespace.clone(),
+    };
     let host_config = wasmesh_wasm::HostConfig {
+        callouts: Some(Arc::new(callouts)),
         cache_dir: cfg.wasm_cache_dir.clone(),
         node: wasmesh_wasm::NodeInfo {
             id: format!("sidecar~{}.{}", cfg.pod_name, cfg.pod_namespace),
@@ -185,7 +200,7 @@ pub async fn run(
         }
         mesh
     });
-    let filters = start_filters(&cfg);
+    let filters = start_filters(&cfg, &state, mesh.clone());
     if let Some(f) = &filters {
         let _ = state.filters.set(f.clone());
         tasks.spawn(crate::filters::follow(

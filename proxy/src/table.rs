@@ -189,6 +189,18 @@ impl Table {
             .map(|c| c.load_full())
     }
 
+    /// Every port of a Service, lowest port number first (HTTP callouts without a port).
+    pub fn service_ports_of(&self, namespace: &str, service: &str) -> Vec<Arc<ServicePort>> {
+        let mut v: Vec<Arc<ServicePort>> = self
+            .by_name
+            .iter()
+            .filter(|((ns, svc, _), _)| ns == namespace && svc == service)
+            .map(|(_, c)| c.load_full())
+            .collect();
+        v.sort_by_key(|sp| sp.port);
+        v
+    }
+
     pub fn len(&self) -> usize {
         self.by_addr.len()
     }

@@ -263,6 +263,15 @@ async fn proxy_full(
         namespace: Some("default".into()),
     });
     install(&state, ports);
+    proxy_on(state, dst, config, filters).await
+}
+
+async fn proxy_on(
+    state: Arc<ProxyState>,
+    dst: &str,
+    config: OutboundConfig,
+    filters: Option<Arc<Filters>>,
+) -> Proxy {
     let out = Arc::new(Outbound::new(state.clone(), config, vec![]).with_filters(filters));
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind front");
     let front = l.local_addr().expect("addr");
@@ -932,11 +941,19 @@ fn filter_wasm(name: &str) -> Bytes {
 
 /// Filters in force with one plugin `name` running `module` with `config`.
 async fn filters_with(plugins: Vec<(&str, &str, &str)>) -> Arc<Filters> {
+    filters_in(plugins, None).await
+}
+
+async fn filters_in(
+    plugins: Vec<(&str, &str, &str)>,
+    callouts: Option<Arc<dyn wasmesh_wasm::HttpCallouts>>,
+) -> Arc<Filters> {
     let host = wasmesh_wasm::WasmHost::new(wasmesh_wasm::HostConfig {
         instances_per_plugin: 2,
         max_instances: 16,
         // Tests share two cores with builds: a 10 ms wall-clock deadline could misfire.
         callback_deadline: Duration::from_secs(1),
+        callouts,
         ..Default::default()
     })
     .expect("wasm host");
@@ -1174,4 +1191,62 @@ async fn through_both_sidecars_timeouts_on_http2_do_not_delay_the_next_request()
     let mut c = Client::h1(&p).await;
     let a = c.get("/echo").await;
     assert_eq!(a.header("x-got-version"), "HTTP/1.1");
+}
+
+#[tokio::test]
+async fn a_filter_calls_a_mesh_service_by_name() {
+    let (web_port, _w) = backends(&["web"]).await;
+    let authz = http_backend("127.0.0.3:0".parse().expect("addr"), "authz").await;
+    let mut authz_port = service_port(
+        "authz",
+        [10, 96, 0, 14],
+        "http",
+        vec![ep("127.0.0.3", authz.0.port())],
+        vec![],
+    );
+    authz_port.key.as_mut().expect("key").service = "authz".into();
+    let web = service_port(
+        "web",
+        WEB_VIP,
+        "http",
+        vec![ep("127.0.0.2", web_port)],
+        vec![],
+    );
+    let state = ProxyState::new(Locality {
+        node: None,
+        zone: None,
+        namespace: Some("default".into()),
+    });
+    install(&state, vec![web, authz_port]);
+    let callouts = wasmesh_proxy::filters::callouts::MeshCallouts {
+        state: state.clone(),
+        pools: Arc::new(wasmesh_proxy::http::pool::Pools::new(
+            wasmesh_proxy::http::pool::Dial::Direct,
+            Duration::from_secs(1),
+        )),
+        namespace: "default".into(),
+    };
+    let filters = filters_in(
+        vec![("abi", "abi_test", r#"{"callout_upstream": "authz"}"#)],
+        Some(Arc::new(callouts)),
+    )
+    .await;
+    let p = proxy_on(state, WEB, OutboundConfig::default(), Some(filters)).await;
+    let mut c = Client::h1(&p).await;
+    let req = Request::get("/echo")
+        .header("x-abi-op", "callout")
+        .body(Full::default())
+        .expect("req");
+    let a = c.send(req).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert_eq!(
+        a.header("x-got-abi-callout-status"),
+        "200",
+        "the callout reached authz"
+    );
+    assert_eq!(
+        a.header("x-got-abi-callout-body-len"),
+        "5",
+        "authz answered its name"
+    );
 }

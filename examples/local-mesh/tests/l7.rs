@@ -1045,3 +1045,29 @@ fn endpoints_that_all_refuse_answer_503_connect_failed() {
         }
     }
 }
+
+#[test]
+fn a_meshed_endpoint_whose_app_refuses_is_failed_over_unnoticed() {
+    // As `a_refusing_endpoint_is_failed_over_unnoticed`, but the refusing pod has a sidecar:
+    // its inbound sidecar accepts the connection and then cannot reach the app.
+    let Some(mesh) = legacy_mesh(
+        "a_meshed_endpoint_whose_app_refuses_is_failed_over_unnoticed",
+        &[
+            ("good-1", "10.244.200.10", 8080, true),
+            ("good-2", "10.244.200.11", 8080, true),
+            ("refuser", "10.244.200.12", 8081, true),
+        ],
+    ) else {
+        return;
+    };
+    for mode in [&[][..], &["--reuse"][..], &["--h2"][..]] {
+        let calls = mesh.calls_with(NS, "client", "http://legacy/", 30, mode);
+        assert!(calls.failures.is_empty(), "{mode:?}: {}", calls.output);
+        assert_eq!(
+            calls.statuses(),
+            BTreeMap::from([(200, 30)]),
+            "{mode:?}: {}",
+            calls.output
+        );
+    }
+}

@@ -9,6 +9,7 @@
 //! A new set of plugins is swapped in at once: requests already started keep the chain they
 //! started with, so a reload drops or fails none.
 
+pub mod callouts;
 pub mod select;
 
 use std::collections::HashMap;

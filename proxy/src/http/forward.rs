@@ -248,9 +248,13 @@ impl Outbound {
             .as_ref()
             .and_then(|r| r.retry.clone())
             .filter(|_| idempotent(&parts.method) && !upgrade);
+        // The route's limit, else the proxy's default (a hung endpoint must not hang the app's
+        // connection forever); "0s" in the route means none.
         let deadline = rule
             .as_ref()
             .and_then(|r| r.request_timeout)
+            .or(self.config.request_timeout)
+            .filter(|t| !t.is_zero())
             .map(|t| (started + t, t));
         let per_try = rule.as_ref().and_then(|r| r.backend_timeout);
         let (replay, mut body): (Option<Bytes>, Option<Body>) = if body.is_end_stream() {
@@ -393,6 +397,30 @@ impl Outbound {
             };
             match sent {
                 Sent::Response(mut resp) => {
+                    // The endpoint's own sidecar could not reach its app: the request never
+                    // got there, so it is a failed connect — try another endpoint.
+                    // (A sidecar without mTLS, or one control does not know as meshed, says so
+                    // the same way.)
+                    if resp
+                        .headers()
+                        .get(super::respond::ERROR_HEADER)
+                        .is_some_and(|v| v == "connect-failed")
+                    {
+                        ep.load.record_failure();
+                        Stats::inc(&stats.outbound_connect_failures);
+                        last_error = format!("the sidecar of {} could not reach its app", ep.addr);
+                        tracing::info!(service = %target.name(), endpoint = %ep.addr, "endpoint's app refused; trying another endpoint");
+                        connect_failures += 1;
+                        if replay.is_some()
+                            && connect_failures < self.config.connect_attempts.max(1)
+                        {
+                            Stats::inc(&stats.outbound_failovers);
+                            continue;
+                        }
+                        if replay.is_some() {
+                            break;
+                        }
+                    }
                     guard.observe(t0.elapsed());
                     ep.load.record_success();
                     if let Some(t) = target.affinity {

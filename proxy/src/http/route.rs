@@ -220,6 +220,7 @@ pub struct Rule {
     pub redirect: Option<Redirect>,
     pub rewrite: Option<Rewrite>,
     pub backends: Vec<Backend>,
+    /// None = not set (the proxy's default applies); zero = no limit.
     pub request_timeout: Option<Duration>,
     pub backend_timeout: Option<Duration>,
     pub retry: Option<Retry>,
@@ -489,7 +490,8 @@ fn compile_rule(id: &str, name: String, rule: &pb::HttpRouteRule) -> Result<Rule
         redirect: None,
         rewrite: None,
         backends: Vec::new(),
-        request_timeout: rule.request_timeout_ms.and_then(nonzero_ms),
+        // 0 ("0s") = explicitly none: kept as zero so the proxy's default does not apply.
+        request_timeout: rule.request_timeout_ms.map(Duration::from_millis),
         backend_timeout: rule.backend_request_timeout_ms.and_then(nonzero_ms),
         retry: rule.retry.as_ref().map(|r| Retry {
             codes: if r.codes.is_empty() {
