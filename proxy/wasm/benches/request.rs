@@ -57,6 +57,40 @@ fn bench(c: &mut Criterion) {
         .unwrap()
         .into_parts();
     let info = StreamInfo::default();
+    // On a shared machine criterion's mean follows the neighbours; the best of many short
+    // batches is the cost of the code itself.
+    let one = |rq: &mut http::request::Parts, rs: &mut http::response::Parts| {
+        let mut stream = chain.new_stream(info.clone());
+        let v = stream.on_request_headers(rq, true).now_or_never();
+        assert_eq!(v, Some(Verdict::Continue));
+        let v = stream.on_response_headers(rs, false).now_or_never();
+        assert_eq!(v, Some(Verdict::Continue));
+        stream.finish();
+    };
+    let mut best = std::time::Duration::MAX;
+    for _ in 0..300 {
+        let mut inputs: Vec<_> = (0..200)
+            .map(|_| {
+                let mut r = http::Request::new(());
+                *r.uri_mut() = req.uri.clone();
+                *r.headers_mut() = req.headers.clone();
+                let mut s = http::Response::new(());
+                *s.headers_mut() = res.headers.clone();
+                (r.into_parts().0, s.into_parts().0)
+            })
+            .collect();
+        let t = std::time::Instant::now();
+        for (rq, rs) in &mut inputs {
+            one(rq, rs);
+        }
+        best = best.min(t.elapsed() / 200);
+        black_box(inputs);
+    }
+    eprintln!(
+        "best batch of 200 requests: {:.2} µs per request",
+        best.as_secs_f64() * 1e6
+    );
+
     c.bench_function("request through a header-adding filter", |b| {
         b.iter_batched(
             || {
