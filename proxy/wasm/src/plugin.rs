@@ -159,7 +159,6 @@ pub(crate) struct PluginInner {
     module: Arc<CompiledModule>,
     pub(crate) host: Arc<HostInner>,
     slots: Vec<Mutex<SlotState>>,
-    next: AtomicUsize,
     weak: Weak<PluginInner>,
 }
 
@@ -226,7 +225,6 @@ impl Plugin {
             module,
             host,
             slots: (0..n).map(|_| Mutex::new(SlotState::default())).collect(),
-            next: AtomicUsize::new(0),
             weak: weak.clone(),
         });
         // The first instance starts now, so a bad module or config is an error here.
@@ -268,8 +266,23 @@ impl Plugin {
     }
 
     /// Starts a stream through this plugin. No guest code runs until the first step.
+    /// The instance is the one of the calling thread (each thread — a tokio worker — is
+    /// given an instance index when it first starts a stream), so a worker keeps using the
+    /// instance whose memory is warm in its cache, as Envoy's VM per worker.
     pub fn new_http_stream(&self, info: Arc<StreamInfo>) -> HttpStream {
-        let slot = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.slots.len();
+        thread_local! {
+            static WORKER: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+        }
+        static NEXT_WORKER: AtomicUsize = AtomicUsize::new(0);
+        let worker = WORKER.with(|w| match w.get() {
+            Some(n) => n,
+            None => {
+                let n = NEXT_WORKER.fetch_add(1, Ordering::Relaxed);
+                w.set(Some(n));
+                n
+            }
+        });
+        let slot = worker % self.inner.slots.len();
         HttpStream::new(self.inner.clone(), slot, info)
     }
 }
