@@ -363,7 +363,8 @@ impl Outbound {
                 (None, None) => break,
             };
             let mut req = rebuild(&parts, this_body);
-            if self.wire_to(ep, wire, upgrade) == Wire::Http2 && parts.version != Version::HTTP_2 {
+            // An HTTP/2 connection carrying an HTTP/1.1 request: a meshed endpoint.
+            if conn.is_http2() && parts.version != Version::HTTP_2 {
                 over_mesh_h2(&mut req);
             }
             let guard = ep.load.request();

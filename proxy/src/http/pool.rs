@@ -357,6 +357,10 @@ impl Pools {
 }
 
 impl Conn {
+    pub fn is_http2(&self) -> bool {
+        matches!(self, Conn::Http2 { .. })
+    }
+
     pub fn reused(&self) -> bool {
         matches!(self, Conn::Http1 { reused: true, .. })
     }

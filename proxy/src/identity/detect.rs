@@ -27,8 +27,7 @@ pub enum Detected {
     Other,
 }
 
-/// HTTP/2 connection preface (prior knowledge).
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+use crate::detect::H2_PREFACE;
 const METHODS: [&[u8]; 9] = [
     b"GET ",
     b"POST ",
