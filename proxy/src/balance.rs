@@ -63,6 +63,12 @@ const MIN_ALPHA: f64 = 0.05;
 /// an endpoint with no measurement yet (whose response time is taken as 0: new and long-idle
 /// endpoints are tried, not starved by a measured one).
 const BASE_COST_US: u64 = 50;
+/// An idle endpoint whose response time was last measured this long ago is costed as if never
+/// measured, so it gets a request and a fresh measurement. Without this, the costliest of a
+/// few endpoints loses every two-way comparison and starves until its average has decayed
+/// below the others' — seconds during which it serves nothing, and a replica that fails or
+/// recovered goes unnoticed.
+pub const PROBE_AFTER: Duration = Duration::from_secs(1);
 
 /// What is being balanced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,8 +105,9 @@ fn clock() -> u64 {
     start().elapsed().as_millis() as u64
 }
 
+/// µs since an instant an hour before the first use, so "long ago" fits in the range.
 fn clock_us() -> u64 {
-    start().elapsed().as_micros() as u64
+    start().elapsed().as_micros() as u64 + 3_600_000_000
 }
 
 impl EndpointLoad {
@@ -177,7 +184,15 @@ impl EndpointLoad {
         match (unit, kind) {
             (Unit::Connection, _) => self.active() as u64,
             (Unit::Request, BalancerKind::P2c) => {
-                (self.ewma_us() + BASE_COST_US) * (self.pending() as u64 + 1)
+                let pending = self.pending() as u64;
+                let stale = clock_us().saturating_sub(self.ewma_at.load(Ordering::Relaxed))
+                    > PROBE_AFTER.as_micros() as u64;
+                let ewma = if pending == 0 && stale {
+                    0
+                } else {
+                    self.ewma_us()
+                };
+                (ewma + BASE_COST_US) * (pending + 1)
             }
             (Unit::Request, _) => self.pending() as u64,
         }
@@ -441,6 +456,40 @@ mod tests {
             &rr,
         );
         assert_eq!(i, Some(0));
+    }
+
+    #[test]
+    fn p2c_probes_an_endpoint_not_measured_for_a_while() {
+        // Three endpoints; the slow one loses every comparison while its measurement is fresh.
+        let l = loads(3);
+        l[0].request().observe(Duration::from_millis(50));
+        l[1].request().observe(Duration::from_millis(1));
+        l[2].request().observe(Duration::from_millis(1));
+        let rr = AtomicUsize::new(0);
+        let picks = |n: usize| {
+            (0..n)
+                .filter(|_| {
+                    pick(
+                        BalancerKind::P2c,
+                        Unit::Request,
+                        &[0, 1, 2],
+                        &|i| l[i].clone(),
+                        &[],
+                        &rr,
+                    ) == Some(0)
+                })
+                .count()
+        };
+        assert_eq!(picks(100), 0);
+        // Its measurement ages past PROBE_AFTER: the next comparisons it is in, it wins.
+        l[0].ewma_at.store(
+            clock_us() - PROBE_AFTER.as_micros() as u64 - 1,
+            Ordering::Relaxed,
+        );
+        assert!(picks(100) > 0, "the stale endpoint is never probed");
+        // A request in flight to it is not stale: no pile-up on a slow endpoint.
+        let _inflight = l[0].request();
+        assert_eq!(picks(100), 0);
     }
 
     #[test]

@@ -43,7 +43,15 @@ pub async fn run(cfg: DiscoveryConfig, state: Arc<ProxyState>) {
         Stats::inc(&state.stats.control_reconnects);
         failures = failures.saturating_add(1);
         let base = Duration::from_millis(100) * 2u32.saturating_pow(failures.min(7));
-        let base = base.min(Duration::from_secs(10));
+        // Until the first table the pod's start waits on us (its containers start when the
+        // sidecar is ready): keep asking every second or so, so a sidecar that came up before
+        // control is ready soon after control is. Later, back off up to 10 s.
+        let cap = if state.is_ready() {
+            Duration::from_secs(10)
+        } else {
+            Duration::from_secs(1)
+        };
+        let base = base.min(cap);
         let jitter = rand::rng().random_range(0.5..1.5);
         let wait = base.mul_f64(jitter);
         tracing::warn!(control = %cfg.control, error = %err, retry_in = ?wait, ready = state.is_ready(), "lost control; serving from the last table");

@@ -147,11 +147,16 @@ pub fn renewal_time(cert: &WorkloadCert, now: SystemTime) -> Duration {
     (life * 2 / 3).saturating_sub(jitter)
 }
 
-/// Backoff after `failures` failed rounds: 1 s doubling to 30 s, ×0.5–1.5.
-fn backoff(failures: u32) -> Duration {
+/// Backoff after `failures` failed rounds: 1 s doubling to 30 s, ×0.5–1.5. Before the first
+/// certificate (`have_one` false) it stays at about a second: mesh connections wait on it.
+fn backoff(failures: u32, have_one: bool) -> Duration {
     let base = Duration::from_secs(1) * 2u32.saturating_pow(failures.min(5));
-    base.min(Duration::from_secs(30))
-        .mul_f64(rand::rng().random_range(0.5..1.5))
+    let cap = if have_one {
+        Duration::from_secs(30)
+    } else {
+        Duration::from_secs(1)
+    };
+    base.min(cap).mul_f64(rand::rng().random_range(0.5..1.5))
 }
 
 fn channel(control: &str) -> Result<tonic::transport::Channel, CertifyError> {
@@ -224,7 +229,7 @@ pub async fn run(cfg: IdentityConfig, store: Arc<IdentityStore>, stats: Arc<Mesh
                     Err(e) => {
                         failures += 1;
                         MeshStats::inc(&stats.certify_failures);
-                        let wait = backoff(failures);
+                        let wait = backoff(failures, store.current().is_some());
                         let valid_for = store.current().and_then(|s| s.cert.not_after.duration_since(SystemTime::now()).ok());
                         tracing::warn!(error = %e, retry_in = ?wait, current_valid_for = ?valid_for, "identity: cannot get a certificate");
                         renew_at = Instant::now() + wait;
@@ -289,7 +294,7 @@ async fn follow_bundle(
             Err(e) => e.to_string(),
         };
         failures += 1;
-        let wait = backoff(failures);
+        let wait = backoff(failures, tx.borrow().is_some());
         tracing::debug!(error = %err, retry_in = ?wait, "identity: trust bundle stream lost");
         tokio::time::sleep(wait).await;
     }

@@ -158,7 +158,31 @@ impl TestMesh {
     pub fn wait(&self, what: &str, f: impl Fn(&Status) -> bool) -> Arc<Status> {
         self.handle()
             .wait_for(what, WAIT, f)
-            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|e| panic!("{e}{}", self.unready_sidecar_logs()))
+    }
+
+    /// The last lines each sidecar that is not ready logged, and control's: what a failed
+    /// wait needs to be diagnosed from CI's output alone.
+    fn unready_sidecar_logs(&self) -> String {
+        let mut out = String::new();
+        for p in self.status().pods.iter().filter(|p| p.sidecar && !p.ready) {
+            let log =
+                std::fs::read_to_string(p.log_dir.join("wasmesh-proxy.log")).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            out += &format!(
+                "\n--- {}/{} sidecar log (last 30 lines):\n{}",
+                p.namespace,
+                p.name,
+                lines[lines.len().saturating_sub(30)..].join("\n")
+            );
+        }
+        if !out.is_empty() {
+            out += &format!(
+                "\n--- control's log (last 30 lines):\n{}",
+                self.log_tail("logs/wasmesh-control.log", 30)
+            );
+        }
+        out
     }
 
     /// Waits until exactly `n` pods named `name` (a prefix when it ends with `-`) run and
