@@ -206,6 +206,9 @@ fn metrics(state: &ProxyState) -> String {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
     }
     state.mesh_stats.render(&mut out);
+    state
+        .trace_stats
+        .render(&mut out, state.tracer.load().is_some());
     if let Some(f) = state.filters.get() {
         f.host().render_prometheus(&mut out);
     }

@@ -20,6 +20,7 @@
 //! - [`reject`] — optional: Services without endpoints refused in the kernel, like kube-proxy.
 //! - [`discovery`] — the control stream that keeps [`table`] current; [`state`] is what the
 //!   tasks share; [`admin`] (15000) serves `/ready`, `/live`, `/config`, `/metrics`;
+//!   [`otel`] records a span per HTTP request and exports them over OTLP;
 //!   [`run`] wires it all together (`wasmesh-proxy run`); [`wait`] is `wasmesh-proxy wait`.
 
 pub mod admin;
@@ -34,6 +35,7 @@ pub mod identity;
 pub mod inbound;
 pub mod intercept;
 pub mod orig_dst;
+pub mod otel;
 pub mod outbound;
 pub mod reject;
 pub mod run;

@@ -129,6 +129,53 @@ fn start_filters(
     }
 }
 
+/// Keeps the tracer in line with the pod's `OTEL_*` variables and control's mesh-wide
+/// settings: started, replaced or stopped whenever what they say together changes.
+async fn follow_tracing(workload: crate::otel::config::Workload, state: Arc<ProxyState>) {
+    let mut rx = state.mesh_tracing.subscribe();
+    loop {
+        let mesh = rx.borrow_and_update().clone();
+        let (want, warnings) =
+            crate::otel::config::resolve(&|k| std::env::var(k).ok(), mesh.as_ref(), &workload);
+        for w in warnings {
+            tracing::warn!("tracing: {w}");
+        }
+        let have = state.tracer.load().as_ref().map(|t| t.config.clone());
+        if want != have {
+            match want {
+                None => {
+                    state.tracer.store(None);
+                    if have.is_some() {
+                        tracing::info!("tracing: off");
+                    }
+                }
+                Some(c) => {
+                    let (endpoint, protocol, sampler) = (
+                        c.endpoint
+                            .clone()
+                            .unwrap_or_else(|| "from OTEL_EXPORTER_OTLP_*".into()),
+                        c.protocol,
+                        c.sampler,
+                    );
+                    match crate::otel::export::start(c, state.trace_stats.clone()) {
+                        Ok(t) => {
+                            tracing::info!(%endpoint, %protocol, ?sampler, "tracing: exporting spans");
+                            state.tracer.store(Some(t));
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "tracing: off");
+                            state.tracer.store(None);
+                        }
+                    }
+                }
+            }
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Runs until `shutdown` resolves.
 pub async fn run(
     cfg: RunConfig,
@@ -200,6 +247,14 @@ pub async fn run(
         }
         mesh
     });
+    tasks.spawn(follow_tracing(
+        crate::otel::config::Workload {
+            pod_name: cfg.pod_name.clone(),
+            namespace: cfg.pod_namespace.clone(),
+            labels: cfg.pod_labels.clone(),
+        },
+        state.clone(),
+    ));
     let filters = start_filters(&cfg, &state, mesh.clone());
     if let Some(f) = &filters {
         let _ = state.filters.set(f.clone());

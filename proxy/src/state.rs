@@ -32,6 +32,12 @@ pub struct ProxyState {
     pub filters: std::sync::OnceLock<Arc<crate::filters::Filters>>,
     /// WasmPlugins from control, for the filters task.
     pub wasm_plugins: watch::Sender<Vec<wasmesh_api::discovery::WasmPlugin>>,
+    /// The tracer while spans are exported (None: tracing off).
+    pub tracer: arc_swap::ArcSwapOption<crate::otel::Tracer>,
+    /// Its counters, kept across reconfigurations.
+    pub trace_stats: Arc<crate::otel::TraceStats>,
+    /// Mesh-wide tracing settings from control (the pod's `OTEL_*` variables win).
+    pub mesh_tracing: watch::Sender<Option<crate::otel::config::MeshTracing>>,
 }
 
 /// Counts one open proxied connection until dropped.
@@ -99,6 +105,9 @@ impl ProxyState {
             opaque_endpoints: ArcSwap::from_pointee(Default::default()),
             filters: std::sync::OnceLock::new(),
             wasm_plugins: watch::channel(Vec::new()).0,
+            tracer: Default::default(),
+            trace_stats: Arc::default(),
+            mesh_tracing: watch::channel(None).0,
         })
     }
 

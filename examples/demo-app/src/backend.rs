@@ -51,7 +51,30 @@ pub struct BackendArgs {
     /// Answer every request with this status (a replica that fails).
     #[arg(long, value_name = "CODE", value_parser = clap::value_parser!(u16).range(100..1000))]
     status: Option<u16>,
+
+    /// Before answering, call this URL (a service behind this one), passing on the request's
+    /// trace context (`traceparent`, `tracestate`, B3) as an instrumented app does; its answer's
+    /// first line is added to ours, and a failed call answers 502.
+    #[arg(long, value_name = "URL")]
+    call: Option<http::Uri>,
 }
+
+type CallClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Empty<Bytes>,
+>;
+
+/// The trace context headers an instrumented app passes on to the services it calls.
+const TRACE_HEADERS: [&str; 8] = [
+    "traceparent",
+    "tracestate",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+];
 
 /// Who answers, shared by every connection.
 #[derive(Debug)]
@@ -59,6 +82,7 @@ pub struct Identity {
     pub name: String,
     pub version: Option<String>,
     status: Option<StatusCode>,
+    call: Option<(http::Uri, CallClient)>,
 }
 
 pub async fn run(args: BackendArgs) -> anyhow::Result<ExitCode> {
@@ -72,6 +96,11 @@ pub async fn run(args: BackendArgs) -> anyhow::Result<ExitCode> {
         name: args.name,
         version: args.version.filter(|v| !v.is_empty()),
         status,
+        call: args.call.map(|u| {
+            let client =
+                hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
+            (u, client)
+        }),
     });
     let name = id.name.clone();
     for addr in &args.listen {
@@ -159,6 +188,42 @@ async fn answer(
             None => {
                 status = StatusCode::BAD_REQUEST;
                 body = format!("/status/<code>: `{code}` is not a status\n");
+            }
+        }
+    } else if let Some((uri, client)) = &id.call {
+        let mut call = Request::get(uri.clone());
+        for name in TRACE_HEADERS {
+            if let Some(v) = req.headers().get(name) {
+                call = call.header(name, v.clone());
+            }
+        }
+        let outcome = match call.body(http_body_util::Empty::new()) {
+            Ok(r) => match tokio::time::timeout(Duration::from_secs(10), client.request(r)).await {
+                Ok(Ok(resp)) => {
+                    let code = resp.status();
+                    match http_body_util::BodyExt::collect(resp.into_body()).await {
+                        Ok(b) => Ok((code, b.to_bytes())),
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("no answer within 10s".to_string()),
+            },
+            Err(e) => Err(e.to_string()),
+        };
+        match outcome {
+            Ok((code, b)) => {
+                let first = String::from_utf8_lossy(&b);
+                body = format!(
+                    "hello from {} → {uri} answered {}: {}\n",
+                    id.name,
+                    code.as_u16(),
+                    first.lines().next().unwrap_or("")
+                );
+            }
+            Err(e) => {
+                status = StatusCode::BAD_GATEWAY;
+                body = format!("hello from {}: calling {uri} failed: {e}\n", id.name);
             }
         }
     } else if path == "/headers" {

@@ -18,6 +18,9 @@ pub const NODE_NAME: &str = "local-node";
 pub const ZONE: &str = "local-zone";
 /// Control's discovery port and admin port (on [`NODE_IP`], inside the node namespace).
 pub const CONTROL_PORT: u16 = 15010;
+/// The local OTLP receiver (`--otlp local`): gRPC and HTTP ports on the node address.
+pub const OTLP_GRPC_PORT: u16 = 4317;
+pub const OTLP_HTTP_PORT: u16 = 4318;
 pub const CONTROL_ADMIN_PORT: u16 = 15014;
 /// The sidecar's admin port (`/ready`, `/config`, `/metrics`) in every pod.
 pub const PROXY_ADMIN_PORT: u16 = 15000;
@@ -141,6 +144,11 @@ pub struct MeshConfig {
     pub mtls: bool,
     /// Extra arguments for `wasmesh-control serve` (e.g. `--cert-lifetime 1m`).
     pub control_args: Vec<String>,
+    /// Where sidecars send spans: `local` (the mesh's own receiver, [`crate::otlp`]) or an
+    /// OTLP endpoint URL; None = no tracing.
+    pub otlp: Option<String>,
+    /// `grpc` or `http/protobuf`.
+    pub otlp_protocol: String,
 }
 
 impl MeshConfig {
@@ -162,6 +170,8 @@ impl MeshConfig {
             rescan: Duration::from_millis(250),
             mtls: true,
             control_args: Vec::new(),
+            otlp: None,
+            otlp_protocol: "grpc".into(),
         }
     }
 
@@ -215,6 +225,34 @@ impl MeshConfig {
     /// Control's discovery address as the sidecars see it.
     pub fn control_url(&self) -> String {
         format!("http://{NODE_IP}:{CONTROL_PORT}")
+    }
+
+    pub fn otlp_local(&self) -> bool {
+        self.otlp.as_deref() == Some("local")
+    }
+
+    /// The `OTEL_*` variables every sidecar gets (none without `--otlp`).
+    pub fn otlp_env(&self) -> Vec<(String, String)> {
+        let Some(o) = &self.otlp else {
+            return Vec::new();
+        };
+        let endpoint = if self.otlp_local() {
+            match self.otlp_protocol.as_str() {
+                "grpc" => format!("http://{NODE_IP}:{OTLP_GRPC_PORT}"),
+                _ => format!("http://{NODE_IP}:{OTLP_HTTP_PORT}"),
+            }
+        } else {
+            o.clone()
+        };
+        vec![
+            ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint),
+            (
+                "OTEL_EXPORTER_OTLP_PROTOCOL".into(),
+                self.otlp_protocol.clone(),
+            ),
+            // Spans show up within half a second (the default batches for 5 s).
+            ("OTEL_BSP_SCHEDULE_DELAY".into(), "500".into()),
+        ]
     }
 }
 

@@ -9,11 +9,15 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crate::config::{CONTROL_ADMIN_PORT, CONTROL_PORT, MeshConfig, NODE_IP};
+use crate::config::{
+    CONTROL_ADMIN_PORT, CONTROL_PORT, MeshConfig, NODE_IP, OTLP_GRPC_PORT, OTLP_HTTP_PORT,
+};
 use crate::process;
 
 pub struct Control {
     child: Option<tokio::process::Child>,
+    /// The OTLP receiver of `--otlp local` (see [`crate::otlp`]).
+    receiver: Option<tokio::process::Child>,
     started: Option<Instant>,
     pub wanted: bool,
 }
@@ -22,6 +26,7 @@ impl Control {
     pub fn new() -> Self {
         Self {
             child: None,
+            receiver: None,
             started: None,
             wanted: true,
         }
@@ -40,6 +45,10 @@ impl Control {
             tracing::warn!(%status, log = %cfg.state_dir.join("logs/wasmesh-control.log").display(), "wasmesh-control exited");
             self.child = None;
         }
+        if self.wanted && cfg.otlp_local() && self.receiver.is_none() {
+            self.receiver = Some(spawn_receiver(cfg)?);
+            tracing::info!(grpc = %format!("{NODE_IP}:{OTLP_GRPC_PORT}"), http = %format!("{NODE_IP}:{OTLP_HTTP_PORT}"), spans = %crate::otlp::traces_file(&cfg.state_dir).display(), "OTLP receiver started");
+        }
         if !self.wanted || self.child.is_some() {
             return Ok(());
         }
@@ -57,6 +66,9 @@ impl Control {
 
     /// Stops control (SIGTERM, then SIGKILL after a second).
     pub async fn stop(&mut self) {
+        if let Some(mut r) = self.receiver.take() {
+            let _ = r.kill().await;
+        }
         if let Some(mut child) = self.child.take() {
             if let Some(pid) = child.id() {
                 let pids = [pid];
@@ -99,6 +111,29 @@ fn spawn(cfg: &MeshConfig) -> std::io::Result<tokio::process::Child> {
             .arg(format!("dir:{}", cfg.tokens_dir().display()));
     }
     cmd.args(&cfg.control_args)
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+}
+
+/// `wasmesh-local otlp-receiver` in the node's namespace (its output in
+/// `<state>/logs/otlp-receiver.log`).
+fn spawn_receiver(cfg: &MeshConfig) -> std::io::Result<tokio::process::Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(cfg.state_dir.join("logs").join("otlp-receiver.log"))?;
+    tokio::process::Command::new("ip")
+        .args(["netns", "exec", &cfg.node_netns()])
+        .arg(&cfg.binaries.local)
+        .arg("otlp-receiver")
+        .args(["--grpc", &format!("{NODE_IP}:{OTLP_GRPC_PORT}")])
+        .args(["--http", &format!("{NODE_IP}:{OTLP_HTTP_PORT}")])
+        .arg("--out")
+        .arg(crate::otlp::traces_file(&cfg.state_dir))
         .current_dir("/")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)

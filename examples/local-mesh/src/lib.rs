@@ -31,6 +31,7 @@ pub mod manifests;
 pub mod mesh;
 pub mod netns;
 pub mod objects;
+pub mod otlp;
 pub mod pods;
 pub mod process;
 pub mod state;

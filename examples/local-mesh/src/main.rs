@@ -67,6 +67,32 @@ enum Command {
         /// Plaintext between sidecars (no CA, no certificates). Default: mTLS.
         #[arg(long)]
         no_mtls: bool,
+        /// Trace every HTTP request: `local` runs the mesh's own OTLP receiver (spans in
+        /// `<state>/traces.jsonl`, shown by `wasmesh-local traces`), or an OTLP endpoint URL
+        /// reachable from the pods (e.g. a collector at http://10.244.0.1:4317).
+        #[arg(long, value_name = "local|URL")]
+        otlp: Option<String>,
+        /// OTLP protocol: grpc or http/protobuf.
+        #[arg(long, default_value = "grpc", value_parser = ["grpc", "http/protobuf"])]
+        otlp_protocol: String,
+    },
+    /// The traces the local OTLP receiver got (`up --otlp local`), as trees of spans.
+    Traces {
+        #[command(flatten)]
+        state: StateArgs,
+        /// Only the last N traces.
+        #[arg(long, default_value_t = 10)]
+        last: usize,
+    },
+    /// (internal) The OTLP receiver `up --otlp local` runs in the node's namespace.
+    #[command(hide = true)]
+    OtlpReceiver {
+        #[arg(long)]
+        grpc: std::net::SocketAddr,
+        #[arg(long)]
+        http: std::net::SocketAddr,
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Stop the running mesh and remove everything it made (also what a crash left).
     Down {
@@ -174,6 +200,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             proxy_args,
             control_args,
             no_mtls,
+            otlp,
+            otlp_protocol,
         } => up(
             dir,
             state.state_dir,
@@ -182,7 +210,56 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             proxy_args,
             control_args,
             !no_mtls,
+            otlp.map(|o| (o, otlp_protocol)),
         ),
+        Command::Traces { state, last } => {
+            let spans =
+                wasmesh_local::otlp::read(&wasmesh_local::otlp::traces_file(&state.state_dir));
+            if spans.is_empty() {
+                println!(
+                    "no spans yet (is the mesh up with --otlp local, and has an HTTP request been made?)"
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut starts: std::collections::BTreeMap<&str, u64> = Default::default();
+            for s in &spans {
+                let e = starts.entry(s.trace_id.as_str()).or_insert(u64::MAX);
+                *e = (*e).min(s.start_unix_nano);
+            }
+            let mut order: Vec<(&str, u64)> = starts.into_iter().collect();
+            order.sort_by_key(|(_, t)| *t);
+            let keep: std::collections::HashSet<&str> =
+                order.iter().rev().take(last).map(|(t, _)| *t).collect();
+            let shown: Vec<_> = spans
+                .iter()
+                .filter(|s| keep.contains(s.trace_id.as_str()))
+                .cloned()
+                .collect();
+            print!("{}", wasmesh_local::otlp::render(&shown));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::OtlpReceiver { grpc, http, out } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            rt.block_on(async move {
+                let g = tokio::net::TcpListener::bind(grpc)
+                    .await
+                    .with_context(|| format!("cannot listen on {grpc}"))?;
+                let h = tokio::net::TcpListener::bind(http)
+                    .await
+                    .with_context(|| format!("cannot listen on {http}"))?;
+                println!(
+                    "OTLP receiver: gRPC on {grpc}, HTTP on {http}, spans to {}",
+                    out.display()
+                );
+                wasmesh_local::otlp::serve(g, h, &out)
+                    .await
+                    .context("OTLP receiver")?;
+                Ok(ExitCode::SUCCESS)
+            })
+        }
         Command::Down { state, prefix } => {
             let done = cli::down(&state.state_dir, prefix.as_deref())?;
             if done.is_empty() {
@@ -249,6 +326,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
+#[allow(clippy::too_many_arguments)] // one per `up` flag
 fn up(
     dir: PathBuf,
     state_dir: PathBuf,
@@ -257,6 +335,7 @@ fn up(
     proxy_args: Vec<String>,
     control_args: Vec<String>,
     mtls: bool,
+    otlp: Option<(String, String)>,
 ) -> anyhow::Result<ExitCode> {
     let exe = std::env::current_exe().context("cannot tell where wasmesh-local is")?;
     let mut cfg = MeshConfig::new(dir, state_dir, Binaries::next_to(exe));
@@ -265,6 +344,10 @@ fn up(
     cfg.proxy_args = proxy_args;
     cfg.control_args = control_args;
     cfg.mtls = mtls;
+    if let Some((endpoint, protocol)) = otlp {
+        cfg.otlp = Some(endpoint);
+        cfg.otlp_protocol = protocol;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

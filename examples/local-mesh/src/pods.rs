@@ -175,6 +175,7 @@ pub fn agent_spec(
         if let Ok(v) = std::env::var("RUST_LOG") {
             env.push(("RUST_LOG".into(), v));
         }
+        env.extend(cfg.otlp_env());
         let via_stdin = match cfg.sidecar_exec {
             SidecarExec::Path => false,
             SidecarExec::Stdin => true,

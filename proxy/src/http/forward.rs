@@ -28,9 +28,11 @@ use super::{Body, boxed, full};
 use crate::balance::{self, Unit};
 use crate::detect::Declared;
 use crate::filters::select::Direction as FilterSide;
+use crate::otel::Span;
 use crate::outbound::Outbound;
 use crate::state::Stats;
 use crate::table::{Route, Selection, ServicePort, Via};
+use opentelemetry::trace::SpanKind;
 use wasmesh_wasm::body::FilteredBody;
 use wasmesh_wasm::{ChainStream, Direction as WasmDirection, StreamInfo, Verdict};
 
@@ -61,17 +63,40 @@ impl Outbound {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let version = req.version();
-        match self.forward_inner(req, c).await {
-            Ok(resp) => resp,
+        // The client span: the caller's trace continued (or a new one), ours the parent of
+        // the endpoint's.
+        let mut span = self
+            .state
+            .tracer
+            .load()
+            .as_ref()
+            .map(|t| t.start(SpanKind::Client, req.headers()));
+        if let Some(s) = span.as_mut() {
+            s.set_with("http.request.method", || method.as_str().to_string());
+            s.set_with("url.path", || path.clone());
+            s.set("network.protocol.version", protocol_version(version));
+            s.name(method_name(&method));
+        }
+        match self.forward_inner(req, c, &mut span).await {
+            Ok(resp) => {
+                if let Some(s) = span {
+                    s.end(Some(resp.status().as_u16()), None);
+                }
+                resp
+            }
             Err(e) => {
                 Stats::inc(&self.state.stats.http_errors);
                 tracing::info!(peer = %c.peer, dst = %c.dst, %method, %path, cause = e.cause(), error = %e, "answered by the proxy");
                 let close = matches!(e, HttpError::BadRequest(_)) && version < Version::HTTP_2;
+                let cause = e.cause();
                 let mut resp = e.into_response(grpc);
                 if close {
                     // After a malformed request the connection's state is not to be trusted.
                     resp.headers_mut()
                         .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                if let Some(s) = span {
+                    s.end(Some(resp.status().as_u16()), Some(cause));
                 }
                 resp
             }
@@ -82,6 +107,7 @@ impl Outbound {
         &self,
         mut req: Request<Incoming>,
         c: Conn4,
+        span: &mut Option<Span>,
     ) -> Result<Response<Body>, HttpError> {
         let started = Instant::now();
         let stats = &self.state.stats;
@@ -131,6 +157,7 @@ impl Outbound {
                 .await
                 .on_request_headers(&mut parts, request_eos)
                 .await;
+            filter_event(span, "outbound", &verdict);
             match verdict {
                 Verdict::Continue => {}
                 Verdict::LocalReply(r) => return Ok(local_reply(r)),
@@ -161,6 +188,23 @@ impl Outbound {
                     sp.routes.matched_prefix(r, &view).map(str::to_string),
                 ),
             };
+        if let Some(s) = span.as_mut()
+            && s.is_sampled()
+        {
+            s.set(
+                "wasmesh.destination.service",
+                format!("{}/{}", sp.namespace, sp.service),
+            );
+            s.set(
+                "server.address",
+                format!("{}.{}.svc", sp.service, sp.namespace),
+            );
+            s.set("server.port", i64::from(sp.port));
+            if let Some(r) = &rule {
+                s.set("http.route", r.name.clone());
+                s.name(format!("{} {}", method_name(&parts.method), r.name));
+            }
+        }
         let mut path = parts.uri.path().to_string();
         let query = parts.uri.query().map(str::to_string);
         let mut host = authority(&parts.uri, &parts.headers);
@@ -242,6 +286,9 @@ impl Outbound {
         let host = host.or_else(|| Some(format!("{}.{}:{}", sp.service, sp.namespace, sp.port)));
         set_target(&mut parts, host.as_deref(), &path_and_query, version)
             .map_err(|e| HttpError::BadRequest(format!("cannot form the request target: {e}")))?;
+        if let Some(s) = span.as_ref() {
+            s.inject(&mut parts.headers);
+        }
 
         // Retries beyond failed connects need a body that can be sent again.
         let retry = rule
@@ -286,6 +333,7 @@ impl Outbound {
         let mut status_retries = 0u32;
         let mut last_error = String::from("no endpoint could be tried");
         let mut pending_conn: Option<(usize, Conn)> = None;
+        let mut sends = 0u32;
         self.http.budget.deposit();
         loop {
             // The endpoint: kept from a request that was not sent; else affinity; else the
@@ -356,6 +404,23 @@ impl Outbound {
                 }
             };
             let ep = &target.endpoints[i];
+            sends += 1;
+            if let Some(s) = span.as_mut()
+                && s.is_sampled()
+            {
+                // The endpoint of this try (a retry replaces the previous one's).
+                s.put("network.peer.address", ep.addr.ip().to_string());
+                s.put("network.peer.port", i64::from(ep.addr.port()));
+                if let Some(pod) = &ep.pod {
+                    s.put("wasmesh.endpoint.pod", pod.clone());
+                }
+                if let Some(id) = self.http.pools.peer_identity(&ep.mesh_peer()) {
+                    s.put("wasmesh.peer.identity", id);
+                }
+                if sends > 1 {
+                    s.put("http.request.resend_count", i64::from(sends - 1));
+                }
+            }
             let this_body = match (&replay, body.take()) {
                 (Some(bytes), _) => full(bytes.clone()),
                 (None, Some(b)) => b,
@@ -531,6 +596,52 @@ impl Outbound {
 
 /// An HTTP/1.1 request made fit for HTTP/2 to a meshed endpoint: the Host header becomes the
 /// `:authority`, and the inbound sidecar is told the app speaks HTTP/1.1.
+/// `GET`, `POST`, …: the span name when no route names the request (semantic conventions:
+/// `{method}`, `HTTP` for methods outside the standard set).
+pub(super) fn method_name(m: &http::Method) -> &'static str {
+    match *m {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::HEAD => "HEAD",
+        http::Method::OPTIONS => "OPTIONS",
+        http::Method::PATCH => "PATCH",
+        http::Method::CONNECT => "CONNECT",
+        http::Method::TRACE => "TRACE",
+        _ => "HTTP",
+    }
+}
+
+/// `network.protocol.version`.
+pub(super) fn protocol_version(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "0.9",
+        Version::HTTP_10 => "1.0",
+        Version::HTTP_2 => "2",
+        Version::HTTP_3 => "3",
+        _ => "1.1",
+    }
+}
+
+/// The Wasm filters' verdict on the request headers, as a span event.
+pub(super) fn filter_event(span: &mut Option<Span>, side: &'static str, verdict: &Verdict) {
+    if let Some(s) = span.as_mut() {
+        let outcome = match verdict {
+            Verdict::Continue => "continue",
+            Verdict::LocalReply(_) => "local_reply",
+            Verdict::Reset => "reset",
+        };
+        s.event(
+            "wasm.request_headers",
+            vec![
+                opentelemetry::KeyValue::new("wasmesh.filter.side", side),
+                opentelemetry::KeyValue::new("wasmesh.filter.outcome", outcome),
+            ],
+        );
+    }
+}
+
 fn over_mesh_h2(req: &mut Request<Body>) {
     let host = req
         .headers_mut()

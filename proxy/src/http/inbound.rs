@@ -18,7 +18,10 @@ use wasmesh_wasm::body::FilteredBody;
 use wasmesh_wasm::{Direction as WasmDirection, StreamInfo, Verdict};
 
 use super::ORIG_PROTO;
-use super::forward::{filter_response, finish, local_reply, protocol_name, rebuild, tunnel};
+use super::forward::{
+    filter_event, filter_response, finish, local_reply, method_name, protocol_name,
+    protocol_version, rebuild, tunnel,
+};
 use super::headers::{authority, is_grpc, is_upgrade, set_target, strip_hop_by_hop};
 use super::pool::{Sent, Wire, plain};
 use super::prefixed::Prefixed;
@@ -27,7 +30,9 @@ use super::{Body, boxed};
 use crate::detect::Protocol;
 use crate::filters::select::Direction as FilterSide;
 use crate::inbound::Inbound;
+use crate::otel::Span;
 use crate::state::Stats;
+use opentelemetry::trace::SpanKind;
 
 /// Who sent an inbound connection and where it was going.
 #[derive(Debug, Clone)]
@@ -83,11 +88,44 @@ impl Inbound {
     /// One request to the app: its response, or the proxy's own answer.
     async fn to_app(&self, req: Request<Incoming>, c: &InboundConn) -> Response<Body> {
         let grpc = is_grpc(req.headers());
-        match self.to_app_inner(req, c).await {
-            Ok(r) => r,
+        // The server span: a child of the calling sidecar's client span (or of whatever the
+        // client sent), the parent of the app's.
+        let mut span = self
+            .state
+            .tracer
+            .load()
+            .as_ref()
+            .map(|t| t.start(SpanKind::Server, req.headers()));
+        if let Some(s) = span.as_mut()
+            && s.is_sampled()
+        {
+            s.set("http.request.method", req.method().as_str().to_string());
+            s.set("url.path", req.uri().path().to_string());
+            s.set("network.protocol.version", protocol_version(req.version()));
+            s.set("server.port", i64::from(c.dst.port()));
+            s.set("client.address", c.peer.ip().to_string());
+            s.set("network.peer.address", c.peer.ip().to_string());
+            s.set("network.peer.port", i64::from(c.peer.port()));
+            if let Some(id) = &c.identity {
+                s.set("wasmesh.peer.identity", id.clone());
+            }
+            s.name(method_name(req.method()));
+        }
+        match self.to_app_inner(req, c, &mut span).await {
+            Ok(r) => {
+                if let Some(s) = span {
+                    s.end(Some(r.status().as_u16()), None);
+                }
+                r
+            }
             Err(e) => {
                 tracing::info!(peer = %c.peer, dst = %c.dst, cause = e.cause(), error = %e, "inbound request answered by the proxy");
-                e.into_response(grpc)
+                let cause = e.cause();
+                let r = e.into_response(grpc);
+                if let Some(s) = span {
+                    s.end(Some(r.status().as_u16()), Some(cause));
+                }
+                r
             }
         }
     }
@@ -96,6 +134,7 @@ impl Inbound {
         &self,
         mut req: Request<Incoming>,
         c: &InboundConn,
+        span: &mut Option<Span>,
     ) -> Result<Response<Body>, HttpError> {
         Stats::inc(&self.state.stats.inbound_http_requests);
         let client_version = req.version();
@@ -126,6 +165,7 @@ impl Inbound {
                 .await
                 .on_request_headers(&mut parts, request_eos)
                 .await;
+            filter_event(span, "inbound", &verdict);
             match verdict {
                 Verdict::Continue => {}
                 Verdict::LocalReply(r) => return Ok(local_reply(r)),
@@ -158,6 +198,9 @@ impl Inbound {
             .unwrap_or_else(|| "/".into());
         set_target(&mut parts, host.as_deref(), &path_and_query, version)
             .map_err(|e| HttpError::BadRequest(format!("cannot form the request target: {e}")))?;
+        if let Some(s) = span.as_ref() {
+            s.inject(&mut parts.headers);
+        }
 
         let app_unavailable = |e: String| HttpError::ConnectFailed {
             service: format!("the app on port {}", c.dst.port()),

@@ -182,6 +182,16 @@ impl Pools {
     }
 
     /// Whether connections to `peer` are mesh TLS (HTTP/2 can then carry HTTP/1.1 requests).
+    /// The SPIFFE ID a meshed endpoint must present (for spans and logs); None over plaintext.
+    pub fn peer_identity(&self, peer: &Peer<'_>) -> Option<String> {
+        if !self.is_mesh(peer) {
+            return None;
+        }
+        let state = self.mesh.as_ref()?.store.current()?;
+        peer.expected_identity(&state.bundle.trust_domain)
+            .map(|id| id.to_string())
+    }
+
     pub fn is_mesh(&self, peer: &Peer<'_>) -> bool {
         peer.meshed
             && self.dial == Dial::Direct

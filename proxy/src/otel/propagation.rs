@@ -1,0 +1,303 @@
+//! Trace context on the wire: W3C `traceparent`/`tracestate` (read and written), B3 (read in
+//! its single-header and multi-header forms, and rewritten when the request carried it, so an
+//! app that only speaks B3 continues the trace too).
+
+use http::HeaderMap;
+use http::header::{HeaderName, HeaderValue};
+use opentelemetry::trace::{SpanId, TraceFlags, TraceId};
+
+pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+static B3: HeaderName = HeaderName::from_static("b3");
+static B3_TRACE_ID: HeaderName = HeaderName::from_static("x-b3-traceid");
+static B3_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-spanid");
+static B3_PARENT_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-parentspanid");
+static B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
+static B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
+
+/// Which form the incoming context had (the outgoing one is written in the same form, plus W3C).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    W3c,
+    B3Single,
+    B3Multi,
+}
+
+/// The caller's span, as the request says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parent {
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
+    /// The caller sampled it (W3C flag 01, B3 `1` or `d`); None: the caller left it to us
+    /// (B3 without a sampling decision).
+    pub sampled: Option<bool>,
+    pub format: Format,
+}
+
+/// Reads the caller's context: `traceparent` first, else B3. Malformed headers are ignored
+/// (a new trace starts), as the W3C spec says.
+pub fn extract(headers: &HeaderMap) -> Option<Parent> {
+    if let Some(p) = headers
+        .get(&TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_traceparent)
+    {
+        return Some(p);
+    }
+    if let Some(p) = headers
+        .get(&B3)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_b3_single)
+    {
+        return Some(p);
+    }
+    let trace_id = headers.get(&B3_TRACE_ID)?.to_str().ok()?;
+    let span_id = headers.get(&B3_SPAN_ID)?.to_str().ok()?;
+    let sampled = if headers.get(&B3_FLAGS).is_some_and(|v| v.as_bytes() == b"1") {
+        Some(true)
+    } else {
+        match headers.get(&B3_SAMPLED).map(|v| v.as_bytes()) {
+            Some(b"1") | Some(b"true") => Some(true),
+            Some(b"0") | Some(b"false") => Some(false),
+            _ => None,
+        }
+    };
+    Some(Parent {
+        trace_id: b3_trace_id(trace_id)?,
+        span_id: hex_span_id(span_id)?,
+        sampled,
+        format: Format::B3Multi,
+    })
+}
+
+/// `00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`; a later version may append fields.
+pub fn parse_traceparent(s: &str) -> Option<Parent> {
+    let s = s.trim();
+    let mut parts = s.split('-');
+    let version = parts.next()?;
+    let trace_id = parts.next()?;
+    let span_id = parts.next()?;
+    let flags = parts.next()?;
+    if version.len() != 2 || !is_lower_hex(version) || version == "ff" {
+        return None;
+    }
+    // Version 00 has exactly four fields; later versions may add more.
+    if version == "00" && parts.next().is_some() {
+        return None;
+    }
+    if trace_id.len() != 32 || span_id.len() != 16 || flags.len() != 2 {
+        return None;
+    }
+    if !is_lower_hex(trace_id) || !is_lower_hex(span_id) || !is_lower_hex(flags) {
+        return None;
+    }
+    let trace_id = TraceId::from_hex(trace_id).ok()?;
+    let span_id = SpanId::from_hex(span_id).ok()?;
+    if trace_id == TraceId::INVALID || span_id == SpanId::INVALID {
+        return None;
+    }
+    let flags = u8::from_str_radix(flags, 16).ok()?;
+    Some(Parent {
+        trace_id,
+        span_id,
+        sampled: Some(flags & 1 == 1),
+        format: Format::W3c,
+    })
+}
+
+/// `b3: {TraceId}-{SpanId}[-{SamplingState}[-{ParentSpanId}]]`; a lone sampling state (`0`)
+/// carries no context.
+fn parse_b3_single(s: &str) -> Option<Parent> {
+    let mut parts = s.trim().split('-');
+    let trace_id = b3_trace_id(parts.next()?)?;
+    let span_id = hex_span_id(parts.next()?)?;
+    let sampled = match parts.next() {
+        None => None,
+        Some("1") | Some("d") => Some(true),
+        Some("0") => Some(false),
+        Some(_) => return None,
+    };
+    Some(Parent {
+        trace_id,
+        span_id,
+        sampled,
+        format: Format::B3Single,
+    })
+}
+
+/// B3 trace ids are 16 or 32 hex digits; a 64-bit one is the low half of ours.
+fn b3_trace_id(s: &str) -> Option<TraceId> {
+    if !(s.len() == 16 || s.len() == 32) || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let id = TraceId::from_hex(&s.to_ascii_lowercase()).ok()?;
+    (id != TraceId::INVALID).then_some(id)
+}
+
+fn hex_span_id(s: &str) -> Option<SpanId> {
+    if s.len() != 16 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let id = SpanId::from_hex(&s.to_ascii_lowercase()).ok()?;
+    (id != SpanId::INVALID).then_some(id)
+}
+
+fn is_lower_hex(s: &str) -> bool {
+    s.bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Writes the context the next hop continues: `traceparent` with `span_id` as its parent
+/// (`tracestate` passes through untouched), and B3 in the form the request came with.
+pub fn inject(
+    headers: &mut HeaderMap,
+    trace_id: TraceId,
+    span_id: SpanId,
+    flags: TraceFlags,
+    incoming: Option<Format>,
+) {
+    let sampled = flags.is_sampled();
+    let tp = format!(
+        "00-{trace_id}-{span_id}-{}",
+        if sampled { "01" } else { "00" }
+    );
+    if let Ok(v) = HeaderValue::from_str(&tp) {
+        headers.insert(TRACEPARENT.clone(), v);
+    }
+    match incoming {
+        Some(Format::B3Single) => {
+            let v = format!("{trace_id}-{span_id}-{}", if sampled { "1" } else { "0" });
+            if let Ok(v) = HeaderValue::from_str(&v) {
+                headers.insert(B3.clone(), v);
+            }
+        }
+        Some(Format::B3Multi) => {
+            // The caller's span becomes the parent; the span id is ours.
+            let parent = headers.get(&B3_SPAN_ID).cloned();
+            for (name, value) in [
+                (&B3_TRACE_ID, trace_id.to_string()),
+                (&B3_SPAN_ID, span_id.to_string()),
+                (&B3_SAMPLED, if sampled { "1" } else { "0" }.to_string()),
+            ] {
+                if let Ok(v) = HeaderValue::from_str(&value) {
+                    headers.insert(name.clone(), v);
+                }
+            }
+            headers.remove(&B3_FLAGS);
+            match parent {
+                Some(p) => {
+                    headers.insert(B3_PARENT_SPAN_ID.clone(), p);
+                }
+                None => {
+                    headers.remove(&B3_PARENT_SPAN_ID);
+                }
+            }
+        }
+        Some(Format::W3c) | None => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn traceparent_is_read_and_malformed_ones_are_ignored() {
+        let p = parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+            .expect("valid");
+        assert_eq!(
+            p.trace_id,
+            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").expect("hex")
+        );
+        assert_eq!(p.span_id.to_string(), "00f067aa0ba902b7");
+        assert_eq!(p.sampled, Some(true));
+        let p = parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00")
+            .expect("valid");
+        assert_eq!(p.sampled, Some(false));
+        // A future version with an extra field is read by its first four.
+        assert!(
+            parse_traceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-xyz")
+                .is_some()
+        );
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(parse_traceparent(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn b3_single_and_multi_are_read() {
+        let h = map(&[("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1")]);
+        let p = extract(&h).expect("b3");
+        assert_eq!(p.format, Format::B3Single);
+        assert_eq!(p.sampled, Some(true));
+        assert_eq!(p.span_id.to_string(), "e457b5a2e4d86bd1");
+        let h = map(&[
+            ("x-b3-traceid", "463ac35c9f6413ad"),
+            ("x-b3-spanid", "a2fb4a1d1a96d312"),
+            ("x-b3-sampled", "0"),
+        ]);
+        let p = extract(&h).expect("b3 multi");
+        assert_eq!(p.format, Format::B3Multi);
+        assert_eq!(p.sampled, Some(false));
+        // A 64-bit trace id is the low half.
+        assert_eq!(p.trace_id.to_string(), "0000000000000000463ac35c9f6413ad");
+        // traceparent wins over B3.
+        let h = map(&[
+            (
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+            ("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1"),
+        ]);
+        assert_eq!(extract(&h).expect("w3c").format, Format::W3c);
+        assert_eq!(extract(&map(&[("b3", "0")])), None);
+    }
+
+    #[test]
+    fn inject_writes_traceparent_keeps_tracestate_and_rewrites_b3() {
+        let mut h = map(&[
+            ("tracestate", "congo=t61rcWkgMzE"),
+            ("x-b3-traceid", "463ac35c9f6413ad"),
+            ("x-b3-spanid", "a2fb4a1d1a96d312"),
+            ("x-b3-sampled", "1"),
+        ]);
+        let t = TraceId::from_hex("0000000000000000463ac35c9f6413ad").expect("hex");
+        let s = SpanId::from_hex("00f067aa0ba902b7").expect("hex");
+        inject(&mut h, t, s, TraceFlags::SAMPLED, Some(Format::B3Multi));
+        assert_eq!(
+            h["traceparent"],
+            "00-0000000000000000463ac35c9f6413ad-00f067aa0ba902b7-01"
+        );
+        assert_eq!(h["tracestate"], "congo=t61rcWkgMzE");
+        assert_eq!(h["x-b3-spanid"], "00f067aa0ba902b7");
+        assert_eq!(h["x-b3-parentspanid"], "a2fb4a1d1a96d312");
+        assert_eq!(h["x-b3-sampled"], "1");
+        let mut h = HeaderMap::new();
+        inject(&mut h, t, s, TraceFlags::NOT_SAMPLED, None);
+        assert_eq!(
+            h["traceparent"],
+            "00-0000000000000000463ac35c9f6413ad-00f067aa0ba902b7-00"
+        );
+        assert!(!h.contains_key("x-b3-traceid"));
+    }
+}
