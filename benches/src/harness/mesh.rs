@@ -6,9 +6,10 @@
 //! 127.0.0.6. The proxies run as UID 1337 (which the rules exempt) pinned to [`PROXY_CPU`]; the
 //! app, the load tools and control run on [`LOAD_CPU`].
 //!
-//! Here: wasmesh control following a folder with the bench's Service ([`start_control`]), a
-//! wasmesh sidecar pair ([`start_wasmesh`]), an Envoy pair from two configs ([`start_envoy`]),
-//! and what a phase cost the pair's processes ([`measure`]).
+//! Here: wasmesh control following a folder with the bench's Service ([`start_control`]), as
+//! the mesh's CA too when the run has mTLS pairs, a wasmesh sidecar pair with or without mTLS
+//! ([`start_wasmesh`]), an Envoy pair from two configs ([`start_envoy`]), and what a phase cost
+//! the pair's processes ([`measure`]).
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use super::mtls::{self, NAMESPACE, Pki};
 use super::netns::{Daemon, NODE_IP, Placement, Pod, Topology, command_in};
 use super::procfs;
 use super::run::{Run, tool, tool_ok};
@@ -87,16 +89,52 @@ pub fn init_rules(proxy: &Path, pods: &[&Pod]) -> anyhow::Result<()> {
 
 /// Control in the node namespace, listening on the bridge address, with a folder holding the
 /// Service 10.96.0.10:80 (its port named `port_name`) and an EndpointSlice for the server
-/// pod's :8080.
+/// pod's :8080. With `pki`, control is also the mesh's CA (`--ca-dir`, `--tokens dir:`) and the
+/// folder has the two pods as meshed Pods (`wasmesh.io/injected`, ServiceAccounts
+/// `bench-client`, `bench-server`), the endpoint pointing at the server's: sidecars with a token
+/// then speak mTLS to it; sidecars without one (the plaintext pairs) still do not.
 pub fn start_control(
     run: Run<'_>,
     control: &Path,
     topo: &Topology,
     server_host: u8,
     port_name: &str,
+    pki: Option<&Pki>,
 ) -> anyhow::Result<Daemon> {
     let folder = run.dir.join("control");
     std::fs::create_dir_all(&folder)?;
+    let server_ip = Ipv4Addr::new(10, 244, 0, server_host);
+    let (target_ref, pods) = match pki {
+        None => (String::new(), String::new()),
+        Some(_) => (
+            format!("  targetRef: {{ kind: Pod, name: bench-server, namespace: {NAMESPACE} }}\n"),
+            ["client", "server"]
+                .iter()
+                .map(|role| {
+                    let status = if *role == "server" {
+                        format!("status: {{ podIP: \"{server_ip}\" }}\n")
+                    } else {
+                        String::new()
+                    };
+                    format!(
+                        "---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: bench-{role}
+  namespace: {NAMESPACE}
+  annotations: {{ wasmesh.io/injected: \"true\" }}
+spec:
+  serviceAccountName: {sa}
+  nodeName: bench-node
+  containers: [{{ name: app, image: bench }}]
+{status}",
+                        sa = mtls::identity(role).service_account,
+                    )
+                })
+                .collect(),
+        ),
+    };
     let yaml = format!(
         "apiVersion: v1
 kind: Service
@@ -116,16 +154,15 @@ addressType: IPv4
 ports:
 - {{ name: {port_name}, port: {app} }}
 endpoints:
-- addresses: [\"{server}\"]
+- addresses: [\"{server_ip}\"]
   nodeName: bench-node
-",
+{target_ref}{pods}",
         ip = SERVICE_IP,
         port = SERVICE_PORT,
         app = APP_PORT,
-        server = Ipv4Addr::new(10, 244, 0, server_host),
     );
     std::fs::write(folder.join("bench.yaml"), yaml)?;
-    let args: Vec<String> = [
+    let mut args: Vec<String> = [
         "serve",
         "--source",
         &format!("dir:{}", folder.display()),
@@ -137,6 +174,9 @@ endpoints:
     .iter()
     .map(|s| s.to_string())
     .collect();
+    if let Some(pki) = pki {
+        args.extend(pki.control_args());
+    }
     let mut cmd = command_in(
         &Placement {
             ns: &topo.node,
@@ -189,18 +229,20 @@ pub fn wait_ready(run: Run<'_>, pods: &[&Pod], what: &str) -> anyhow::Result<()>
 }
 
 /// `wasmesh-proxy run` (or another build of it, with `env`) in both pods, following control;
-/// returns (role, daemon) once both are ready. `log` names a role's log file.
+/// returns (role, daemon) once both are ready. `log` names a role's log file. With `pki`, each
+/// sidecar has its token (mTLS on) and the server side refuses plaintext.
 pub fn start_wasmesh(
     run: Run<'_>,
     binary: &Path,
     env: &[(String, String)],
     client: &Pod,
     server: &Pod,
+    pki: Option<&Pki>,
     log: &dyn Fn(&str) -> PathBuf,
 ) -> anyhow::Result<Vec<(&'static str, Daemon)>> {
     let mut started = Vec::new();
     for (role, pod) in [("client", client), ("server", server)] {
-        let args: Vec<String> = [
+        let mut args: Vec<String> = [
             "run",
             "--control",
             &format!("http://{NODE_IP}:15010"),
@@ -214,6 +256,9 @@ pub fn start_wasmesh(
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if let Some(pki) = pki {
+            args.extend(pki.proxy_args(role));
+        }
         let mut cmd = command_in(&as_proxy(pod), binary, &args);
         cmd.env("RUST_LOG", "warn");
         cmd.envs(env.iter().map(|(k, v)| (k, v)));

@@ -3,14 +3,23 @@
 
 use std::collections::BTreeMap;
 
-/// pair → metric → one value per round.
+/// pair → metric → one value per round; and lines for the report (the mTLS checks).
 #[derive(Debug, Default)]
 pub struct Results {
     by_pair: BTreeMap<String, BTreeMap<String, Vec<f64>>>,
     order: Vec<String>,
+    notes: Vec<String>,
 }
 
 impl Results {
+    pub fn note(&mut self, line: String) {
+        self.notes.push(line);
+    }
+
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
+
     pub fn add(&mut self, pair: &str, values: BTreeMap<String, f64>) {
         if !self.order.iter().any(|p| p == pair) {
             self.order.push(pair.to_string());

@@ -309,6 +309,67 @@ pub fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[rank - 1]
 }
 
+/// The tools every bench has besides its own (`BENCH __get`, `BENCH __tls-probe`); `None`
+/// when `cmd` is none of them.
+pub fn shared_tool(cmd: &str, args: &[String]) -> Option<anyhow::Result<()>> {
+    match cmd {
+        "get" => Some((|| {
+            let a = Args::parse(args)?;
+            let body = http_get(a.get("addr")?, &a.get::<String>("path")?)?;
+            print!("{body}");
+            Ok(())
+        })()),
+        "tls-probe" => Some(super::tls_probe::main(args)),
+        _ => None,
+    }
+}
+
+/// `GET path` on `addr` (an admin port): the body of a 200 answer, else an error with the
+/// status line.
+pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)
+        .with_context(|| format!("reading {addr}{path}"))?;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.lines().next().unwrap_or_default();
+    if status.split_whitespace().nth(1) != Some("200") {
+        bail!("{addr}{path} answered {status:?}");
+    }
+    if head
+        .lines()
+        .any(|l| l.eq_ignore_ascii_case("transfer-encoding: chunked"))
+    {
+        return Ok(unchunk(body));
+    }
+    Ok(body.to_string())
+}
+
+/// A chunked body's data.
+fn unchunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        let (Some(chunk), Some(after)) = (rest.get(..n), rest.get(n..)) else {
+            break;
+        };
+        if n == 0 {
+            break;
+        }
+        out.push_str(chunk);
+        body = after.strip_prefix("\r\n").unwrap_or(after);
+    }
+    out
+}
+
 /// Polls `GET path` on `addr` until it answers 200, or fails after `max`.
 pub fn wait_http(addr: SocketAddr, path: &str, max: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + max;

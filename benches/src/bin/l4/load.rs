@@ -18,7 +18,7 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use wasmesh_benches::harness::run::{Args, own_cpu, percentile, wait_http};
+use wasmesh_benches::harness::run::{Args, own_cpu, percentile, shared_tool, wait_http};
 
 /// Size of a request and of a response.
 pub const MSG: usize = 64;
@@ -26,6 +26,9 @@ const BULK_WRITE: usize = 128 * 1024;
 
 /// Runs one tool; `cmd` is the subcommand without its leading `__`.
 pub fn main(cmd: &str, args: &[String]) -> anyhow::Result<()> {
+    if let Some(done) = shared_tool(cmd, args) {
+        return done;
+    }
     let a = Args::parse(args)?;
     let rt = || {
         tokio::runtime::Builder::new_current_thread()

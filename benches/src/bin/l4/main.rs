@@ -7,6 +7,9 @@
 //! connections per second, requests per second on persistent connections, and round-trip
 //! latency at a fixed rate; with each phase the proxies' CPU seconds, each core's load and the
 //! proxies' resident memory. Prints Markdown tables with the ratios to direct and to the rivals.
+//! With `--mtls`: the new-connections phase through a wasmesh pair and an Envoy pair that speak
+//! mTLS between the proxies (one CA, [`wasmesh_benches::harness::mtls`]), with the plaintext
+//! pairs for reference, and a check of each mTLS pair's TLS.
 //!
 //! Needs root, and the binaries built first:
 //! `cargo build --release -p wasmesh-proxy -p wasmesh-control -p wasmesh-benches`.
@@ -23,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use wasmesh_benches::harness::mesh::{self, LOAD_CPU};
+use wasmesh_benches::harness::mtls::{self, Flavor, Pki};
 use wasmesh_benches::harness::netns::{self, Daemon, Placement, Topology, command_in};
 use wasmesh_benches::harness::procfs;
 use wasmesh_benches::harness::report::Results;
@@ -43,6 +47,8 @@ USAGE (as root, after building the binaries it runs; it builds and installs noth
 
 OPTIONS:
   --quick              short phases, one round (a smoke test; figures are rough)
+  --mtls               new mTLS connections per second: pairs direct,wasmesh,envoy,
+                       wasmesh-mtls,envoy-mtls, phase conns (--pairs, --phases still apply)
   --rounds N           repeat every pair N times, report medians          [default 3; quick 1]
   --secs S             duration of the bulk and requests/s phases          [default 8; quick 2]
   --latency-secs S     duration of the fixed-rate latency phase            [default 10; quick 3]
@@ -50,7 +56,8 @@ OPTIONS:
   --latency-conns N    persistent connections of the latency phase         [default 4]
   --conns N            connections of the new-connections phase, at most   [default 20000; quick 3000]
   --pairs LIST         which pairs, comma-separated                        [default direct,wasmesh,envoy,haproxy]
-                       also: wasmesh-buffered, haproxy-splice, proto, proto-current,
+                       also: wasmesh-mtls, envoy-mtls (mTLS between the proxies, one CA),
+                       wasmesh-buffered, haproxy-splice, proto, proto-current,
                        proto-lo, proto-current-lo (see benches/README.md)
   --phases LIST        which measurements, comma-separated                 [default bulk1,bulk4,conns,rr,lat]
   --quiet-wait S       before each phase, wait up to S seconds for the machine to be quiet
@@ -93,6 +100,7 @@ struct Params {
 
 fn params(args: &[String]) -> anyhow::Result<Params> {
     let quick = args.iter().any(|a| a == "--quick");
+    let mtls = args.iter().any(|a| a == "--mtls");
     let mut p = Params {
         rounds: if quick { 1 } else { 3 },
         secs: if quick { 2.0 } else { 8.0 },
@@ -100,12 +108,20 @@ fn params(args: &[String]) -> anyhow::Result<Params> {
         rate: 2000.0,
         latency_conns: 4,
         conns: if quick { 3000 } else { 20_000 },
-        pairs: ["direct", "wasmesh", "envoy", "haproxy"]
-            .iter()
-            .map(|n| Kind::parse(n, &[]))
-            .collect::<anyhow::Result<_>>()?,
+        pairs: if mtls {
+            &["direct", "wasmesh", "envoy", "wasmesh-mtls", "envoy-mtls"][..]
+        } else {
+            &["direct", "wasmesh", "envoy", "haproxy"][..]
+        }
+        .iter()
+        .map(|n| Kind::parse(n, &[]))
+        .collect::<anyhow::Result<_>>()?,
         alts: Vec::new(),
-        phases: PHASES.iter().map(|s| s.to_string()).collect(),
+        phases: if mtls {
+            vec!["conns".to_string()]
+        } else {
+            PHASES.iter().map(|s| s.to_string()).collect()
+        },
         quiet_wait: if quick { 0.0 } else { 300.0 },
         iperf3: false,
         bin_dir: None,
@@ -118,7 +134,7 @@ fn params(args: &[String]) -> anyhow::Result<Params> {
     while let Some(a) = it.next() {
         let mut value = || it.next().with_context(|| format!("{a} needs a value"));
         match a.as_str() {
-            "--quick" => {}
+            "--quick" | "--mtls" => {}
             "--iperf3" => p.iperf3 = true,
             "--keep" => p.keep = true,
             "--rounds" => p.rounds = value()?.parse().context("--rounds needs a number")?,
@@ -236,7 +252,7 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
     let control = built("wasmesh-control")?;
     let proto = built("copy-proto")?;
     let wants = |f: &dyn Fn(Kind) -> bool| p.pairs.iter().any(|k| f(*k));
-    let envoy_src = if wants(&|k| k == Kind::Envoy) {
+    let envoy_src = if wants(&|k| k.envoy()) {
         Some(find_envoy(p.envoy.as_ref())?)
     } else {
         None
@@ -294,7 +310,12 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
             .with_context(|| format!("copying --alt {}", alt.path.display()))?;
         alt.path = dst;
     }
-    let tools = Tools {
+    let pki = if wants(&|k| k.mtls().is_some()) {
+        Some(Pki::create(&dir.path)?)
+    } else {
+        None
+    };
+    let mut tools = Tools {
         me: me.clone(),
         proxy: proxy.clone(),
         control: control.clone(),
@@ -302,6 +323,8 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
         envoy: envoy.clone(),
         haproxy: haproxy.clone(),
         alts,
+        pki,
+        node: String::new(),
         dir: dir.path.clone(),
     };
 
@@ -320,6 +343,9 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
     }
     if let Some(h) = &haproxy {
         header.push(format!("haproxy: {}", version(h, "-v")));
+    }
+    if let Some(pki) = &tools.pki {
+        header.extend(pki.describe());
     }
     for alt in &p.alts {
         let env: Vec<String> = alt.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -354,14 +380,20 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
     // every pair's pods take the same addresses: client 10.244.0.11, server 10.244.0.12 (the
     // endpoint control serves).
     let mut topo = Topology::new()?;
+    tools.node = topo.node.clone();
     let (client_host, server_host) = (11, 12);
     let _control = if p.pairs.iter().any(|k| k.wasmesh()) {
+        // The CA only when a wasmesh pair uses it: plaintext runs start control as before.
+        let ca = wants(&|k| k.mtls() == Some(Flavor::Wasmesh))
+            .then_some(tools.pki.as_ref())
+            .flatten();
         Some(mesh::start_control(
             tools.run(),
             &tools.control,
             &topo,
             server_host,
             "tcp",
+            ca,
         )?)
     } else {
         None
@@ -415,7 +447,7 @@ fn measure_all(
             let measured = init_rules(tools, &pair)
                 .and_then(|()| pair.start(tools, round))
                 .and_then(|mut running| {
-                    measure_pair(p, tools, &pair, &mut running, ticks, results, iperf3)
+                    measure_pair(p, tools, &pair, &mut running, ticks, results, iperf3, round)
                 });
             let removed = topo
                 .remove_pod(&pair.client)
@@ -458,6 +490,7 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
+#[allow(clippy::too_many_arguments)]
 fn measure_pair(
     p: &Params,
     tools: &Tools,
@@ -466,6 +499,7 @@ fn measure_pair(
     ticks: f64,
     results: &mut Results,
     iperf3: Option<&Path>,
+    round: usize,
 ) -> anyhow::Result<()> {
     let name = pair.kind.name();
     let mut rec = BTreeMap::<String, f64>::new();
@@ -528,6 +562,8 @@ fn measure_pair(
             ],
         ),
     ];
+    // Connections the load tools opened (each one TLS handshake through an mTLS pair).
+    let mut opened = 0.0;
     for (phase, args) in phases {
         if !p.phases.iter().any(|x| x == phase) {
             continue;
@@ -542,6 +578,13 @@ fn measure_pair(
         let (v, cost) = measure_phase(tools, pair, running, ticks, &args, long)?;
         running.check()?;
         let num = |k: &str| v.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+        opened += match phase {
+            "bulk1" => 1.0,
+            "bulk4" => 4.0,
+            "conns" => num("ok") + num("failed"),
+            "rr" => 16.0,
+            _ => p.latency_conns as f64,
+        };
         match phase {
             "bulk1" | "bulk4" => {
                 rec.insert(format!("{phase}.gbps"), num("gbit_per_s"));
@@ -614,6 +657,24 @@ fn measure_pair(
     for (role, pid) in &running.proxies {
         let m = procfs::memory(*pid)?;
         rec.insert(format!("hwm.{role}"), mib(m.hwm));
+    }
+    rec.insert("load.conns".into(), opened);
+    if let Some(flavor) = pair.kind.mtls() {
+        let pki = tools.pki.as_ref().context("no CA")?;
+        let check = mtls::check_pair(
+            tools.run(),
+            flavor,
+            &pair.client,
+            &pair.server,
+            &tools.node,
+            mtls::App::Echo,
+            pki,
+        )
+        .with_context(|| format!("checking {name}'s mTLS"))?;
+        check.record(&mut rec);
+        let line = check.line(&name, round);
+        eprintln!("  mTLS: {line}");
+        results.note(line);
     }
     if let Some(iperf3) = iperf3 {
         let gbps = iperf3_bulk(p, tools, pair, running, iperf3)?;

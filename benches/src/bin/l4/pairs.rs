@@ -15,6 +15,10 @@
 //! - `haproxy`: `mode tcp`; the outbound frontend routes on the original destination (`dst`,
 //!   which HAProxy reads with SO_ORIGINAL_DST); the inbound backend is `server 0.0.0.0` (the
 //!   original destination) with `source 127.0.0.6`. `haproxy-splice` adds `option splice-auto`.
+//! - `wasmesh-mtls`, `envoy-mtls`: the same pairs with mTLS between the proxies, certificates
+//!   from one CA ([`wasmesh_benches::harness::mtls`]): every app connection is a new TLS 1.3
+//!   connection between the sidecars (tcp_proxy opens one upstream connection per downstream
+//!   connection; wasmesh's L4 path likewise).
 //! - `wasmesh-buffered`: the same with `--copy buffered` (no splice).
 //! - `proto*`: the experiment `benches/src/bin/copy_proto.rs`, same shape.
 //! - `direct`: no rules, no proxies; the client connects to the server pod's :8080.
@@ -29,6 +33,7 @@ pub use wasmesh_benches::harness::mesh::Alt;
 use wasmesh_benches::harness::mesh::{
     self, APP_PORT, ENVOY_ADMIN, LOAD_CPU, SERVICE_IP, SERVICE_PORT, as_proxy, write_config,
 };
+use wasmesh_benches::harness::mtls::{self, Flavor, Pki};
 use wasmesh_benches::harness::netns::{Daemon, Placement, Pod, command_in};
 use wasmesh_benches::harness::run::{self, Run};
 
@@ -36,9 +41,13 @@ use wasmesh_benches::harness::run::{self, Run};
 pub enum Kind {
     Direct,
     Wasmesh,
+    /// The wasmesh pair with mTLS between the sidecars.
+    WasmeshMtls,
     /// `wasmesh-proxy run --copy buffered` (read/write through a 64 KiB buffer, no splice).
     WasmeshBuffered,
     Envoy,
+    /// The Envoy pair with mTLS between the proxies (certificates from the same CA).
+    EnvoyMtls,
     Haproxy,
     HaproxySplice,
     /// `copy-proto`: current-thread runtime?, inbound to loopback without a bind?
@@ -54,8 +63,9 @@ pub enum Kind {
 }
 
 /// Names `--pairs` accepts.
-pub const KNOWN: &str = "direct, wasmesh, wasmesh-buffered, envoy, haproxy, haproxy-splice, \
-                         proto, proto-current, proto-lo, proto-current-lo, and --alt names";
+pub const KNOWN: &str = "direct, wasmesh, wasmesh-mtls, wasmesh-buffered, envoy, envoy-mtls, \
+                         haproxy, haproxy-splice, proto, proto-current, proto-lo, \
+                         proto-current-lo, and --alt names";
 
 impl Kind {
     pub fn parse(name: &str, alts: &[Alt]) -> anyhow::Result<Self> {
@@ -67,8 +77,10 @@ impl Kind {
         Ok(match name {
             "direct" => Self::Direct,
             "wasmesh" => Self::Wasmesh,
+            "wasmesh-mtls" => Self::WasmeshMtls,
             "wasmesh-buffered" => Self::WasmeshBuffered,
             "envoy" => Self::Envoy,
+            "envoy-mtls" => Self::EnvoyMtls,
             "haproxy" => Self::Haproxy,
             "haproxy-splice" => Self::HaproxySplice,
             "proto" => Self::Proto {
@@ -95,8 +107,10 @@ impl Kind {
         match self {
             Self::Direct => "direct".into(),
             Self::Wasmesh => "wasmesh".into(),
+            Self::WasmeshMtls => "wasmesh-mtls".into(),
             Self::WasmeshBuffered => "wasmesh-buffered".into(),
             Self::Envoy => "envoy".into(),
+            Self::EnvoyMtls => "envoy-mtls".into(),
             Self::Haproxy => "haproxy".into(),
             Self::HaproxySplice => "haproxy-splice".into(),
             Self::Proto { current, loopback } => format!(
@@ -117,8 +131,22 @@ impl Kind {
     pub fn wasmesh(self) -> bool {
         matches!(
             self,
-            Self::Wasmesh | Self::WasmeshBuffered | Self::Alt { .. }
+            Self::Wasmesh | Self::WasmeshMtls | Self::WasmeshBuffered | Self::Alt { .. }
         )
+    }
+
+    /// Whether it runs Envoy.
+    pub fn envoy(self) -> bool {
+        matches!(self, Self::Envoy | Self::EnvoyMtls)
+    }
+
+    /// Whose proxies speak mTLS to each other, if any.
+    pub fn mtls(self) -> Option<Flavor> {
+        match self {
+            Self::WasmeshMtls => Some(Flavor::Wasmesh),
+            Self::EnvoyMtls => Some(Flavor::Envoy),
+            _ => None,
+        }
     }
 }
 
@@ -134,6 +162,10 @@ pub struct Tools {
     pub haproxy: Option<PathBuf>,
     /// Experiment builds of wasmesh-proxy (`--alt`), paths already copied into the run folder.
     pub alts: Vec<Alt>,
+    /// The run's CA and certificates, when it has mTLS pairs.
+    pub pki: Option<Pki>,
+    /// The node's namespace (the mTLS checks probe from there).
+    pub node: String,
     /// The run's folder (configs, logs); readable by UID 1337.
     pub dir: PathBuf,
 }
@@ -216,7 +248,7 @@ impl Pair {
         let mut proxies = Vec::new();
         match self.kind {
             Kind::Direct => {}
-            Kind::Wasmesh | Kind::WasmeshBuffered | Kind::Alt { .. } => {
+            Kind::Wasmesh | Kind::WasmeshMtls | Kind::WasmeshBuffered | Kind::Alt { .. } => {
                 let (binary, env) = match self.kind {
                     Kind::Alt { index, .. } => {
                         let alt = &tools.alts[index];
@@ -228,25 +260,34 @@ impl Pair {
                     ),
                     _ => (&tools.proxy, Vec::new()),
                 };
+                let pki = match self.kind {
+                    Kind::WasmeshMtls => Some(tools.pki.as_ref().context("no CA")?),
+                    _ => None,
+                };
                 for (role, d) in mesh::start_wasmesh(
                     tools.run(),
                     binary,
                     &env,
                     &self.client,
                     &self.server,
+                    pki,
                     &log,
                 )? {
                     proxies.push((role, d.pid()));
                     daemons.push(d);
                 }
             }
-            Kind::Envoy => {
+            Kind::Envoy | Kind::EnvoyMtls => {
                 let envoy = tools.envoy.as_ref().context("no envoy")?;
+                let pki = match self.kind {
+                    Kind::EnvoyMtls => Some(tools.pki.as_ref().context("no CA")?),
+                    _ => None,
+                };
                 for (role, d) in mesh::start_envoy(
                     tools.run(),
                     envoy,
-                    (&self.client, envoy_outbound(self.server.ip)),
-                    (&self.server, envoy_inbound()),
+                    (&self.client, envoy_outbound(self.server.ip, pki)),
+                    (&self.server, envoy_inbound(pki)),
                     &log,
                 )? {
                     proxies.push((role, d.pid()));
@@ -335,7 +376,8 @@ fn tool_ok(tools: &Tools, ns: &str, args: &[&str]) -> anyhow::Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Envoy (static config; admin on 127.0.0.1:15000 for /ready, as in an Istio sidecar)
 
-fn envoy_outbound(server: Ipv4Addr) -> String {
+/// With `pki`, the cluster speaks mTLS to the server side.
+fn envoy_outbound(server: Ipv4Addr, pki: Option<&Pki>) -> String {
     let mut s = String::from(ENVOY_ADMIN);
     let _ = write!(
         s,
@@ -363,26 +405,31 @@ fn envoy_outbound(server: Ipv4Addr) -> String {
     type: STATIC
     connect_timeout: 1s
     lb_policy: LEAST_REQUEST
-    load_assignment:
+{tls}    load_assignment:
       cluster_name: bench
       endpoints:
       - lb_endpoints:
         - endpoint:
             address:
               socket_address: {{ address: {server}, port_value: {APP_PORT} }}
-"#
+"#,
+        tls = pki
+            .map(|p| mtls::envoy_upstream_tls(p, 4))
+            .unwrap_or_default(),
     );
     s
 }
 
-fn envoy_inbound() -> String {
+/// With `pki`, the listener requires mTLS.
+fn envoy_inbound(pki: Option<&Pki>) -> String {
     let mut s = String::from(ENVOY_ADMIN);
-    s.push_str(
+    let _ = write!(
+        s,
         r#"static_resources:
   listeners:
   - name: inbound
     address:
-      socket_address: { address: 0.0.0.0, port_value: 15006 }
+      socket_address: {{ address: 0.0.0.0, port_value: 15006 }}
     listener_filters:
     - name: envoy.filters.listener.original_dst
       typed_config:
@@ -394,14 +441,17 @@ fn envoy_inbound() -> String {
           "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
           stat_prefix: inbound_bench
           cluster: inbound_passthrough
-  clusters:
+{tls}  clusters:
   - name: inbound_passthrough
     type: ORIGINAL_DST
     connect_timeout: 1s
     lb_policy: CLUSTER_PROVIDED
     upstream_bind_config:
-      source_address: { address: 127.0.0.6, port_value: 0 }
+      source_address: {{ address: 127.0.0.6, port_value: 0 }}
 "#,
+        tls = pki
+            .map(|p| mtls::envoy_downstream_tls(p, 6))
+            .unwrap_or_default(),
     );
     s
 }

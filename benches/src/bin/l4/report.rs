@@ -219,6 +219,10 @@ pub fn render(header: &[String], p: &Params, r: &Results) -> String {
         );
     }
 
+    if r.has("wasmesh-mtls") || r.has("envoy-mtls") {
+        mtls_section(&mut s, r);
+    }
+
     // Ratios and targets.
     if r.has("wasmesh") {
         let w = "wasmesh";
@@ -234,6 +238,9 @@ pub fn render(header: &[String], p: &Params, r: &Results) -> String {
             None => "—",
         };
         let row = |s: &mut String, name: &str, key: &str, target: &str, ok: Option<bool>| {
+            if !r.measured(key) {
+                return;
+            }
             let _ = writeln!(
                 s,
                 "| {name} | {} | {} | {} | {target} | {} |",
@@ -293,4 +300,92 @@ pub fn render(header: &[String], p: &Params, r: &Results) -> String {
         );
     }
     s
+}
+
+/// The mTLS pairs against each other (the issue's target: more new mTLS connections per second
+/// than Envoy), against their plaintext selves, and the checks of their TLS.
+fn mtls_section(s: &mut String, r: &Results) {
+    let (w, e) = ("wasmesh-mtls", "envoy-mtls");
+    let _ = writeln!(
+        s,
+        "\n**mTLS between the proxies** (same run; through an mTLS pair every app connection is \
+         a new TLS 1.3 connection between the proxies, certificates from one CA)\n"
+    );
+    let _ = writeln!(s, "| measure | {w} | {e} | {w} / {e} | target | met |");
+    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    let per_conn = |pair: &str| Some(r.get(pair, "conns.cpu")? / r.get(pair, "conns.ok")? * 1e6);
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b != 0.0 => Some(a / b),
+        _ => None,
+    };
+    if r.measured("conns.per_s") {
+        let conns = r.ratio(w, e, "conns.per_s");
+        let _ = writeln!(
+            s,
+            "| new mTLS connections/s | {} | {} | {} | > Envoy with mTLS | {} |",
+            with_spread(r, w, "conns.per_s", 0),
+            with_spread(r, e, "conns.per_s", 0),
+            x(conns),
+            match conns {
+                Some(v) if v > 1.0 => "yes",
+                Some(_) => "**no**",
+                None => "—",
+            }
+        );
+        let _ = writeln!(
+            s,
+            "| proxy CPU µs per connection | {} | {} | {} | (reported) | — |",
+            f(per_conn(w), 1),
+            f(per_conn(e), 1),
+            x(ratio(per_conn(w), per_conn(e))),
+        );
+        let _ = writeln!(
+            s,
+            "| conn/s × the same proxies without mTLS | {} | {} | — | (reported) | — |",
+            x(r.ratio(w, "wasmesh", "conns.per_s")),
+            x(r.ratio(e, "envoy", "conns.per_s")),
+        );
+    }
+    if r.measured("rr.per_s") {
+        let _ = writeln!(
+            s,
+            "| requests/s, persistent | {} | {} | {} | (reported) | — |",
+            with_spread(r, w, "rr.per_s", 0),
+            with_spread(r, e, "rr.per_s", 0),
+            x(r.ratio(w, e, "rr.per_s")),
+        );
+    }
+    let per_app =
+        |pair: &str| Some(r.get(pair, "mtls.client_handshakes")? / r.get(pair, "load.conns")?);
+    let _ = writeln!(
+        s,
+        "| TLS handshakes by the client side per app connection | {} | {} | — | 1 (no pooling at L4) | — |",
+        f(per_app(w), 2),
+        f(per_app(e), 2),
+    );
+    let resumed = |pair: &str| {
+        Some(r.get(pair, "mtls.client_resumed")? / r.get(pair, "mtls.client_handshakes")?)
+    };
+    let server_resumes = |pair: &str| match r.get(pair, "mtls.server_resumes") {
+        Some(v) if v >= 0.5 => "yes",
+        Some(_) => "no",
+        None => "—",
+    };
+    let _ = writeln!(
+        s,
+        "| sessions resumed: share of the client side's handshakes / server side resumes (probe) | — / {} | {} / {} | — | (reported) | — |",
+        server_resumes(w),
+        pct(resumed(e)),
+        server_resumes(e),
+    );
+    if !r.notes().is_empty() {
+        let _ = writeln!(
+            s,
+            "\nmTLS checks (after each mTLS pair's phases: the proxies' own TLS counters, then a \
+             TLS client of the bench from the node to the server pod's app port):\n"
+        );
+        for n in r.notes() {
+            let _ = writeln!(s, "- {n}");
+        }
+    }
 }

@@ -27,7 +27,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
-use wasmesh_benches::harness::run::{Args, own_cpu, percentile, wait_http};
+use wasmesh_benches::harness::run::{Args, own_cpu, percentile, shared_tool, wait_http};
 
 /// Size of a response body.
 pub const BODY: usize = 64;
@@ -64,6 +64,9 @@ impl Proto {
 
 /// Runs one tool; `cmd` is the subcommand without its leading `__`.
 pub fn main(cmd: &str, args: &[String]) -> anyhow::Result<()> {
+    if let Some(done) = shared_tool(cmd, args) {
+        return done;
+    }
     let a = Args::parse(args)?;
     let rt = || {
         tokio::runtime::Builder::new_current_thread()

@@ -7,7 +7,10 @@
 //! body) and the load generator is hyper too ([`load`]), the same for every pair and both
 //! protocols. Per pair and protocol: requests/s at saturation (closed loop) and latency at a
 //! fixed rate (open loop), with the proxies' CPU seconds and resident memory. Prints Markdown
-//! tables with the ratios to direct and to Envoy, and the issue's targets.
+//! tables with the ratios to direct and to Envoy, and the issue's targets. With `--mtls`:
+//! requests/s at saturation through a wasmesh pair and Envoy pairs that speak mTLS between the
+//! proxies (one CA, [`wasmesh_benches::harness::mtls`]), the plaintext pairs for reference, and
+//! a check of each mTLS pair's TLS.
 //!
 //! Needs root, and the binaries built first:
 //! `cargo build --release -p wasmesh-proxy -p wasmesh-control -p wasmesh-benches`.
@@ -23,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use wasmesh_benches::harness::mesh::{self, Alt, LOAD_CPU, PROXY_CPU};
+use wasmesh_benches::harness::mtls::{self, Flavor, Pki};
 use wasmesh_benches::harness::netns::{self, Topology};
 use wasmesh_benches::harness::procfs;
 use wasmesh_benches::harness::report::Results;
@@ -45,6 +49,8 @@ USAGE (as root, after building the binaries it runs; it builds and installs noth
 
 OPTIONS:
   --quick              short phases, one round (a smoke test; figures are rough)
+  --mtls               HTTP requests/s through mTLS pairs: pairs direct,wasmesh,envoy,wasmesh-mtls,
+                       envoy-mtls,envoy-mtls-h2, phase sat (--pairs, --phases still apply)
   --rounds N           repeat every pair N times, report medians          [default 3; quick 1]
   --secs S             duration of the saturation phase                    [default 8; quick 2]
   --latency-secs S     duration of the fixed-rate latency phase            [default 10; quick 3]
@@ -55,6 +61,8 @@ OPTIONS:
   --h2-conns N         HTTP/2 connections at saturation                    [default 4]
   --h2-streams M       concurrent streams per HTTP/2 connection at saturation [default 4]
   --pairs LIST         which pairs, comma-separated                        [default direct,wasmesh,envoy]
+                       also: wasmesh-mtls, envoy-mtls, envoy-mtls-h2 (mTLS between the proxies,
+                       one CA; -h2: HTTP/2 between the Envoys, measured with HTTP/1.1 only)
   --protocols LIST     h1, h2                                              [default h1,h2]
   --phases LIST        sat (requests/s at saturation), lat (latency at --rate) [default sat,lat]
   --quiet-wait S       before each phase, wait up to S seconds for the machine to be quiet
@@ -96,6 +104,7 @@ pub struct Params {
 
 fn params(args: &[String]) -> anyhow::Result<Params> {
     let quick = args.iter().any(|a| a == "--quick");
+    let mtls = args.iter().any(|a| a == "--mtls");
     let mut p = Params {
         rounds: if quick { 1 } else { 3 },
         secs: if quick { 2.0 } else { 8.0 },
@@ -105,10 +114,25 @@ fn params(args: &[String]) -> anyhow::Result<Params> {
         h1_conns: 16,
         h2_conns: 4,
         h2_streams: 4,
-        pairs: vec![Kind::Direct, Kind::Wasmesh, Kind::Envoy],
+        pairs: if mtls {
+            vec![
+                Kind::Direct,
+                Kind::Wasmesh,
+                Kind::Envoy,
+                Kind::WasmeshMtls,
+                Kind::EnvoyMtls,
+                Kind::EnvoyMtlsH2,
+            ]
+        } else {
+            vec![Kind::Direct, Kind::Wasmesh, Kind::Envoy]
+        },
         protocols: vec![Proto::H1, Proto::H2],
         alts: Vec::new(),
-        phases: PHASES.iter().map(|s| s.to_string()).collect(),
+        phases: if mtls {
+            vec!["sat".to_string()]
+        } else {
+            PHASES.iter().map(|s| s.to_string()).collect()
+        },
         quiet_wait: if quick { 0.0 } else { 300.0 },
         bin_dir: None,
         envoy: None,
@@ -129,7 +153,7 @@ fn params(args: &[String]) -> anyhow::Result<Params> {
             v.parse().with_context(|| format!("{a} needs a number"))
         };
         match a.as_str() {
-            "--quick" => {}
+            "--quick" | "--mtls" => {}
             "--keep" => p.keep = true,
             "--rounds" => p.rounds = number(value()?)? as usize,
             "--secs" => p.secs = number(value()?)?,
@@ -251,7 +275,8 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
     };
     let proxy_src = built("wasmesh-proxy")?;
     let control = built("wasmesh-control")?;
-    let envoy_src = if p.pairs.contains(&Kind::Envoy) {
+    let wants = |f: &dyn Fn(Kind) -> bool| p.pairs.iter().any(|k| f(*k));
+    let envoy_src = if wants(&|k| k.envoy()) {
         Some(find_envoy(p.envoy.as_ref())?)
     } else {
         None
@@ -289,12 +314,19 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
     for (i, alt) in alts.iter_mut().enumerate() {
         alt.path = snapshot(&alt.path, &format!("l7-alt-{i}"))?;
     }
-    let tools = Tools {
+    let pki = if wants(&|k| k.mtls().is_some()) {
+        Some(Pki::create(&dir.path)?)
+    } else {
+        None
+    };
+    let mut tools = Tools {
         me,
         proxy: proxy.clone(),
         control,
         envoy: envoy.clone(),
         alts,
+        pki,
+        node: String::new(),
         dir: dir.path.clone(),
     };
 
@@ -319,6 +351,9 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
              downstream protocol, no access log, stats off"
                 .to_string(),
         );
+    }
+    if let Some(pki) = &tools.pki {
+        header.extend(pki.describe());
     }
     for alt in &p.alts {
         let env: Vec<String> = alt.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -352,8 +387,13 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
 
     // As in l4: the node now; each pair's pods fresh each round, at the same addresses.
     let mut topo = Topology::new()?;
+    tools.node = topo.node.clone();
     let (client_host, server_host) = (11, 12);
     let _control = if p.pairs.iter().any(|k| k.wasmesh()) {
+        // The CA only when a wasmesh pair uses it: plaintext runs start control as before.
+        let ca = wants(&|k| k.mtls() == Some(Flavor::Wasmesh))
+            .then_some(tools.pki.as_ref())
+            .flatten();
         // Port named `http`: declared HTTP.
         Some(mesh::start_control(
             tools.run(),
@@ -361,6 +401,7 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
             &topo,
             server_host,
             "http",
+            ca,
         )?)
     } else {
         None
@@ -416,7 +457,7 @@ fn measure_all(
             let measured = rules
                 .and_then(|()| pair.start(tools, round))
                 .and_then(|mut running| {
-                    measure_pair(p, tools, &pair, &mut running, ticks, results)
+                    measure_pair(p, tools, &pair, &mut running, ticks, results, round)
                 });
             let removed = topo
                 .remove_pod(&pair.client)
@@ -440,6 +481,7 @@ fn measure_pair(
     running: &mut Running,
     ticks: f64,
     results: &mut Results,
+    round: usize,
 ) -> anyhow::Result<()> {
     let name = pair.kind.name();
     let mut rec = BTreeMap::<String, f64>::new();
@@ -452,7 +494,7 @@ fn measure_pair(
     }
     let target = running.target.to_string();
     let long = Duration::from_secs_f64(p.secs.max(p.latency_secs) * 3.0 + 60.0);
-    for proto in &p.protocols {
+    for proto in p.protocols.iter().filter(|pr| pair.kind.measures(**pr)) {
         let pr = proto.name();
         let (conns, streams) = match proto {
             Proto::H1 => (p.h1_conns, 1),
@@ -557,6 +599,23 @@ fn measure_pair(
     for (role, pid) in &running.proxies {
         let m = procfs::memory(*pid)?;
         rec.insert(format!("hwm.{role}"), mib(m.hwm));
+    }
+    if let Some(flavor) = pair.kind.mtls() {
+        let pki = tools.pki.as_ref().context("no CA")?;
+        let check = mtls::check_pair(
+            tools.run(),
+            flavor,
+            &pair.client,
+            &pair.server,
+            &tools.node,
+            mtls::App::Http,
+            pki,
+        )
+        .with_context(|| format!("checking {name}'s mTLS"))?;
+        check.record(&mut rec);
+        let line = check.line(&name, round);
+        eprintln!("  mTLS: {line}");
+        results.note(line);
     }
     results.add(&name, rec);
     Ok(())

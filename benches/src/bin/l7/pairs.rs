@@ -13,6 +13,15 @@
 //!   inbound listener with original_dst → HCM → router → an ORIGINAL_DST cluster bound to
 //!   127.0.0.6. Both clusters speak upstream what the client spoke downstream
 //!   (`use_downstream_protocol_config`). No access log; stats off (`reject_all`).
+//! - `wasmesh-mtls`: `wasmesh` with mTLS between the sidecars (certificates from control as the
+//!   CA, [`wasmesh_benches::harness::mtls`]); the client side carries HTTP/1.1 requests over one
+//!   HTTP/2 mTLS connection per endpoint, the server side gives the app HTTP/1.1 again.
+//! - `envoy-mtls`: `envoy` with mTLS between the Envoys (certificates from the same CA): an
+//!   UpstreamTlsContext on the client's cluster, a DownstreamTlsContext requiring the client's
+//!   certificate on the inbound listener; upstream protocol = downstream protocol.
+//! - `envoy-mtls-h2`: `envoy-mtls` with HTTP/2 between the Envoys whatever the app speaks and
+//!   HTTP/1.1 from the inbound Envoy to the app (Istio's sidecars upgrade to HTTP/2 between
+//!   them): measured with HTTP/1.1 only — for HTTP/2 it is `envoy-mtls`.
 //! - `direct`: no rules, no proxies; the client connects to the server pod's :8080.
 //! - `--alt NAME=PATH`: another wasmesh-proxy build, run like `wasmesh`.
 
@@ -24,14 +33,23 @@ use anyhow::{Context, bail};
 use wasmesh_benches::harness::mesh::{
     self, APP_PORT, Alt, ENVOY_ADMIN, LOAD_CPU, SERVICE_IP, SERVICE_PORT,
 };
+use wasmesh_benches::harness::mtls::{self, Flavor, Pki};
 use wasmesh_benches::harness::netns::{Daemon, Placement, Pod, command_in};
 use wasmesh_benches::harness::run::{self, Run};
+
+use crate::load::Proto;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Direct,
     Wasmesh,
+    /// The wasmesh pair with mTLS between the sidecars.
+    WasmeshMtls,
     Envoy,
+    /// The Envoy pair with mTLS between the Envoys, upstream protocol = downstream protocol.
+    EnvoyMtls,
+    /// The same, HTTP/2 between the Envoys and HTTP/1.1 to the app.
+    EnvoyMtlsH2,
     /// Another `wasmesh-proxy` build (`--alt`): the `index`th of [`Tools::alts`].
     Alt {
         index: usize,
@@ -49,8 +67,14 @@ impl Kind {
         Ok(match name {
             "direct" => Self::Direct,
             "wasmesh" => Self::Wasmesh,
+            "wasmesh-mtls" => Self::WasmeshMtls,
             "envoy" => Self::Envoy,
-            other => bail!("unknown pair {other} (known: direct, wasmesh, envoy, and --alt names)"),
+            "envoy-mtls" => Self::EnvoyMtls,
+            "envoy-mtls-h2" => Self::EnvoyMtlsH2,
+            other => bail!(
+                "unknown pair {other} (known: direct, wasmesh, wasmesh-mtls, envoy, envoy-mtls, \
+                 envoy-mtls-h2, and --alt names)"
+            ),
         })
     }
 
@@ -58,14 +82,36 @@ impl Kind {
         match self {
             Self::Direct => "direct".into(),
             Self::Wasmesh => "wasmesh".into(),
+            Self::WasmeshMtls => "wasmesh-mtls".into(),
             Self::Envoy => "envoy".into(),
+            Self::EnvoyMtls => "envoy-mtls".into(),
+            Self::EnvoyMtlsH2 => "envoy-mtls-h2".into(),
             Self::Alt { name, .. } => name.to_string(),
         }
     }
 
     /// Whether it needs wasmesh control.
     pub fn wasmesh(self) -> bool {
-        matches!(self, Self::Wasmesh | Self::Alt { .. })
+        matches!(self, Self::Wasmesh | Self::WasmeshMtls | Self::Alt { .. })
+    }
+
+    /// Whether it runs Envoy.
+    pub fn envoy(self) -> bool {
+        matches!(self, Self::Envoy | Self::EnvoyMtls | Self::EnvoyMtlsH2)
+    }
+
+    /// Whose proxies speak mTLS to each other, if any.
+    pub fn mtls(self) -> Option<Flavor> {
+        match self {
+            Self::WasmeshMtls => Some(Flavor::Wasmesh),
+            Self::EnvoyMtls | Self::EnvoyMtlsH2 => Some(Flavor::Envoy),
+            _ => None,
+        }
+    }
+
+    /// Whether it is measured with this protocol (`envoy-mtls-h2` is `envoy-mtls` for HTTP/2).
+    pub fn measures(self, proto: Proto) -> bool {
+        !(self == Self::EnvoyMtlsH2 && proto == Proto::H2)
     }
 }
 
@@ -79,6 +125,10 @@ pub struct Tools {
     pub envoy: Option<PathBuf>,
     /// Experiment builds of wasmesh-proxy (`--alt`), paths already copied into the run folder.
     pub alts: Vec<Alt>,
+    /// The run's CA and certificates, when it has mTLS pairs.
+    pub pki: Option<Pki>,
+    /// The node's namespace (the mTLS checks probe from there).
+    pub node: String,
     /// The run's folder (configs, logs); readable by UID 1337.
     pub dir: PathBuf,
 }
@@ -158,7 +208,7 @@ impl Pair {
         daemons.push(server);
         let started = match self.kind {
             Kind::Direct => Vec::new(),
-            Kind::Wasmesh | Kind::Alt { .. } => {
+            Kind::Wasmesh | Kind::WasmeshMtls | Kind::Alt { .. } => {
                 let (binary, env) = match self.kind {
                     Kind::Alt { index, .. } => {
                         let alt = &tools.alts[index];
@@ -166,15 +216,34 @@ impl Pair {
                     }
                     _ => (&tools.proxy, Vec::new()),
                 };
-                mesh::start_wasmesh(tools.run(), binary, &env, &self.client, &self.server, &log)?
+                let pki = match self.kind {
+                    Kind::WasmeshMtls => Some(tools.pki.as_ref().context("no CA")?),
+                    _ => None,
+                };
+                mesh::start_wasmesh(
+                    tools.run(),
+                    binary,
+                    &env,
+                    &self.client,
+                    &self.server,
+                    pki,
+                    &log,
+                )?
             }
-            Kind::Envoy => mesh::start_envoy(
-                tools.run(),
-                tools.envoy.as_ref().context("no envoy")?,
-                (&self.client, envoy_outbound(self.server.ip)),
-                (&self.server, envoy_inbound()),
-                &log,
-            )?,
+            Kind::Envoy | Kind::EnvoyMtls | Kind::EnvoyMtlsH2 => {
+                let pki = match self.kind {
+                    Kind::Envoy => None,
+                    _ => Some(tools.pki.as_ref().context("no CA")?),
+                };
+                let h2 = self.kind == Kind::EnvoyMtlsH2;
+                mesh::start_envoy(
+                    tools.run(),
+                    tools.envoy.as_ref().context("no envoy")?,
+                    (&self.client, envoy_outbound(self.server.ip, pki, h2)),
+                    (&self.server, envoy_inbound(pki, h2)),
+                    &log,
+                )?
+            }
         };
         let mut proxies = Vec::new();
         for (role, d) in started {
@@ -219,6 +288,30 @@ const DOWNSTREAM_PROTOCOL: &str = r#"    typed_extension_protocol_options:
           http2_protocol_options: {}
 "#;
 
+/// Upstream HTTP/2 whatever the client spoke (between the Envoys of `envoy-mtls-h2`).
+const UPSTREAM_H2: &str = r#"    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config:
+          http2_protocol_options: {}
+"#;
+
+/// Upstream HTTP/1.1 (to the app, in `envoy-mtls-h2`).
+const UPSTREAM_H1: &str = r#"    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config:
+          http_protocol_options: {}
+"#;
+
+/// Stats off, or (mTLS pairs) only the TLS stats the checks read.
+fn stats(pki: Option<&Pki>) -> &'static str {
+    match pki {
+        Some(_) => mtls::ENVOY_SSL_STATS_ONLY,
+        None => ENVOY_STATS,
+    }
+}
+
 /// An HCM (codec AUTO: HTTP/1.1, or HTTP/2 from its preface) routing everything to `cluster`;
 /// indented as a filter chain's `filters:` list.
 fn hcm(stat_prefix: &str, cluster: &str) -> String {
@@ -244,8 +337,9 @@ fn hcm(stat_prefix: &str, cluster: &str) -> String {
     )
 }
 
-fn envoy_outbound(server: Ipv4Addr) -> String {
-    let mut s = format!("{ENVOY_ADMIN}{ENVOY_STATS}");
+/// With `pki`, the cluster speaks mTLS to the server side; with `h2`, HTTP/2.
+fn envoy_outbound(server: Ipv4Addr, pki: Option<&Pki>, h2: bool) -> String {
+    let mut s = format!("{ENVOY_ADMIN}{}", stats(pki));
     let _ = write!(
         s,
         r#"static_resources:
@@ -267,7 +361,7 @@ fn envoy_outbound(server: Ipv4Addr) -> String {
     type: STATIC
     connect_timeout: 1s
     lb_policy: LEAST_REQUEST
-{DOWNSTREAM_PROTOCOL}    load_assignment:
+{protocol}{tls}    load_assignment:
       cluster_name: bench
       endpoints:
       - lb_endpoints:
@@ -276,13 +370,18 @@ fn envoy_outbound(server: Ipv4Addr) -> String {
               socket_address: {{ address: {server}, port_value: {APP_PORT} }}
 "#,
         hcm = hcm("outbound_bench", "bench"),
+        protocol = if h2 { UPSTREAM_H2 } else { DOWNSTREAM_PROTOCOL },
+        tls = pki
+            .map(|p| mtls::envoy_upstream_tls(p, 4))
+            .unwrap_or_default(),
     );
     s
 }
 
-fn envoy_inbound() -> String {
+/// With `pki`, the listener requires mTLS; with `h1_to_app`, the app gets HTTP/1.1.
+fn envoy_inbound(pki: Option<&Pki>, h1_to_app: bool) -> String {
     format!(
-        r#"{ENVOY_ADMIN}{ENVOY_STATS}static_resources:
+        r#"{ENVOY_ADMIN}{stats}static_resources:
   listeners:
   - name: inbound
     address:
@@ -293,14 +392,23 @@ fn envoy_inbound() -> String {
         "@type": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst
     filter_chains:
     - filters:
-{hcm}  clusters:
+{hcm}{tls}  clusters:
   - name: inbound_app
     type: ORIGINAL_DST
     connect_timeout: 1s
     lb_policy: CLUSTER_PROVIDED
-{DOWNSTREAM_PROTOCOL}    upstream_bind_config:
+{protocol}    upstream_bind_config:
       source_address: {{ address: 127.0.0.6, port_value: 0 }}
 "#,
+        stats = stats(pki),
         hcm = hcm("inbound_bench", "inbound_app"),
+        tls = pki
+            .map(|p| mtls::envoy_downstream_tls(p, 6))
+            .unwrap_or_default(),
+        protocol = if h1_to_app {
+            UPSTREAM_H1
+        } else {
+            DOWNSTREAM_PROTOCOL
+        },
     )
 }

@@ -1,6 +1,6 @@
 //! The figures as Markdown: per protocol, requests/s at saturation, the proxies' CPU per
-//! request, latency at the fixed rate and memory, with the ratios to direct and to Envoy; then
-//! the issue's targets.
+//! request, latency at the fixed rate and memory, with the ratios to direct and to Envoy (an mTLS
+//! pair to `envoy-mtls`); then the issue's targets, and with mTLS pairs their own section.
 
 use std::fmt::Write as _;
 
@@ -61,6 +61,14 @@ pub fn render(header: &[String], p: &Params, r: &Results) -> String {
         steal * 100.0
     );
     let proxied = |pair: &str| pair != "direct";
+    // The Envoy a pair is compared with: the one with the same TLS between the proxies.
+    let rival = |pair: &str| {
+        if pair.contains("-mtls") {
+            "envoy-mtls"
+        } else {
+            "envoy"
+        }
+    };
     let rate = format!("{:.0}", p.rate);
 
     for proto in &p.protocols {
@@ -90,7 +98,7 @@ pub fn render(header: &[String], p: &Params, r: &Results) -> String {
         );
         let _ = writeln!(
             s,
-            "| pair | req/s at saturation | × direct | × Envoy | proxy CPU-s per 100k requests | p50 / p99 at {rate} req/s (µs) | p99 added to direct (µs) | proxy RSS idle → peak, client / server (MiB) | core 0 / core 1 busy at saturation |"
+            "| pair | req/s at saturation | × direct | × Envoy (mTLS rows: × envoy-mtls) | proxy CPU-s per 100k requests | p50 / p99 at {rate} req/s (µs) | p99 added to direct (µs) | proxy RSS idle → peak, client / server (MiB) | core 0 / core 1 busy at saturation |"
         );
         let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
         for pair in &pairs {
@@ -113,8 +121,8 @@ pub fn render(header: &[String], p: &Params, r: &Results) -> String {
                 "| {pair} | {} | {} | {} | {} | {} / {} | {} | {rss} | {} / {} |",
                 with_spread(r, pair, &k("sat.per_s"), 0),
                 x(r.ratio(pair, "direct", &k("sat.per_s"))),
-                if r.has("envoy") {
-                    x(r.ratio(pair, "envoy", &k("sat.per_s")))
+                if r.has(rival(pair)) {
+                    x(r.ratio(pair, rival(pair), &k("sat.per_s")))
                 } else {
                     "—".into()
                 },
@@ -129,6 +137,14 @@ pub fn render(header: &[String], p: &Params, r: &Results) -> String {
                 pct(r.get(pair, &k("sat.core0"))),
                 pct(r.get(pair, &k("sat.core1"))),
             );
+        }
+        if !r.measured(&k("lat.p99_us")) {
+            let errors: Vec<String> = pairs
+                .iter()
+                .map(|pair| format!("{pair} {}", f(r.max(pair, &k("sat.errors")), 0)))
+                .collect();
+            let _ = writeln!(s, "\nErrors at saturation: {}\n", errors.join(", "));
+            continue;
         }
         let _ = writeln!(
             s,
@@ -161,6 +177,10 @@ pub fn render(header: &[String], p: &Params, r: &Results) -> String {
             );
         }
         let _ = writeln!(s);
+    }
+
+    if r.has("wasmesh-mtls") || r.has("envoy-mtls") || r.has("envoy-mtls-h2") {
+        mtls_section(&mut s, p, r);
     }
 
     // Ratios and targets.
@@ -205,6 +225,9 @@ pub fn render(header: &[String], p: &Params, r: &Results) -> String {
                 ),
             ];
             for (name, key, target, ok, vs_direct) in rows {
+                if !r.measured(&key) {
+                    continue;
+                }
                 let _ = writeln!(
                     s,
                     "| {name} | {} | {} | {target} | {} |",
@@ -236,4 +259,105 @@ pub fn render(header: &[String], p: &Params, r: &Results) -> String {
         );
     }
     s
+}
+
+/// The mTLS pairs against each other (the issue's target: ≥ 2× Envoy's requests/s with mTLS),
+/// against their plaintext selves, and the checks of their TLS.
+fn mtls_section(s: &mut String, p: &Params, r: &Results) {
+    let w = "wasmesh-mtls";
+    let envoys = ["envoy-mtls", "envoy-mtls-h2"];
+    let _ = writeln!(
+        s,
+        "**mTLS between the proxies** (same run, certificates from one CA; `envoy-mtls`: the \
+         Envoys speak the client's protocol to each other, `envoy-mtls-h2`: HTTP/2 between them \
+         and HTTP/1.1 to the app; wasmesh carries HTTP/1.1 over one HTTP/2 mTLS connection per \
+         endpoint)\n"
+    );
+    let _ = writeln!(
+        s,
+        "| measure | {w} | envoy-mtls | envoy-mtls-h2 | {w} / envoy-mtls | {w} / envoy-mtls-h2 | target | met |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    for proto in &p.protocols {
+        let t = title(*proto);
+        let k = |m: &str| format!("{}.{m}", proto.name());
+        if r.measured(&k("sat.per_s")) {
+            let ratios: Vec<Option<f64>> = envoys
+                .iter()
+                .map(|e| r.ratio(w, e, &k("sat.per_s")))
+                .collect();
+            let measured: Vec<f64> = ratios.iter().flatten().copied().collect();
+            let met = if measured.is_empty() {
+                "—"
+            } else if measured.iter().all(|v| *v >= 2.0) {
+                "yes"
+            } else {
+                "**no**"
+            };
+            let _ = writeln!(
+                s,
+                "| {t} requests/s at saturation | {} | {} | {} | {} | {} | ≥ 2× Envoy with mTLS | {met} |",
+                with_spread(r, w, &k("sat.per_s"), 0),
+                with_spread(r, envoys[0], &k("sat.per_s"), 0),
+                with_spread(r, envoys[1], &k("sat.per_s"), 0),
+                x(ratios[0]),
+                x(ratios[1]),
+            );
+            let _ = writeln!(
+                s,
+                "| {t} proxy CPU-s per 100k requests | {} | {} | {} | {} | {} | (reported) | — |",
+                f(r.get(w, &k("sat.cpu_per_100k")), 2),
+                f(r.get(envoys[0], &k("sat.cpu_per_100k")), 2),
+                f(r.get(envoys[1], &k("sat.cpu_per_100k")), 2),
+                x(r.ratio(w, envoys[0], &k("sat.cpu_per_100k"))),
+                x(r.ratio(w, envoys[1], &k("sat.cpu_per_100k"))),
+            );
+            let _ = writeln!(
+                s,
+                "| {t} requests/s × the same proxies without mTLS | {} | {} | {} | — | — | (reported) | — |",
+                x(r.ratio(w, "wasmesh", &k("sat.per_s"))),
+                x(r.ratio(envoys[0], "envoy", &k("sat.per_s"))),
+                x(r.ratio(envoys[1], "envoy", &k("sat.per_s"))),
+            );
+        }
+        if r.measured(&k("lat.p99_us")) {
+            let _ = writeln!(
+                s,
+                "| {t} p50 / p99 at {:.0} req/s (µs) | {} / {} | {} / {} | {} / {} | — | — | (reported) | — |",
+                p.rate,
+                f(r.get(w, &k("lat.p50_us")), 0),
+                f(r.get(w, &k("lat.p99_us")), 0),
+                f(r.get(envoys[0], &k("lat.p50_us")), 0),
+                f(r.get(envoys[0], &k("lat.p99_us")), 0),
+                f(r.get(envoys[1], &k("lat.p50_us")), 0),
+                f(r.get(envoys[1], &k("lat.p99_us")), 0),
+            );
+        }
+    }
+    let handshakes = |pair: &str| {
+        let n = r.get(pair, "mtls.client_handshakes")?;
+        let resumed = r
+            .get(pair, "mtls.client_resumed")
+            .map(|v| format!(" ({v:.0} resumed)"))
+            .unwrap_or_default();
+        Some(format!("{n:.0}{resumed}"))
+    };
+    let _ = writeln!(
+        s,
+        "| TLS handshakes by the client side, whole pair run (pooled connections) | {} | {} | {} | — | — | (reported) | — |",
+        handshakes(w).unwrap_or_else(|| "—".into()),
+        handshakes(envoys[0]).unwrap_or_else(|| "—".into()),
+        handshakes(envoys[1]).unwrap_or_else(|| "—".into()),
+    );
+    if !r.notes().is_empty() {
+        let _ = writeln!(
+            s,
+            "\nmTLS checks (after each mTLS pair's phases: the proxies' own TLS counters, then a \
+             TLS client of the bench from the node to the server pod's app port):\n"
+        );
+        for n in r.notes() {
+            let _ = writeln!(s, "- {n}");
+        }
+    }
+    let _ = writeln!(s);
 }
