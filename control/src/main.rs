@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the discovery stream (gRPC) to proxies.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print the service table control computes: what the mesh thinks of each Service.
     Table(TableArgs),
 }
@@ -79,6 +79,46 @@ struct ServeArgs {
     removal_grace: Duration,
     #[command(flatten)]
     identity: IdentityArgs,
+    #[command(flatten)]
+    tracing: MeshTracingArgs,
+}
+
+/// Mesh-wide OpenTelemetry settings, sent to every proxy (a pod's own `OTEL_*` variables win).
+#[derive(Debug, Args)]
+struct MeshTracingArgs {
+    /// Where every proxy exports its spans: an OTLP endpoint URL, e.g.
+    /// http://otel-collector.observability:4317. Unset: proxies trace only if their pod says so.
+    #[arg(long, env = "WASMESH_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// The OTLP protocol of --otlp-endpoint: grpc or http/protobuf.
+    #[arg(long, default_value = "grpc", value_parser = ["grpc", "http/protobuf"], env = "WASMESH_OTLP_PROTOCOL")]
+    otlp_protocol: String,
+    /// Ratio of new traces every proxy records (parent-based: a caller's decision is kept),
+    /// from 0 to 1.
+    #[arg(long, value_parser = parse_ratio, env = "WASMESH_TRACE_SAMPLING")]
+    trace_sampling: Option<f64>,
+}
+
+impl MeshTracingArgs {
+    fn mesh_config(&self) -> Option<wasmesh_api::discovery::MeshConfig> {
+        if self.otlp_endpoint.is_none() && self.trace_sampling.is_none() {
+            return None;
+        }
+        Some(wasmesh_api::discovery::MeshConfig {
+            otlp_endpoint: self.otlp_endpoint.clone().unwrap_or_default(),
+            otlp_protocol: self.otlp_protocol.clone(),
+            trace_sampling: self.trace_sampling.unwrap_or(1.0),
+            has_trace_sampling: self.trace_sampling.is_some(),
+        })
+    }
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    s.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|r| (0.0..=1.0).contains(r))
+        .ok_or_else(|| format!("{s:?}: want a ratio from 0 to 1, e.g. 0.01"))
 }
 
 /// Control as the mesh's CA: on when a root is given (`--ca-cert`/`--ca-key` or `--ca-dir`).
@@ -169,7 +209,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(&cli.log_format);
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Table(args) => table(args).await,
     }
 }
@@ -203,9 +243,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let identity = certificate_authority(&args.identity, &args.source.source).await?;
     tracing::info!(listen = %args.listen, admin = %args.admin, source = ?args.source.source, ca = identity.is_some(), "wasmesh-control serving");
+    let mesh_config = args.tracing.mesh_config();
+    if let Some(m) = &mesh_config {
+        tracing::info!(otlp_endpoint = %m.otlp_endpoint, otlp_protocol = %m.otlp_protocol, trace_sampling = ?args.tracing.trace_sampling, "mesh-wide tracing settings for every proxy");
+    }
     app::serve_with_identity(
         source,
-        options.model(),
+        options.model().with_mesh_config(mesh_config),
         listener,
         admin,
         args.removal_grace,

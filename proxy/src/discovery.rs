@@ -118,6 +118,21 @@ async fn follow(cfg: &DiscoveryConfig, state: &ProxyState, failures: &mut u32) -
                 tx.send_replace(v);
             }
         }
+        let mesh_tracing = wire
+            .mesh_config
+            .as_ref()
+            .map(|m| crate::otel::config::MeshTracing {
+                endpoint: m.otlp_endpoint.clone(),
+                protocol: m.otlp_protocol.clone(),
+                sampling: m.has_trace_sampling.then_some(m.trace_sampling),
+            });
+        state.mesh_tracing.send_if_modified(|have| {
+            let changed = *have != mesh_tracing;
+            if changed {
+                *have = mesh_tracing;
+            }
+            changed
+        });
         state.version.store(wire.version, Ordering::Relaxed);
         if !state.control_connected.swap(true, Ordering::Relaxed) {
             tracing::info!(control = %cfg.control, version = wire.version, service_ports = wire.ports.len(), "table received from control");

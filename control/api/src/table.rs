@@ -63,6 +63,8 @@ pub struct Table {
     /// Every WasmPlugin of the mesh by `namespace/name` (each proxy picks those that apply to
     /// it); module bytes are fetched separately with `GetModule`.
     pub wasm_plugins: BTreeMap<String, WasmPlugin>,
+    /// Control's mesh-wide settings (from the last snapshot).
+    pub mesh_config: Option<crate::discovery::MeshConfig>,
     /// A snapshot being received (not yet complete).
     pending: Option<Box<Table>>,
     /// True once a complete snapshot has been applied.
@@ -163,6 +165,9 @@ impl Table {
             if self.wasm_plugins.remove(id).is_some() {
                 applied.plugins_changed = true;
             }
+        }
+        if let Some(m) = update.mesh_config {
+            self.mesh_config = Some(m);
         }
         for plugin in update.wasm_plugins {
             let id = plugin_id(&plugin);

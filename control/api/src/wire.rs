@@ -22,6 +22,7 @@ const REMOVED_NODES: u32 = 6;
 const COMPLETE: u32 = 7;
 const WASM_PLUGINS: u32 = 8;
 const REMOVED_WASM_PLUGINS: u32 = 9;
+const MESH_CONFIG: u32 = 20;
 
 /// Encodes one service port for later inclusion in updates.
 pub fn encode_service_port(port: &ServicePort) -> Bytes {
@@ -92,6 +93,11 @@ impl UpdateWriter {
         self.put_message(REMOVED_WASM_PLUGINS, id.as_bytes());
     }
 
+    /// The mesh-wide settings (an encoded `MeshConfig`).
+    pub fn mesh_config(&mut self, encoded: &[u8]) {
+        self.put_message(MESH_CONFIG, encoded);
+    }
+
     /// Bytes written so far.
     pub fn len(&self) -> usize {
         self.buf.len()
@@ -159,6 +165,13 @@ mod tests {
         };
         w.wasm_plugin(&encode_wasm_plugin(&plugin));
         w.removed_wasm_plugin("demo/old");
+        let mesh = crate::discovery::MeshConfig {
+            otlp_endpoint: "http://collector:4317".into(),
+            otlp_protocol: "grpc".into(),
+            trace_sampling: 0.1,
+            has_trace_sampling: true,
+        };
+        w.mesh_config(&mesh.encode_to_vec());
         let got = decode_update(&w.finish(true)).unwrap();
         let want = TableUpdate {
             version: 7,
@@ -170,6 +183,7 @@ mod tests {
             wasm_plugins: vec![plugin],
             removed_wasm_plugins: vec!["demo/old".into()],
             complete: true,
+            mesh_config: Some(mesh),
         };
         assert_eq!(got, want);
     }

@@ -41,6 +41,8 @@ struct State {
     modules: HashMap<String, Bytes>,
     /// The snapshot of `version`, shared by every subscriber that joins before the next change.
     snapshot: Option<Arc<Snapshot>>,
+    /// Mesh-wide settings (an encoded `MeshConfig`), sent at the start of every snapshot.
+    mesh: Option<Bytes>,
 }
 
 /// Counters the admin endpoint reports.
@@ -67,6 +69,7 @@ pub struct Hub {
 #[derive(Debug)]
 pub struct Snapshot {
     pub version: u64,
+    mesh: Option<Bytes>,
     ports: Vec<Bytes>,
     nodes: Vec<Bytes>,
     plugins: Vec<Bytes>,
@@ -125,6 +128,14 @@ impl Hub {
             synced,
             stats: HubStats::default(),
         }
+    }
+
+    /// Sets the mesh-wide settings every snapshot from now on starts with (a proxy gets them
+    /// when it connects; control's settings are fixed for its life).
+    pub fn set_mesh_config(&self, cfg: Option<&wasmesh_api::discovery::MeshConfig>) {
+        let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
+        st.mesh = cfg.map(|c| Bytes::from(prost::Message::encode_to_vec(c)));
+        st.snapshot = None;
     }
 
     pub fn is_synced(&self) -> bool {
@@ -300,6 +311,7 @@ impl Hub {
                     _ => {
                         let s = Arc::new(Snapshot {
                             version: st.version,
+                            mesh: st.mesh.clone(),
                             ports: st.ports.values().cloned().collect(),
                             nodes: st.nodes.values().cloned().collect(),
                             plugins: st.plugins.values().map(|(b, _)| b.clone()).collect(),
@@ -374,6 +386,11 @@ impl Iterator for SnapshotParts<'_> {
         };
         self.first = false;
         let mut w = UpdateWriter::new(s.version, kind, self.max.min(1 << 20));
+        if kind == UpdateKind::Snapshot
+            && let Some(m) = &s.mesh
+        {
+            w.mesh_config(m);
+        }
         let (nodes, plugins) = (s.nodes.len(), s.plugins.len());
         let total = nodes + plugins + s.ports.len();
         let mut has_items = false;

@@ -34,6 +34,7 @@ pub async fn run(
     let mut published: BTreeMap<PortKey, Arc<ServicePortEntry>> = BTreeMap::new();
     let mut held: BTreeMap<PortKey, Instant> = BTreeMap::new();
     let mut initialised = false;
+    hub.set_mesh_config(model.mesh_config());
     loop {
         let next_hold = held.values().min().copied();
         let mut dirty_ports: BTreeSet<PortKey> = BTreeSet::new();

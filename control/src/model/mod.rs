@@ -112,6 +112,8 @@ pub struct Model {
     /// Plugins in this namespace are mesh-wide.
     root_namespace: String,
     synced: BTreeSet<Kind>,
+    /// Settings for every proxy (control's flags), sent with each snapshot.
+    mesh_config: Option<wasmesh_api::discovery::MeshConfig>,
 }
 
 impl Default for Model {
@@ -131,6 +133,7 @@ impl Default for Model {
             plugins: BTreeMap::new(),
             root_namespace: crate::source::wasmplugin::DEFAULT_ROOT_NAMESPACE.into(),
             synced: BTreeSet::new(),
+            mesh_config: None,
         }
     }
 }
@@ -154,6 +157,16 @@ impl Model {
             root_namespace: root_namespace.into(),
             ..Self::default()
         }
+    }
+
+    /// Sets what every proxy gets as mesh-wide settings (tracing).
+    pub fn with_mesh_config(mut self, cfg: Option<wasmesh_api::discovery::MeshConfig>) -> Self {
+        self.mesh_config = cfg;
+        self
+    }
+
+    pub fn mesh_config(&self) -> Option<&wasmesh_api::discovery::MeshConfig> {
+        self.mesh_config.as_ref()
     }
 
     pub fn root_namespace(&self) -> &str {

@@ -231,28 +231,35 @@ impl MeshConfig {
         self.otlp.as_deref() == Some("local")
     }
 
-    /// The `OTEL_*` variables every sidecar gets (none without `--otlp`).
-    pub fn otlp_env(&self) -> Vec<(String, String)> {
+    /// Control's mesh-wide tracing flags (none without `--otlp`): control tells every
+    /// sidecar where to send spans, as in a cluster.
+    pub fn otlp_control_args(&self) -> Vec<String> {
         let Some(o) = &self.otlp else {
             return Vec::new();
         };
         let endpoint = if self.otlp_local() {
             match self.otlp_protocol.as_str() {
                 "grpc" => format!("http://{NODE_IP}:{OTLP_GRPC_PORT}"),
-                _ => format!("http://{NODE_IP}:{OTLP_HTTP_PORT}"),
+                _ => format!("http://{NODE_IP}:{OTLP_HTTP_PORT}/v1/traces"),
             }
         } else {
             o.clone()
         };
         vec![
-            ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint),
-            (
-                "OTEL_EXPORTER_OTLP_PROTOCOL".into(),
-                self.otlp_protocol.clone(),
-            ),
-            // Spans show up within half a second (the default batches for 5 s).
-            ("OTEL_BSP_SCHEDULE_DELAY".into(), "500".into()),
+            "--otlp-endpoint".into(),
+            endpoint,
+            "--otlp-protocol".into(),
+            self.otlp_protocol.clone(),
         ]
+    }
+
+    /// The `OTEL_*` variables every sidecar gets: spans batched for half a second (the
+    /// default, 5 s, is long to wait for in a demo).
+    pub fn otlp_env(&self) -> Vec<(String, String)> {
+        match &self.otlp {
+            Some(_) => vec![("OTEL_BSP_SCHEDULE_DELAY".into(), "500".into())],
+            None => Vec::new(),
+        }
     }
 }
 

@@ -110,7 +110,8 @@ fn spawn(cfg: &MeshConfig) -> std::io::Result<tokio::process::Child> {
             .arg("--tokens")
             .arg(format!("dir:{}", cfg.tokens_dir().display()));
     }
-    cmd.args(&cfg.control_args)
+    cmd.args(cfg.otlp_control_args())
+        .args(&cfg.control_args)
         .current_dir("/")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
