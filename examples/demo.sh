@@ -3,7 +3,8 @@
 # the Kubernetes YAML in examples/demo/. A client pod calls a 3-replica backend through its
 # Service name (`http://backend/`), every call through both pods' sidecars; every replica
 # answers; then the Deployment is scaled to 2 while the client keeps calling, without a failed
-# call. Everything the mesh made is removed at the end (also on Ctrl-C or an error).
+# call; one call client → frontend → backend is shown as a trace (spans from both sidecars of
+# each hop). Everything the mesh made is removed at the end (also on Ctrl-C or an error).
 #
 # Pods are network namespaces hanging off a bridge in a "node" namespace; nothing is added to
 # this machine's own network. docs/local-mesh.md explains it all.
@@ -55,7 +56,7 @@ trap cleanup EXIT
 
 echo
 echo "== wasmesh-local up $work  (a copy of examples/demo/; its log: $up_log)"
-"$local" up "$work" --prefix "$prefix" >"$up_log" 2>&1 &
+"$local" up "$work" --prefix "$prefix" --otlp local >"$up_log" 2>&1 &
 up=$!
 if ! "$local" wait --timeout 120; then
   cat "$up_log"
@@ -106,6 +107,18 @@ if [ "$failed" != 0 ] || [ "$replicas" -lt 3 ]; then
   exit 1
 fi
 echo "OK: every replica answered and removing one cost no call"
+
+echo
+echo "== one call client → frontend → backend, traced (up --otlp local: spans to the mesh's OTLP receiver)"
+"$local" exec -n demo client -- wasmesh-demo fetch http://frontend/
+sleep 1.5
+trace=$("$local" traces --service frontend --last 1)
+echo "$trace"
+spans=$(grep -c ' µs ' <<<"$trace" || true)
+if [ "$spans" -lt 4 ]; then
+  echo "FAILED: expected one trace of 4 spans (client and server span in each sidecar on the way)" >&2
+  exit 1
+fi
 
 echo
 echo "== wasmesh-local down"

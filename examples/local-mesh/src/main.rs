@@ -83,6 +83,10 @@ enum Command {
         /// Only the last N traces.
         #[arg(long, default_value_t = 10)]
         last: usize,
+        /// Only traces with a span of this service (`service.name`: the workload's `app`
+        /// label, else the pod's name).
+        #[arg(long)]
+        service: Option<String>,
     },
     /// (internal) The OTLP receiver `up --otlp local` runs in the node's namespace.
     #[command(hide = true)]
@@ -212,9 +216,21 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             !no_mtls,
             otlp.map(|o| (o, otlp_protocol)),
         ),
-        Command::Traces { state, last } => {
-            let spans =
+        Command::Traces {
+            state,
+            last,
+            service,
+        } => {
+            let mut spans =
                 wasmesh_local::otlp::read(&wasmesh_local::otlp::traces_file(&state.state_dir));
+            if let Some(svc) = &service {
+                let with: std::collections::HashSet<String> = spans
+                    .iter()
+                    .filter(|s| &s.service == svc)
+                    .map(|s| s.trace_id.clone())
+                    .collect();
+                spans.retain(|s| with.contains(&s.trace_id));
+            }
             if spans.is_empty() {
                 println!(
                     "no spans yet (is the mesh up with --otlp local, and has an HTTP request been made?)"
