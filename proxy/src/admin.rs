@@ -209,8 +209,8 @@ fn metrics(state: &ProxyState) -> String {
     state
         .trace_stats
         .render(&mut out, state.tracer.load().is_some());
-    if let Some(f) = state.filters.get() {
-        f.host().render_prometheus(&mut out);
+    if let Some(h) = state.filters.get().and_then(|f| f.host()) {
+        h.render_prometheus(&mut out);
     }
     out
 }

@@ -86,8 +86,8 @@ async fn bind_wildcard(port: u16, what: &'static str) -> Result<TcpListener, Run
     }
 }
 
-/// The Proxy-Wasm host and the filters that run in it. Without a host (it could not start) the
-/// proxy runs without filters and says so.
+/// The Wasm filters (their host starts with the first WasmPlugin that applies to this pod; a
+/// host that cannot start is logged and its plugins are not loaded).
 fn start_filters(
     cfg: &RunConfig,
     state: &Arc<ProxyState>,
@@ -114,19 +114,13 @@ fn start_filters(
         },
         ..Default::default()
     };
-    match wasmesh_wasm::WasmHost::new(host_config) {
-        Ok(host) => Some(Arc::new(crate::filters::Filters::new(
-            host,
-            crate::filters::select::Me {
-                namespace: cfg.pod_namespace.clone(),
-                labels: cfg.pod_labels.clone(),
-            },
-        ))),
-        Err(e) => {
-            tracing::error!(error = %e, "the Wasm host did not start: running without Wasm filters");
-            None
-        }
-    }
+    Some(Arc::new(crate::filters::Filters::new(
+        host_config,
+        crate::filters::select::Me {
+            namespace: cfg.pod_namespace.clone(),
+            labels: cfg.pod_labels.clone(),
+        },
+    )))
 }
 
 /// Keeps the tracer in line with the pod's `OTEL_*` variables and control's mesh-wide

@@ -948,15 +948,14 @@ async fn filters_in(
     plugins: Vec<(&str, &str, &str)>,
     callouts: Option<Arc<dyn wasmesh_wasm::HttpCallouts>>,
 ) -> Arc<Filters> {
-    let host = wasmesh_wasm::WasmHost::new(wasmesh_wasm::HostConfig {
+    let host = wasmesh_wasm::HostConfig {
         instances_per_plugin: 2,
         max_instances: 16,
         // Tests share two cores with builds: a 10 ms wall-clock deadline could misfire.
         callback_deadline: Duration::from_secs(1),
         callouts,
         ..Default::default()
-    })
-    .expect("wasm host");
+    };
     let filters = Arc::new(Filters::new(
         host,
         Me {
@@ -987,7 +986,11 @@ async fn filters_in(
                 .ok_or_else(|| format!("no module {sha}"))
         })
     });
+    // The host starts with the first plugin, not before: a pod without filters pays nothing.
+    assert!(filters.host().is_none());
+    let any = !specs.is_empty();
     filters.apply(specs, &fetch).await;
+    assert_eq!(filters.host().is_some(), any);
     filters
 }
 

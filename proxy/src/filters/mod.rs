@@ -35,7 +35,10 @@ pub type Fetch = Arc<dyn Fn(String) -> BoxFuture<'static, Result<Bytes, String>>
 
 /// The plugins in force in this sidecar.
 pub struct Filters {
-    host: WasmHost,
+    /// The Proxy-Wasm host, started with the first plugin that applies to this pod: a pod
+    /// without filters pays nothing for it (no engine, no instance pool, no epoch thread).
+    host: std::sync::OnceLock<WasmHost>,
+    host_config: wasmesh_wasm::HostConfig,
     me: Me,
     current: ArcSwap<Vec<Loaded>>,
     /// Module bytes by sha256, kept while a plugin uses them.
@@ -54,9 +57,10 @@ impl std::fmt::Debug for Filters {
 }
 
 impl Filters {
-    pub fn new(host: WasmHost, me: Me) -> Self {
+    pub fn new(host_config: wasmesh_wasm::HostConfig, me: Me) -> Self {
         Self {
-            host,
+            host: std::sync::OnceLock::new(),
+            host_config,
             me,
             current: ArcSwap::from_pointee(Vec::new()),
             modules: Mutex::new(HashMap::new()),
@@ -64,8 +68,23 @@ impl Filters {
         }
     }
 
-    pub fn host(&self) -> &WasmHost {
-        &self.host
+    /// The host, once a plugin started it.
+    pub fn host(&self) -> Option<&WasmHost> {
+        self.host.get()
+    }
+
+    /// The host, started now if it is not running yet (loads are serialized by `apply`).
+    async fn started_host(&self) -> Result<WasmHost, String> {
+        if let Some(h) = self.host.get() {
+            return Ok(h.clone());
+        }
+        let config = self.host_config.clone();
+        let h = tokio::task::spawn_blocking(move || WasmHost::new(config))
+            .await
+            .map_err(|e| format!("the Wasm host did not start: {e}"))?
+            .map_err(|e| format!("the Wasm host did not start: {e}"))?;
+        tracing::info!("Wasm host started (the first WasmPlugin for this pod)");
+        Ok(self.host.get_or_init(|| h).clone())
     }
 
     /// `namespace/name` of the plugins running here, in no particular order.
@@ -158,7 +177,7 @@ impl Filters {
             }
         };
         let config = plugin_config(spec, wasm);
-        let host = self.host.clone();
+        let host = self.started_host().await?;
         // Compiling is CPU work of up to a second: off the async workers.
         tokio::task::spawn_blocking(move || host.load(config))
             .await
