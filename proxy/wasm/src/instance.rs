@@ -215,6 +215,9 @@ impl Instance {
         self.store.set_epoch_deadline(ticks);
         {
             let s = self.store.data_mut();
+            s.plugin
+                .calls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             s.budget_ticks = ticks;
             s.budget = budget;
             s.cpu_mark = None;

@@ -62,7 +62,7 @@ pub use chain::{ChainStream, FilterChain};
 pub use config::{FailStrategy, HostConfig, ModuleSource, NodeInfo, Phase, PluginConfig};
 pub use host::{HostError, WasmHost};
 pub use instance::Fault;
-pub use metrics::{HostEvent, MetricKind, Metrics, Sample};
+pub use metrics::{DefinedMetric, HostEvent, MetricKind, Metrics, Sample};
 pub use module::sha256_hex;
 pub use plugin::{LoadError, Plugin};
 pub use properties::StreamInfo;

@@ -1,9 +1,10 @@
 //! Metrics: the ones filters define (`proxy_define_metric` and friends — counters, gauges,
-//! histograms, process-wide as in Envoy) and the host's own event counters (loads, faults by
-//! kind, fail-closed replies, instance replacements). [`Metrics::render_prometheus`] writes both
-//! in the Prometheus text format for the proxy's `/metrics`; filter metrics are named
-//! `wasmcustom_<name>` (Envoy's `wasmcustom.<name>` with the dots a Prometheus name can't hold
-//! replaced by `_`).
+//! histograms, process-wide as in Envoy), the host's own event counters (loads, faults by
+//! kind, fail-closed replies, instance replacements) and the guest callbacks run per plugin.
+//! [`Metrics::snapshot`] hands the values to the proxy, which encodes them with the rest of its
+//! `/metrics`; [`Metrics::render_prometheus`] writes them in the Prometheus text format for
+//! callers without an encoder of their own. Filter metrics are named `wasmcustom_<name>`
+//! (Envoy's `wasmcustom.<name>` with the dots a Prometheus name can't hold replaced by `_`).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -107,7 +108,8 @@ impl HostEvent {
         HostEvent::FailOpen,
     ];
 
-    fn label(self) -> &'static str {
+    /// The `event` label.
+    pub fn label(self) -> &'static str {
         match self {
             HostEvent::Loaded => "loaded",
             HostEvent::LoadFailed => "load_failed",
@@ -127,6 +129,34 @@ pub struct Metrics {
     defined: RwLock<Vec<Arc<Metric>>>,
     by_name: Mutex<HashMap<(String, MetricKind), u32>>,
     events: Mutex<HashMap<(String, HostEvent), u64>>,
+    /// Guest callbacks run, per plugin name.
+    calls: Mutex<HashMap<String, Arc<AtomicU64>>>,
+}
+
+/// Every value at one moment, for a caller that encodes them itself.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    /// Filter-defined metrics, in definition order.
+    pub defined: Vec<DefinedMetric>,
+    /// `(plugin, event, count)`, sorted.
+    pub events: Vec<(String, HostEvent, u64)>,
+    /// `(plugin, guest callbacks run)`, sorted.
+    pub calls: Vec<(String, u64)>,
+}
+
+/// One filter-defined metric.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DefinedMetric {
+    /// Prometheus name (`wasmcustom_<name>`).
+    pub name: String,
+    pub kind: MetricKind,
+    /// Counter or gauge value; for histograms the number of samples.
+    pub value: i64,
+    /// Histograms: the sum of the samples.
+    pub sum: u64,
+    /// Histograms: `(upper bound, samples in this bucket)` (not cumulative); the last bound is
+    /// `f64::INFINITY` (+Inf).
+    pub buckets: Vec<(f64, u64)>,
 }
 
 /// One value, for callers that want numbers rather than text.
@@ -215,6 +245,67 @@ impl Metrics {
         *events.entry((plugin.to_string(), event)).or_default() += 1;
     }
 
+    /// The counter of guest callbacks for `plugin` (one per name, kept across reloads).
+    pub(crate) fn calls_counter(&self, plugin: &str) -> Arc<AtomicU64> {
+        let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        calls.entry(plugin.to_string()).or_default().clone()
+    }
+
+    /// Guest callbacks run for `plugin` so far.
+    pub fn calls(&self, plugin: &str) -> u64 {
+        let calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        calls.get(plugin).map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// Every value now.
+    pub fn snapshot(&self) -> Snapshot {
+        let defined = self
+            .defined
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|m| DefinedMetric {
+                name: prometheus_name(&m.name),
+                kind: m.kind,
+                value: m.value.load(Ordering::Relaxed),
+                sum: m.sum.load(Ordering::Relaxed),
+                buckets: BUCKETS
+                    .iter()
+                    .zip(&m.buckets)
+                    .map(|(b, c)| {
+                        let le = if *b == u64::MAX {
+                            f64::INFINITY
+                        } else {
+                            *b as f64
+                        };
+                        (le, c.load(Ordering::Relaxed))
+                    })
+                    .collect(),
+            })
+            .collect();
+        let mut events: Vec<(String, HostEvent, u64)> = self
+            .events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|((p, e), n)| (p.clone(), *e, *n))
+            .collect();
+        events.sort_by(|a, b| (&a.0, a.1.label()).cmp(&(&b.0, b.1.label())));
+        let mut calls: Vec<(String, u64)> = self
+            .calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(p, c)| (p.clone(), c.load(Ordering::Relaxed)))
+            .collect();
+        calls.sort();
+        Snapshot {
+            defined,
+            events,
+            calls,
+        }
+    }
+
     /// How many times `event` happened to `plugin`.
     pub fn event_count(&self, plugin: &str, event: HostEvent) -> u64 {
         let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
@@ -264,6 +355,21 @@ impl Metrics {
 
     /// Appends every metric in the Prometheus text format (0.0.4).
     pub fn render_prometheus(&self, out: &mut String) {
+        {
+            let calls = self.snapshot().calls;
+            let _ = writeln!(
+                out,
+                "# HELP wasmesh_wasm_calls_total Guest callbacks run, per Wasm plugin"
+            );
+            let _ = writeln!(out, "# TYPE wasmesh_wasm_calls_total counter");
+            for (plugin, n) in calls {
+                let _ = writeln!(
+                    out,
+                    "wasmesh_wasm_calls_total{{plugin=\"{}\"}} {n}",
+                    escape(&plugin)
+                );
+            }
+        }
         {
             let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
             let _ = writeln!(
@@ -366,6 +472,20 @@ mod tests {
         assert_eq!(m.read(g).unwrap(), 2);
         assert_eq!(m.read(99), Err(MetricError::NotFound(99)));
         m.event("p", HostEvent::Trap);
+        m.calls_counter("p").fetch_add(3, Ordering::Relaxed);
+        m.calls_counter("p").fetch_add(1, Ordering::Relaxed);
+        assert_eq!(m.calls("p"), 4, "one counter per plugin name");
+        let snap = m.snapshot();
+        assert_eq!(snap.calls, vec![("p".to_string(), 4)]);
+        assert_eq!(snap.events, vec![("p".to_string(), HostEvent::Trap, 1)]);
+        let len = snap
+            .defined
+            .iter()
+            .find(|d| d.name == "wasmcustom_len")
+            .expect("the histogram");
+        assert_eq!((len.value, len.sum), (1, 7));
+        assert_eq!(len.buckets.iter().map(|b| b.1).sum::<u64>(), 1);
+        assert_eq!(len.buckets.last().map(|b| b.0), Some(f64::INFINITY));
         let mut text = String::new();
         m.render_prometheus(&mut text);
         assert!(text.contains("wasmcustom_reqs_total 2\n"), "{text}");
@@ -376,6 +496,10 @@ mod tests {
         );
         assert!(
             text.contains("wasmesh_wasm_events_total{plugin=\"p\",event=\"trap\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("wasmesh_wasm_calls_total{plugin=\"p\"} 4\n"),
             "{text}"
         );
     }

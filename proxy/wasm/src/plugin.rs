@@ -144,6 +144,8 @@ pub(crate) struct PluginMeta {
     pub(crate) fail_strategy: FailStrategy,
     pub(crate) phase: Phase,
     pub(crate) priority: i32,
+    /// Guest callbacks run, counted under the plugin's name (shared across reloads).
+    pub(crate) calls: Arc<std::sync::atomic::AtomicU64>,
 }
 
 #[derive(Default)]
@@ -205,6 +207,7 @@ impl Plugin {
             ModuleSource::Sha256(sha) => module::cached(&host, &config.name, sha)?,
         };
         let meta = Arc::new(PluginMeta {
+            calls: host.metrics.calls_counter(&config.name),
             environ: config
                 .env
                 .iter()

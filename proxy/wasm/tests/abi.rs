@@ -328,6 +328,28 @@ async fn metrics_are_defined_counted_and_rendered() {
         text.contains("wasmesh_wasm_events_total{plugin=\"abi-test\",event=\"loaded\"} 1"),
         "{text}"
     );
+    // Guest callbacks: every request costs the same number of calls into the filter.
+    let calls = || h.metrics().calls("abi-test");
+    let before = calls();
+    exchange(&chain, request("metrics").body(vec![]).unwrap(), ok).await;
+    let per_request = calls() - before;
+    assert!(
+        per_request >= 3,
+        "context, request and response headers at least: {per_request}"
+    );
+    for _ in 0..3 {
+        exchange(&chain, request("metrics").body(vec![]).unwrap(), ok).await;
+    }
+    assert_eq!(calls() - before, 4 * per_request);
+    let mut text = String::new();
+    h.render_prometheus(&mut text);
+    assert!(
+        text.contains(&format!(
+            "wasmesh_wasm_calls_total{{plugin=\"abi-test\"}} {}\n",
+            calls()
+        )),
+        "{text}"
+    );
 }
 
 #[tokio::test]
