@@ -18,14 +18,11 @@
 
 use std::io;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
-
-use crate::state::Stats;
 
 /// Buffer per direction (buffered mode).
 const BUF: usize = 64 * 1024;
@@ -59,8 +56,18 @@ impl std::str::FromStr for CopyMode {
     }
 }
 
-/// Copies until both directions are finished; counts the bytes.
-pub async fn proxy(client: TcpStream, upstream: TcpStream, stats: &Stats, mode: CopyMode) {
+/// Bytes one proxied connection moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Transferred {
+    /// Client → upstream.
+    pub sent: u64,
+    /// Upstream → client.
+    pub received: u64,
+}
+
+/// Copies until both directions are finished; returns the bytes moved (none counted when the
+/// connection ended with an error).
+pub async fn proxy(client: TcpStream, upstream: TcpStream, mode: CopyMode) -> Transferred {
     let _ = upstream.set_nodelay(true);
     let pipes = match mode {
         CopyMode::Splice => match (Pipe::new(), Pipe::new()) {
@@ -78,7 +85,7 @@ pub async fn proxy(client: TcpStream, upstream: TcpStream, stats: &Stats, mode: 
                 reset(client);
                 reset(upstream);
             }
-            return count(result, stats);
+            return count(result);
         }
     };
     let result = match pipes {
@@ -97,7 +104,7 @@ pub async fn proxy(client: TcpStream, upstream: TcpStream, stats: &Stats, mode: 
                 reset(client);
                 reset(upstream);
             }
-            return count(r, stats);
+            return count(r);
         }
     };
     if result.is_err() {
@@ -105,27 +112,27 @@ pub async fn proxy(client: TcpStream, upstream: TcpStream, stats: &Stats, mode: 
         reset(client);
         reset(upstream);
     }
-    count(result, stats);
+    count(result)
 }
 
 /// Copies between any two streams (e.g. a TLS stream and a socket) until both directions are
-/// finished, through a buffer per direction; counts the bytes.
-pub async fn proxy_streams<A, B>(mut client: A, mut upstream: B, stats: &Stats)
+/// finished, through a buffer per direction; returns the bytes moved.
+pub async fn proxy_streams<A, B>(mut client: A, mut upstream: B) -> Transferred
 where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, BUF, BUF).await;
-    count(r, stats);
+    count(r)
 }
 
-fn count(r: io::Result<(u64, u64)>, stats: &Stats) {
+fn count(r: io::Result<(u64, u64)>) -> Transferred {
     match r {
-        Ok((sent, received)) => {
-            stats.bytes_sent.fetch_add(sent, Ordering::Relaxed);
-            stats.bytes_received.fetch_add(received, Ordering::Relaxed);
+        Ok((sent, received)) => Transferred { sent, received },
+        Err(e) => {
+            tracing::debug!(error = %e, "connection ended with an error");
+            Transferred::default()
         }
-        Err(e) => tracing::debug!(error = %e, "connection ended with an error"),
     }
 }
 
@@ -250,12 +257,10 @@ mod tests {
         });
         let front = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let faddr = front.local_addr().expect("addr");
-        let stats = std::sync::Arc::new(Stats::default());
-        let st = stats.clone();
         let proxy_task = tokio::spawn(async move {
             let (c, _) = front.accept().await.expect("accept");
             let up = TcpStream::connect(saddr).await.expect("connect");
-            proxy(c, up, &st, mode).await;
+            proxy(c, up, mode).await
         });
         let mut c = TcpStream::connect(faddr).await.expect("connect");
         let payload: Vec<u8> = (0..3_000_000u32).map(|i| b'a' + (i % 26) as u8).collect();
@@ -269,9 +274,14 @@ mod tests {
         let (_, n) = tokio::join!(write, read);
         n.expect("read");
         assert_eq!(got, payload.to_ascii_uppercase());
-        proxy_task.await.expect("proxy done");
-        assert_eq!(stats.bytes_sent.load(Ordering::Relaxed), 3_000_000);
-        assert_eq!(stats.bytes_received.load(Ordering::Relaxed), 3_000_000);
+        let moved = proxy_task.await.expect("proxy done");
+        assert_eq!(
+            moved,
+            Transferred {
+                sent: 3_000_000,
+                received: 3_000_000
+            }
+        );
     }
 
     #[tokio::test]

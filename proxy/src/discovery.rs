@@ -11,7 +11,7 @@ use wasmesh_api::discovery::discovery_client::DiscoveryClient;
 use wasmesh_api::table::{PortId, Table as WireTable, port_id};
 use wasmesh_api::{UpdateKind, WatchRequest};
 
-use crate::state::{ProxyState, Stats};
+use crate::state::{ControlState, ProxyState, Stats};
 
 #[derive(Debug, Clone)]
 pub struct DiscoveryConfig {
@@ -38,7 +38,9 @@ enum StreamError {
 pub async fn run(cfg: DiscoveryConfig, state: Arc<ProxyState>) {
     let mut failures: u32 = 0;
     loop {
+        state.set_control_state(ControlState::Connecting);
         let err = follow(&cfg, &state, &mut failures).await;
+        state.set_control_state(ControlState::Backoff);
         state.control_connected.store(false, Ordering::Relaxed);
         Stats::inc(&state.stats.control_reconnects);
         failures = failures.saturating_add(1);
@@ -106,17 +108,8 @@ async fn follow(cfg: &DiscoveryConfig, state: &ProxyState, failures: &mut u32) -
                 .wasm_plugins
                 .send_replace(wire.wasm_plugins.values().cloned().collect());
         }
-        {
-            let mut builder = state.builder.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(t) = builder.apply(&wire, changed.as_deref()) {
-                state.table.store(Arc::new(t));
-            }
-            state
-                .opaque_endpoints
-                .store(Arc::new(builder.opaque_endpoints()));
-            if let (Some(tx), Some(v)) = (&cfg.verdicts, builder.take_verdicts()) {
-                tx.send_replace(v);
-            }
+        if let (Some(tx), Some(v)) = (&cfg.verdicts, install(state, &wire, changed.as_deref())) {
+            tx.send_replace(v);
         }
         let mesh_tracing = wire
             .mesh_config
@@ -133,11 +126,37 @@ async fn follow(cfg: &DiscoveryConfig, state: &ProxyState, failures: &mut u32) -
             }
             changed
         });
-        state.version.store(wire.version, Ordering::Relaxed);
+        state.set_control_state(ControlState::Connected);
         if !state.control_connected.swap(true, Ordering::Relaxed) {
             tracing::info!(control = %cfg.control, version = wire.version, service_ports = wire.ports.len(), "table received from control");
             *failures = 0;
         }
         state.set_ready();
     }
+}
+
+/// Applies a complete table from the stream (`changed`: the ports a delta named; None after a
+/// snapshot): the data path uses it from now on. Returns the addresses to refuse if they
+/// changed ([`crate::reject`]).
+pub fn install(
+    state: &ProxyState,
+    wire: &WireTable,
+    changed: Option<&[PortId]>,
+) -> Option<crate::reject::Verdicts> {
+    let verdicts = {
+        let mut builder = state.builder.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = builder.apply(wire, changed) {
+            state.table.store(Arc::new(t));
+        }
+        state
+            .opaque_endpoints
+            .store(Arc::new(builder.opaque_endpoints()));
+        state
+            .local_services
+            .store(Arc::new(builder.local_services()));
+        builder.take_verdicts()
+    };
+    state.version.store(wire.version, Ordering::Relaxed);
+    state.table_updated();
+    verdicts
 }

@@ -20,6 +20,7 @@ use crate::http::pool::Pools;
 use crate::identity::Mesh;
 use crate::identity::accept::{self, Accepted};
 use crate::identity::detect::Detected as IdDetected;
+use crate::metrics::{Direction, TcpConn};
 use crate::state::{ProxyState, Stats};
 
 /// Source address of inbound passthrough connections.
@@ -110,20 +111,17 @@ impl Inbound {
             }
             Accepted::Mesh(tls, id) => {
                 let mut tls = *tls;
-                let id = Some(id.to_string());
+                let id = Some(crate::metrics::label(&id.to_string()));
                 if self.is_opaque(dst) {
-                    return self.to_app_tls(tls, peer, dst, &[]).await;
+                    return self.to_app_tls(tls, peer, dst, &[], id).await;
                 }
                 match detect::detect(&mut tls, self.detect_timeout).await {
                     Ok(d) if d.protocol != Protocol::Opaque => {
-                        let c = InboundConn {
-                            peer,
-                            dst,
-                            identity: id,
-                        };
+                        let service = self.state.local_service(dst.port());
+                        let c = InboundConn::new(peer, dst, id, service);
                         serve_inbound(self.clone(), tls, d.protocol, d.prefix, c).await
                     }
-                    Ok(d) => self.to_app_tls(tls, peer, dst, &d.prefix).await,
+                    Ok(d) => self.to_app_tls(tls, peer, dst, &d.prefix, id).await,
                     Err(e) => {
                         tracing::debug!(%peer, %dst, error = %e, "mesh connection failed during protocol detection");
                     }
@@ -143,16 +141,12 @@ impl Inbound {
         d: detect::Detected,
         peer: SocketAddr,
         dst: SocketAddr,
-        identity: Option<String>,
+        identity: Option<Arc<str>>,
     ) {
         if d.protocol == Protocol::Opaque {
             return self.to_app_l4(tcp, peer, dst, &d.prefix).await;
         }
-        let c = InboundConn {
-            peer,
-            dst,
-            identity,
-        };
+        let c = InboundConn::new(peer, dst, identity, self.state.local_service(dst.port()));
         serve_inbound(self.clone(), tcp, d.protocol, d.prefix, c).await
     }
 
@@ -163,7 +157,9 @@ impl Inbound {
                 if !prefix.is_empty() && app.write_all(prefix).await.is_err() {
                     return copy::reset(client);
                 }
-                copy::proxy(client, app, &self.state.stats, self.copy).await
+                let service = self.state.local_service(dst.port());
+                let conn = TcpConn::open(&self.state, Direction::Inbound, service, peer, dst, None);
+                conn.done(copy::proxy(client, app, self.copy).await)
             }
             Ok(Err(e)) => {
                 Stats::inc(&self.state.stats.inbound_app_refused);
@@ -178,9 +174,15 @@ impl Inbound {
         }
     }
 
-    /// A terminated mesh connection's bytes to the app.
-    async fn to_app_tls<S>(&self, tls: S, peer: SocketAddr, dst: SocketAddr, prefix: &[u8])
-    where
+    /// A terminated mesh connection's bytes to the app; `identity`: the client's SPIFFE ID.
+    async fn to_app_tls<S>(
+        &self,
+        tls: S,
+        peer: SocketAddr,
+        dst: SocketAddr,
+        prefix: &[u8],
+        identity: Option<Arc<str>>,
+    ) where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         match tokio::time::timeout(self.connect_timeout, connect_app(dst)).await {
@@ -188,7 +190,16 @@ impl Inbound {
                 if !prefix.is_empty() && app.write_all(prefix).await.is_err() {
                     return;
                 }
-                copy::proxy_streams(tls, app, &self.state.stats).await
+                let service = self.state.local_service(dst.port());
+                let conn = TcpConn::open(
+                    &self.state,
+                    Direction::Inbound,
+                    service,
+                    peer,
+                    dst,
+                    identity,
+                );
+                conn.done(copy::proxy_streams(tls, app).await)
             }
             _ => {
                 Stats::inc(&self.state.stats.inbound_app_refused);

@@ -19,10 +19,13 @@
 //!   (inbound).
 //! - [`reject`] — optional: Services without endpoints refused in the kernel, like kube-proxy.
 //! - [`discovery`] — the control stream that keeps [`table`] current; [`state`] is what the
-//!   tasks share; [`admin`] (15000) serves `/ready`, `/live`, `/config`, `/metrics`;
+//!   tasks share; [`admin`] (15000) serves `/ready`, `/live`, `/config`, `/metrics`
+//!   ([`metrics`]: the registry, labeled families recorded on the data path);
+//!   [`access_log`] writes JSON lines per request and connection, off the data path;
 //!   [`otel`] records a span per HTTP request and exports them over OTLP;
 //!   [`run`] wires it all together (`wasmesh-proxy run`); [`wait`] is `wasmesh-proxy wait`.
 
+pub mod access_log;
 pub mod admin;
 pub mod affinity;
 pub mod balance;
@@ -34,6 +37,7 @@ pub mod http;
 pub mod identity;
 pub mod inbound;
 pub mod intercept;
+pub mod metrics;
 pub mod orig_dst;
 pub mod otel;
 pub mod outbound;

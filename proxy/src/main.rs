@@ -178,6 +178,23 @@ struct RunArgs {
     /// Folder of AuthorizationPolicy YAML (wasmesh.io/v1alpha1), re-read every 2 s.
     #[arg(long, env = "WASMESH_POLICY_DIR")]
     policy_dir: Option<std::path::PathBuf>,
+
+    /// JSON access logs, one line per HTTP request and per proxied TCP connection: `off`,
+    /// `stdout`, `stderr`, or a file path (appended to). Written by a thread of its own from a
+    /// bounded queue: when it falls behind, lines are dropped and counted
+    /// (wasmesh_access_log_dropped_total), traffic never waits.
+    #[arg(
+        long,
+        env = "WASMESH_ACCESS_LOG",
+        value_name = "off|stdout|stderr|PATH",
+        default_value = "off"
+    )]
+    access_log: wasmesh_proxy::access_log::Target,
+
+    /// Share of requests and connections that get an access log line, from 0.0 to 1.0.
+    #[arg(long, env = "WASMESH_ACCESS_LOG_SAMPLE", value_name = "RATE", default_value = "1.0",
+          value_parser = wasmesh_proxy::access_log::parse_sample)]
+    access_log_sample: f64,
 }
 
 #[derive(Debug, Args)]
@@ -352,6 +369,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 mode: args.inbound_mtls,
                 policy_dir: args.policy_dir,
             }),
+        access_log: wasmesh_proxy::access_log::AccessLogConfig {
+            target: args.access_log,
+            sample: args.access_log_sample,
+        },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

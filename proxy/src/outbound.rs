@@ -21,6 +21,7 @@ use crate::http::pool::{Dial, Pools};
 use crate::http::retry::Budget;
 use crate::identity::Mesh;
 use crate::identity::connect::{self, Upstream};
+use crate::metrics::{Direction, TcpConn};
 use crate::state::{ProxyState, Stats};
 use crate::table::{Route, Selection, ServicePort, Via};
 
@@ -145,7 +146,9 @@ impl Outbound {
                     .await
                 {
                     Ok(Ok(up)) => {
-                        copy::proxy(client, up, &self.state.stats, self.config.copy).await
+                        let conn =
+                            TcpConn::open(&self.state, Direction::Outbound, None, peer, dst, None);
+                        conn.done(copy::proxy(client, up, self.config.copy).await)
                     }
                     _ => {
                         Stats::inc(&self.state.stats.outbound_failed);
@@ -262,6 +265,7 @@ impl Outbound {
             };
             tried.push(i);
             let ep = &sp.endpoints[i];
+            ep.picks.inc();
             if attempt > 0 {
                 Stats::inc(&stats.outbound_failovers);
             }
@@ -297,12 +301,20 @@ impl Outbound {
                     }
                     let _active = ep.load.open();
                     tracing::trace!(service = %sp.name(), endpoint = %ep.addr, "connected");
-                    return match up {
-                        Upstream::Plain(up) => {
-                            copy::proxy(client, up, stats, self.config.copy).await
-                        }
-                        Upstream::Mesh(tls) => copy::proxy_streams(client, *tls, stats).await,
+                    let service = Some(sp.label.clone());
+                    let conn = TcpConn::open(
+                        &self.state,
+                        Direction::Outbound,
+                        service,
+                        peer,
+                        ep.addr,
+                        None,
+                    );
+                    let moved = match up {
+                        Upstream::Plain(up) => copy::proxy(client, up, self.config.copy).await,
+                        Upstream::Mesh(tls) => copy::proxy_streams(client, *tls).await,
                     };
+                    return conn.done(moved);
                 }
                 Ok(Err(e)) => {
                     ep.load.record_failure();

@@ -37,6 +37,8 @@ pub struct RunConfig {
     pub reject_chain: bool,
     /// mTLS between sidecars; None = off (plaintext everywhere, as before).
     pub mtls: Option<MtlsConfig>,
+    /// JSON access logs (off by default).
+    pub access_log: crate::access_log::AccessLogConfig,
 }
 
 /// How this proxy gets its identity and guards its inbound side.
@@ -64,6 +66,8 @@ pub enum RunError {
         what: &'static str,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    AccessLog(#[from] crate::access_log::AccessLogError),
 }
 
 async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, RunError> {
@@ -180,7 +184,16 @@ pub async fn run(
         zone: cfg.zone.clone(),
         namespace: Some(cfg.pod_namespace.clone()).filter(|n| !n.is_empty()),
     };
-    let state = ProxyState::new(me);
+    let state =
+        ProxyState::with_access_log(me, crate::access_log::AccessLog::start(&cfg.access_log)?);
+    if !cfg.pod_name.is_empty() {
+        // Inbound metrics name the Service that selects this pod.
+        state
+            .builder
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_pod(format!("{}/{}", cfg.pod_namespace, cfg.pod_name));
+    }
 
     // REDIRECT sends locally generated connections to the loopback address of their family.
     let out_v4 = bind(
@@ -288,7 +301,8 @@ pub async fn run(
     tracing::info!(
         control = %cfg.control, pod = %cfg.pod_name, namespace = %cfg.pod_namespace,
         outbound = cfg.outbound_port, inbound = cfg.inbound_port, admin = %cfg.admin,
-        balancer = ?cfg.outbound.balancer, mtls = cfg.mtls.is_some(), "wasmesh-proxy running"
+        balancer = ?cfg.outbound.balancer, mtls = cfg.mtls.is_some(),
+        access_log = ?cfg.access_log.target, "wasmesh-proxy running"
     );
     let verdicts = cfg.reject_chain.then(|| {
         let (tx, rx) = tokio::sync::watch::channel(crate::reject::Verdicts::new());

@@ -20,9 +20,13 @@ use serde::Serialize;
 use wasmesh_api::discovery as pb;
 use wasmesh_api::table::{PortId, port_id};
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
 use crate::balance::{BalancerKind, EndpointLoad, Loads};
 use crate::detect::{self, Declared};
 use crate::http::route::Routes;
+use crate::metrics::EndpointLabels;
 use crate::reject::{Verdict, Verdicts};
 
 /// Who this proxy serves: its pod's node and zone decide node-local and zone-local endpoints.
@@ -50,6 +54,9 @@ pub struct Endpoint {
     pub meshed: bool,
     #[serde(skip)]
     pub load: Arc<EndpointLoad>,
+    /// `wasmesh_balancer_picks_total` for this Service and Pod: a pick is one atomic add.
+    #[serde(skip)]
+    pub picks: Counter,
 }
 
 impl Endpoint {
@@ -80,6 +87,12 @@ pub enum Selection {
 pub struct ServicePort {
     pub namespace: String,
     pub service: String,
+    /// `namespace/service`, the `service` label of metrics (made once per change).
+    #[serde(skip)]
+    pub label: Arc<str>,
+    /// Where outbound responses that matched no HTTPRoute rule are counted.
+    #[serde(skip)]
+    pub outcomes: Arc<crate::metrics::Outcomes>,
     pub port_name: String,
     pub port: u16,
     pub headless: bool,
@@ -321,6 +334,7 @@ pub fn decode(sp: &pb::ServicePort, me: &Locality, loads: &mut Loads) -> Option<
                 service_account: w.and_then(|w| opt(&w.service_account)),
                 meshed: w.is_some_and(|w| w.meshed),
                 load: loads.get(addr),
+                picks: Counter::default(),
             })
         })
         .collect();
@@ -369,7 +383,15 @@ pub fn decode(sp: &pb::ServicePort, me: &Locality, loads: &mut Loads) -> Option<
         .map(|r| format!("{}/{}", r.namespace, r.name))
         .collect();
     http_routes.dedup();
+    let label = crate::metrics::label(&format!("{}/{}", key.namespace, key.service));
     Some(ServicePort {
+        outcomes: Arc::new(crate::metrics::Outcomes::new(
+            crate::metrics::Direction::Outbound,
+            Some(label.clone()),
+            None,
+            None,
+        )),
+        label,
         namespace: key.namespace.clone(),
         service: key.service.clone(),
         port_name: key.port_name.clone(),
@@ -395,6 +417,18 @@ pub fn decode(sp: &pb::ServicePort, me: &Locality, loads: &mut Loads) -> Option<
     })
 }
 
+/// The picks label set of an endpoint of the Service `service`: the Pod's name without its
+/// namespace (the Service's), "" for an endpoint without a Pod.
+fn pick_labels(service: Arc<str>, ep: &Endpoint) -> EndpointLabels {
+    EndpointLabels {
+        service,
+        pod: ep
+            .pod
+            .as_deref()
+            .map(|p| crate::metrics::label(p.rsplit_once('/').map_or(p, |(_, name)| name))),
+    }
+}
+
 /// Keeps the table current from decoded updates. Owned by the discovery task.
 #[derive(Debug, Default)]
 pub struct TableBuilder {
@@ -406,6 +440,12 @@ pub struct TableBuilder {
     /// Service addresses to refuse or drop, kept per changed port.
     verdicts: Verdicts,
     verdicts_changed: bool,
+    /// `wasmesh_balancer_picks_total`, and how many endpoints in the table use each of its
+    /// label sets: a set no endpoint uses any more (its Pod or Service gone) is removed.
+    picks: Option<Family<EndpointLabels, Counter>>,
+    pick_refs: HashMap<EndpointLabels, usize>,
+    /// `namespace/name` of this proxy's pod ([`TableBuilder::local_services`]).
+    pod: Option<String>,
 }
 
 impl TableBuilder {
@@ -418,6 +458,47 @@ impl TableBuilder {
 
     pub fn locality(&self) -> &Locality {
         &self.me
+    }
+
+    /// Gives every endpoint its counter in `family` from now on.
+    pub fn count_picks(&mut self, family: Family<EndpointLabels, Counter>) {
+        self.picks = Some(family);
+    }
+
+    /// This proxy's pod (`namespace/name`), to find the Services that select it.
+    pub fn set_pod(&mut self, pod: String) {
+        self.pod = Some(pod);
+    }
+
+    /// Sets the picks counters of a newly decoded port.
+    fn attach(&mut self, sp: &mut ServicePort) {
+        let Some(family) = &self.picks else { return };
+        for ep in &mut sp.endpoints {
+            let labels = pick_labels(sp.label.clone(), ep);
+            ep.picks = family.get_or_create_owned(&labels);
+            *self.pick_refs.entry(labels).or_default() += 1;
+        }
+    }
+
+    /// A port left the table: its label sets lose a user.
+    fn detach(&mut self, sp: &ServicePort) {
+        let Some(family) = &self.picks else { return };
+        for ep in &sp.endpoints {
+            let labels = pick_labels(sp.label.clone(), ep);
+            if let Some(n) = self.pick_refs.get_mut(&labels) {
+                *n -= 1;
+                if *n == 0 {
+                    self.pick_refs.remove(&labels);
+                    family.remove(&labels);
+                }
+            }
+        }
+    }
+
+    fn decode(&mut self, sp: &pb::ServicePort) -> Option<ServicePort> {
+        let mut new = decode(sp, &self.me, &mut self.loads)?;
+        self.attach(&mut new);
+        Some(new)
     }
 
     /// Applies a consistent table from the stream. `changed`: the ports a delta named (None:
@@ -446,9 +527,11 @@ impl TableBuilder {
         else {
             self.me.zone = zone;
             self.node_ips = node_ips;
-            self.cells.clear();
+            for (_, cell) in std::mem::take(&mut self.cells) {
+                self.detach(&cell.load());
+            }
             for (id, sp) in &table.ports {
-                if let Some(new) = decode(sp, &self.me, &mut self.loads) {
+                if let Some(new) = self.decode(sp) {
                     self.cells
                         .insert(id.clone(), Arc::new(ArcSwap::from_pointee(new)));
                 }
@@ -458,17 +541,14 @@ impl TableBuilder {
         };
         let mut addresses_changed = false;
         for id in changed {
-            match table
-                .ports
-                .get(id)
-                .and_then(|sp| decode(sp, &self.me, &mut self.loads))
-            {
-                Some(new) => match self.cells.get(id) {
+            match table.ports.get(id).and_then(|sp| self.decode(sp)) {
+                Some(new) => match self.cells.get(id).cloned() {
                     Some(cell) => {
-                        let old = cell.load();
+                        let old = cell.load_full();
                         addresses_changed |=
                             old.addrs != new.addrs || old.node_port != new.node_port;
                         cell.store(Arc::new(new));
+                        self.detach(&old);
                     }
                     None => {
                         self.cells
@@ -476,7 +556,12 @@ impl TableBuilder {
                         addresses_changed = true;
                     }
                 },
-                None => addresses_changed |= self.cells.remove(id).is_some(),
+                None => {
+                    if let Some(old) = self.cells.remove(id) {
+                        self.detach(&old.load());
+                        addresses_changed = true;
+                    }
+                }
             }
         }
         addresses_changed.then(|| self.index(table.version))
@@ -526,6 +611,25 @@ impl TableBuilder {
             .collect()
     }
 
+    /// This pod's ports → the Service (`namespace/name`) whose endpoints name this pod there;
+    /// when several do, the first by name. Empty when the pod is unknown.
+    pub fn local_services(&self) -> HashMap<u16, Arc<str>> {
+        let mut out: HashMap<u16, Arc<str>> = HashMap::new();
+        let Some(me) = self.pod.as_deref() else {
+            return out;
+        };
+        for cell in self.cells.values() {
+            let sp = cell.load();
+            for ep in sp.endpoints.iter().filter(|e| e.pod.as_deref() == Some(me)) {
+                let port = ep.addr.port();
+                if out.get(&port).is_none_or(|s| *s > sp.label) {
+                    out.insert(port, sp.label.clone());
+                }
+            }
+        }
+        out
+    }
+
     /// The current Service ports, for `/config`.
     pub fn ports(&self) -> Vec<Arc<ServicePort>> {
         let mut v: Vec<Arc<ServicePort>> = self.cells.values().map(|c| c.load_full()).collect();
@@ -568,6 +672,7 @@ mod tests {
             service_account: None,
             meshed: false,
             load: Arc::default(),
+            picks: Counter::default(),
         }
     }
 

@@ -147,3 +147,30 @@ async fn quitquitquit_ends_run_with_exit_code_zero() {
     .expect("the proxy exited");
     assert!(status.success(), "exit code 0 so a Job succeeds: {status}");
 }
+
+#[test]
+fn bad_access_log_flags_are_refused_with_a_clear_error() {
+    let run = |extra: &[&str]| {
+        let out = Command::new(BIN)
+            .args([
+                "run",
+                "--control",
+                "http://127.0.0.1:9",
+                "--admin",
+                "127.0.0.1:0",
+            ])
+            .args(["--outbound-port", "0", "--inbound-port", "0"])
+            .args(extra)
+            .output()
+            .expect("run the proxy");
+        assert!(!out.status.success(), "{extra:?} refused");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(&["--access-log", "/nonexistent-dir/access.json"]);
+    assert!(
+        err.contains("cannot open the access log /nonexistent-dir/access.json"),
+        "{err}"
+    );
+    let err = run(&["--access-log", "stdout", "--access-log-sample", "1.5"]);
+    assert!(err.contains("is not a sample rate"), "{err}");
+}

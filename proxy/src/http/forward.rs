@@ -28,6 +28,7 @@ use super::{Body, boxed, full};
 use crate::balance::{self, Unit};
 use crate::detect::Declared;
 use crate::filters::select::Direction as FilterSide;
+use crate::metrics::{Direction, Exchange};
 use crate::otel::Span;
 use crate::outbound::Outbound;
 use crate::state::Stats;
@@ -59,6 +60,7 @@ pub struct Conn4 {
 impl Outbound {
     /// Answers one request from the app: the endpoint's response, or the proxy's own.
     pub async fn forward(&self, req: Request<Incoming>, c: Conn4) -> Response<Body> {
+        let mut x = Exchange::start(&self.state, Direction::Outbound, c.peer, &req);
         let grpc = is_grpc(req.headers());
         let method = req.method().clone();
         let path = req.uri().path().to_string();
@@ -77,7 +79,10 @@ impl Outbound {
             s.set("network.protocol.version", protocol_version(version));
             s.name(method_name(&method));
         }
-        match self.forward_inner(req, c, &mut span).await {
+        if let Some(s) = span.as_ref() {
+            x.trace(|| s.trace_id_hex());
+        }
+        let resp = match self.forward_inner(req, c, &mut x, &mut span).await {
             Ok(resp) => {
                 if let Some(s) = span {
                     s.end(Some(resp.status().as_u16()), None);
@@ -100,13 +105,16 @@ impl Outbound {
                 }
                 resp
             }
-        }
+        };
+        x.finish(&self.state, &resp);
+        resp
     }
 
     async fn forward_inner(
         &self,
         mut req: Request<Incoming>,
         c: Conn4,
+        x: &mut Exchange,
         span: &mut Option<Span>,
     ) -> Result<Response<Body>, HttpError> {
         let started = Instant::now();
@@ -130,6 +138,7 @@ impl Outbound {
         let Route::Service(sp, via) = table.route(c.dst) else {
             return Err(HttpError::NoService);
         };
+        x.outcomes = Some(sp.outcomes.clone());
         // Wasm filters see the request first: the route is chosen on what they leave.
         let request_eos = body.is_end_stream();
         let chain = self
@@ -188,6 +197,9 @@ impl Outbound {
                     sp.routes.matched_prefix(r, &view).map(str::to_string),
                 ),
             };
+        if let Some(r) = &rule {
+            x.outcomes = Some(r.outcomes(&sp.label));
+        }
         if let Some(s) = span.as_mut()
             && s.is_sampled()
         {
@@ -372,6 +384,9 @@ impl Outbound {
                     let Some(i) = i else { break };
                     tried.push(i);
                     let ep = &target.endpoints[i];
+                    ep.picks.inc();
+                    x.picks += 1;
+                    x.upstream = Some(ep.addr);
                     let ep_wire = self.wire_to(ep, wire, upgrade);
                     let checkout = async {
                         if upgrade {
@@ -740,7 +755,7 @@ pub(super) fn local_reply(r: wasmesh_wasm::LocalReply) -> Response<Body> {
     Response::from_parts(parts, full(body))
 }
 
-pub(super) fn protocol_name(v: Version) -> &'static str {
+pub fn protocol_name(v: Version) -> &'static str {
     match v {
         Version::HTTP_10 => "HTTP/1.0",
         Version::HTTP_2 => "HTTP/2",

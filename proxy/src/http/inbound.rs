@@ -30,6 +30,7 @@ use super::{Body, boxed};
 use crate::detect::Protocol;
 use crate::filters::select::Direction as FilterSide;
 use crate::inbound::Inbound;
+use crate::metrics::{Direction, Exchange, Outcomes};
 use crate::otel::Span;
 use crate::state::Stats;
 use opentelemetry::trace::SpanKind;
@@ -40,7 +41,28 @@ pub struct InboundConn {
     pub peer: SocketAddr,
     pub dst: SocketAddr,
     /// The client's SPIFFE ID when it came over mesh mTLS.
-    pub identity: Option<String>,
+    pub identity: Option<Arc<str>>,
+    /// Where the responses are counted: the Service that selects this pod on the destination
+    /// port and the client's identity.
+    pub outcomes: Arc<Outcomes>,
+}
+
+impl InboundConn {
+    /// `service`: the Service that selects this pod on `dst`'s port.
+    pub fn new(
+        peer: SocketAddr,
+        dst: SocketAddr,
+        identity: Option<Arc<str>>,
+        service: crate::metrics::Name,
+    ) -> Self {
+        let outcomes = Outcomes::new(Direction::Inbound, service, None, identity.clone());
+        Self {
+            peer,
+            dst,
+            identity,
+            outcomes: Arc::new(outcomes),
+        }
+    }
 }
 
 /// Serves one inbound connection the bytes say is HTTP.
@@ -87,6 +109,9 @@ pub async fn serve_inbound<IO>(
 impl Inbound {
     /// One request to the app: its response, or the proxy's own answer.
     async fn to_app(&self, req: Request<Incoming>, c: &InboundConn) -> Response<Body> {
+        let mut x = Exchange::start(&self.state, Direction::Inbound, c.peer, &req);
+        x.outcomes = Some(c.outcomes.clone());
+        x.upstream = Some(c.dst);
         let grpc = is_grpc(req.headers());
         // The server span: a child of the calling sidecar's client span (or of whatever the
         // client sent), the parent of the app's.
@@ -111,7 +136,10 @@ impl Inbound {
             }
             s.name(method_name(req.method()));
         }
-        match self.to_app_inner(req, c, &mut span).await {
+        if let Some(s) = span.as_ref() {
+            x.trace(|| s.trace_id_hex());
+        }
+        let resp = match self.to_app_inner(req, c, &mut span).await {
             Ok(r) => {
                 if let Some(s) = span {
                     s.end(Some(r.status().as_u16()), None);
@@ -127,7 +155,9 @@ impl Inbound {
                 }
                 r
             }
-        }
+        };
+        x.finish(&self.state, &resp);
+        resp
     }
 
     async fn to_app_inner(
@@ -154,7 +184,7 @@ impl Inbound {
                     source: Some(c.peer),
                     destination: Some(c.dst),
                     mtls: c.identity.is_some(),
-                    peer_identity: c.identity.clone(),
+                    peer_identity: c.identity.as_deref().map(str::to_string),
                     protocol: protocol_name(client_version),
                     ..StreamInfo::default()
                 })))

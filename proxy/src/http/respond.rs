@@ -13,6 +13,29 @@ use super::Body;
 
 pub const ERROR_HEADER: &str = "x-wasmesh-error";
 
+/// Every value of `x-wasmesh-error` a sidecar sends ([`HttpError::cause`]).
+pub const CAUSES: [&str; 10] = [
+    "no-route",
+    "no-service",
+    "backend-not-found",
+    "no-backend",
+    "no-endpoints",
+    "connect-failed",
+    "upstream-failed",
+    "timeout",
+    "bad-request",
+    "filter-reset",
+];
+
+/// The cause an `x-wasmesh-error` value names, if it is one of [`CAUSES`] (anything else, e.g.
+/// an app sending the header itself, is not one).
+pub fn known_cause(v: &HeaderValue) -> Option<&'static str> {
+    CAUSES
+        .iter()
+        .copied()
+        .find(|c| v.as_bytes() == c.as_bytes())
+}
+
 /// Why the proxy answered a request itself.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -153,7 +176,9 @@ mod tests {
             let r = e.into_response(false);
             assert_eq!(r.status().as_u16(), status);
             assert_eq!(r.headers()[ERROR_HEADER], cause);
+            assert_eq!(known_cause(&r.headers()[ERROR_HEADER]), Some(cause));
         }
+        assert_eq!(known_cause(&HeaderValue::from_static("made-up")), None);
     }
 
     #[test]

@@ -17,7 +17,7 @@
 //! Consumer routes (in another namespace than the Service's) apply only to clients in their own
 //! namespace, and when any exists for this client the producer routes are ignored (GAMMA).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use http::header::{HeaderName, HeaderValue};
@@ -213,8 +213,9 @@ pub struct Retry {
 /// Compiled `HTTPRouteRule`.
 #[derive(Debug)]
 pub struct Rule {
-    /// `namespace/route/rule` (rule = its name or its index), for headers, logs and metrics.
-    pub name: String,
+    /// `namespace/route/rule` (rule = its name or its index), for headers, logs and metrics
+    /// (the `route` label, shared rather than copied per request).
+    pub name: Arc<str>,
     pub request_headers: Option<HeaderModifier>,
     pub response_headers: Option<HeaderModifier>,
     pub redirect: Option<Redirect>,
@@ -224,9 +225,26 @@ pub struct Rule {
     pub request_timeout: Option<Duration>,
     pub backend_timeout: Option<Duration>,
     pub retry: Option<Retry>,
+    /// Where outbound responses routed by this rule are counted (made on first use; a rule
+    /// belongs to one Service port).
+    pub outcomes: OnceLock<Arc<crate::metrics::Outcomes>>,
 }
 
 impl Rule {
+    /// The [`Outcomes`](crate::metrics::Outcomes) of this rule on the Service `service`.
+    pub fn outcomes(&self, service: &Arc<str>) -> Arc<crate::metrics::Outcomes> {
+        self.outcomes
+            .get_or_init(|| {
+                Arc::new(crate::metrics::Outcomes::new(
+                    crate::metrics::Direction::Outbound,
+                    Some(service.clone()),
+                    Some(self.name.clone()),
+                    None,
+                ))
+            })
+            .clone()
+    }
+
     /// A weighted choice among the backends; None if every weight is 0 or there are none.
     pub fn pick_backend(&self, roll: &mut impl FnMut(u64) -> u64) -> Option<&Backend> {
         let total: u64 = self.backends.iter().map(|b| u64::from(b.weight)).sum();
@@ -484,7 +502,8 @@ fn string_matcher(
 
 fn compile_rule(id: &str, name: String, rule: &pb::HttpRouteRule) -> Result<Rule, CompileError> {
     let mut out = Rule {
-        name,
+        name: crate::metrics::label(&name),
+        outcomes: OnceLock::new(),
         request_headers: None,
         response_headers: None,
         redirect: None,
@@ -863,6 +882,7 @@ mod tests {
             request_timeout: None,
             backend_timeout: None,
             retry: None,
+            outcomes: OnceLock::new(),
         };
         let picks: Vec<String> = (0..4)
             .map(|r| {

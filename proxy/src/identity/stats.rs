@@ -1,6 +1,5 @@
-//! Counters of the mesh identity path, rendered on `/metrics`.
+//! Counters of the mesh identity path, exported on `/metrics` ([`crate::metrics`]).
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Why a mesh connection was refused (the `reason` label).
@@ -52,74 +51,58 @@ impl MeshStats {
             .map_or(0, |i| self.refused[i].load(Ordering::Relaxed))
     }
 
-    /// Prometheus text.
-    pub fn render(&self, out: &mut String) {
-        let counters = [
+    /// `(name, help, value)` of every counter, for `/metrics`.
+    pub fn counters(&self) -> [(&'static str, &'static str, u64); 8] {
+        let v = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
             (
                 "wasmesh_mtls_certificates_total",
                 "Workload certificates received from control",
-                &self.certificates,
+                v(&self.certificates),
             ),
             (
                 "wasmesh_mtls_certify_failures_total",
                 "Certify rounds that failed",
-                &self.certify_failures,
+                v(&self.certify_failures),
             ),
             (
                 "wasmesh_mtls_outbound_connections_total",
-                "Outbound connections carried over mTLS",
-                &self.outbound_mtls,
+                "Outbound connections carried over mTLS (handshakes completed)",
+                v(&self.outbound_mtls),
             ),
             (
                 "wasmesh_mtls_outbound_no_identity_total",
                 "Outbound connections to a meshed endpoint refused: no certificate yet",
-                &self.outbound_no_identity,
+                v(&self.outbound_no_identity),
             ),
             (
                 "wasmesh_mtls_inbound_connections_total",
-                "Inbound mTLS connections accepted",
-                &self.inbound_mtls,
+                "Inbound mTLS connections accepted (handshakes completed)",
+                v(&self.inbound_mtls),
             ),
             (
                 "wasmesh_inbound_plaintext_connections_total",
                 "Inbound plaintext connections accepted (permissive)",
-                &self.inbound_plaintext,
+                v(&self.inbound_plaintext),
             ),
             (
                 "wasmesh_inbound_plaintext_refused_total",
                 "Inbound plaintext connections refused (strict)",
-                &self.inbound_plaintext_refused,
+                v(&self.inbound_plaintext_refused),
             ),
             (
                 "wasmesh_authz_denied_total",
                 "Connections denied by an authorization policy",
-                &self.authz_denied,
+                v(&self.authz_denied),
             ),
-        ];
-        for (name, help, c) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                c.load(Ordering::Relaxed)
-            );
-        }
-        let name = "wasmesh_mtls_certificate_expiry_seconds";
-        let _ = writeln!(
-            out,
-            "# HELP {name} notAfter of the workload certificate in use (Unix time; 0: none yet)\n# TYPE {name} gauge\n{name} {}",
-            self.certificate_expiry.load(Ordering::Relaxed)
-        );
-        let name = "wasmesh_mtls_refused_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Mesh TLS handshakes refused, by reason\n# TYPE {name} counter"
-        );
-        for (reason, c) in REFUSAL_REASONS.iter().zip(&self.refused) {
-            let _ = writeln!(
-                out,
-                "{name}{{reason=\"{reason}\"}} {}",
-                c.load(Ordering::Relaxed)
-            );
-        }
+        ]
+    }
+
+    /// `(reason, handshakes refused)` for every reason in [`REFUSAL_REASONS`].
+    pub fn refusals(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        REFUSAL_REASONS
+            .iter()
+            .zip(&self.refused)
+            .map(|(r, c)| (*r, c.load(Ordering::Relaxed)))
     }
 }

@@ -55,46 +55,6 @@ pub struct TraceStats {
     pub export_failures: AtomicU64,
 }
 
-impl TraceStats {
-    pub fn render(&self, out: &mut String, enabled: bool) {
-        use std::fmt::Write;
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "# HELP wasmesh_tracing_enabled 1 while spans are exported\n# TYPE wasmesh_tracing_enabled gauge\nwasmesh_tracing_enabled {}",
-            u64::from(enabled)
-        );
-        for (name, help, v) in [
-            (
-                "wasmesh_tracing_spans_total",
-                "Spans recorded (sampled) and queued for export",
-                g(&self.spans),
-            ),
-            (
-                "wasmesh_tracing_spans_exported_total",
-                "Spans the collector accepted",
-                g(&self.exported),
-            ),
-            (
-                "wasmesh_tracing_export_failures_total",
-                "Export calls that failed or timed out",
-                g(&self.export_failures),
-            ),
-        ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP wasmesh_tracing_spans_dropped_total Spans dropped instead of exported, by reason\n# TYPE wasmesh_tracing_spans_dropped_total counter\nwasmesh_tracing_spans_dropped_total{{reason=\"queue_full\"}} {}\nwasmesh_tracing_spans_dropped_total{{reason=\"export_failed\"}} {}",
-            g(&self.dropped_queue_full),
-            g(&self.dropped_export_failed)
-        );
-    }
-}
-
 /// Starts spans and queues the finished ones for export. One per configuration; a new
 /// configuration (from control) starts a new one, and the old one's task drains and ends.
 #[derive(Debug)]
