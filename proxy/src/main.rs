@@ -192,8 +192,13 @@ struct RunArgs {
     access_log: wasmesh_proxy::access_log::Target,
 
     /// Share of requests and connections that get an access log line, from 0.0 to 1.0.
-    #[arg(long, env = "WASMESH_ACCESS_LOG_SAMPLE", value_name = "RATE", default_value = "1.0",
-          value_parser = wasmesh_proxy::access_log::parse_sample)]
+    #[arg(
+        long,
+        env = "WASMESH_ACCESS_LOG_SAMPLE",
+        value_name = "RATE",
+        default_value = "1.0",
+        value_parser = wasmesh_proxy::access_log::parse_sample
+    )]
     access_log_sample: f64,
 }
 

@@ -2,9 +2,10 @@
 //! (prometheus-client). One [`Registry`] is built at start ([`registry`]):
 //!
 //! - labeled families ([`Metrics`]) recorded where the data path learns an outcome: an HTTP
-//!   response ([`Exchange`]), the end of a proxied TCP connection ([`TcpConn`]), an endpoint
-//!   picked by a balancer (a counter handle kept in each [`crate::table::Endpoint`], so a pick is
-//!   one atomic add);
+//!   response ([`Exchange`], counted through the [`Outcomes`] of its Service port, HTTPRoute
+//!   rule or inbound connection, which keep the series they resolved), the end of a proxied TCP
+//!   connection ([`TcpConn`]), an endpoint picked by a balancer (a counter handle kept in each
+//!   [`crate::table::Endpoint`], so a pick is one atomic add);
 //! - everything else read when scraped by one collector: the plain counters of
 //!   [`Stats`](crate::state::Stats), the mTLS counters, table and control-stream state, the
 //!   access log's drops and the Wasm host's metrics.

@@ -527,14 +527,17 @@ impl TableBuilder {
         else {
             self.me.zone = zone;
             self.node_ips = node_ips;
-            for (_, cell) in std::mem::take(&mut self.cells) {
-                self.detach(&cell.load());
-            }
+            // The new ports take their counters before the old ones let go of them, so an
+            // endpoint that stays keeps counting from where it was.
+            let old = std::mem::take(&mut self.cells);
             for (id, sp) in &table.ports {
                 if let Some(new) = self.decode(sp) {
                     self.cells
                         .insert(id.clone(), Arc::new(ArcSwap::from_pointee(new)));
                 }
+            }
+            for cell in old.values() {
+                self.detach(&cell.load());
             }
             self.loads.collect_garbage();
             return Some(self.index(table.version));
@@ -820,6 +823,108 @@ mod tests {
             addrs(&term, &select(&term, false, false, true, &a)).len(),
             2
         );
+    }
+
+    #[test]
+    fn picks_series_follow_the_pods_in_the_table_and_survive_a_snapshot() {
+        use prometheus_client::metrics::counter::Counter;
+        use prometheus_client::metrics::family::Family;
+        let port = |service: &str, pods: &[&str]| pb::ServicePort {
+            key: Some(pb::ServicePortKey {
+                namespace: "ns".into(),
+                service: service.into(),
+                port_name: "http".into(),
+                protocol: pb::Protocol::Tcp as i32,
+            }),
+            port: 80,
+            cluster_ips: vec![vec![10, 96, 0, service.len() as u8]],
+            endpoints: pods
+                .iter()
+                .enumerate()
+                .map(|(i, pod)| pb::Endpoint {
+                    address: vec![10, 0, 0, i as u8 + 1],
+                    port: 8080,
+                    ready: true,
+                    serving: true,
+                    workload: Some(pb::Workload {
+                        name: pod.to_string(),
+                        namespace: "ns".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let update = |version, kind: pb::table_update::Kind, ports, removed| pb::TableUpdate {
+            version,
+            kind: kind as i32,
+            service_ports: ports,
+            removed_service_ports: removed,
+            complete: true,
+            ..Default::default()
+        };
+        let family: Family<EndpointLabels, Counter> = Family::default();
+        let mut b = TableBuilder::new(Locality::default());
+        b.count_picks(family.clone());
+        b.set_pod("ns/web-1".into());
+        let mut wire = wasmesh_api::table::Table::default();
+        let labels = |svc: &str, pod: &str| EndpointLabels {
+            service: crate::metrics::label(svc),
+            pod: Some(crate::metrics::label(pod)),
+        };
+        let snapshot = pb::table_update::Kind::Snapshot;
+        wire.apply(update(
+            1,
+            snapshot,
+            vec![port("web", &["web-1", "web-2"])],
+            vec![],
+        ))
+        .expect("applies");
+        let t = b.apply(&wire, None).expect("a table");
+        let Route::Service(sp, _) = t.route("10.96.0.3:80".parse().expect("addr")) else {
+            panic!("web is in the table");
+        };
+        sp.endpoints[0].picks.inc();
+        assert_eq!(
+            family.get(&labels("ns/web", "web-1")).map(|c| c.get()),
+            Some(1)
+        );
+        assert_eq!(
+            b.local_services().get(&8080).map(|s| s.to_string()),
+            Some("ns/web".into()),
+            "this pod is web-1, an endpoint of web on 8080"
+        );
+        // A new snapshot: web-1 stays and keeps its count; web-2 is gone.
+        wire.apply(update(
+            2,
+            snapshot,
+            vec![port("web", &["web-1", "web-3"])],
+            vec![],
+        ))
+        .expect("applies");
+        b.apply(&wire, None);
+        assert_eq!(
+            family.get(&labels("ns/web", "web-1")).map(|c| c.get()),
+            Some(1)
+        );
+        assert!(family.get(&labels("ns/web", "web-2")).is_none());
+        assert!(family.get(&labels("ns/web", "web-3")).is_some());
+        // The Service removed by a delta: its series go with it.
+        let key = wire.ports.keys().next().cloned().expect("a port");
+        let removed = wire.ports[&key].key.clone().expect("key");
+        wire.apply(update(
+            3,
+            pb::table_update::Kind::Delta,
+            vec![],
+            vec![removed],
+        ))
+        .expect("applies");
+        b.apply(&wire, Some(&[key]));
+        for pod in ["web-1", "web-3"] {
+            assert!(family.get(&labels("ns/web", pod)).is_none(), "{pod}");
+        }
+        assert!(b.local_services().is_empty());
     }
 
     #[test]
