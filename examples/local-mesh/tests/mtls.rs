@@ -522,3 +522,173 @@ fn a_one_minute_certificate_is_renewed_under_a_long_lived_stream() {
     let calls = mesh.calls(NS, "client", "http://web/", 5);
     assert!(calls.failures.is_empty(), "{}", calls.output);
 }
+
+/// The JSON access log lines in a pod's sidecar log (the sidecars run with
+/// `--access-log stdout`, which lands in the same file as their own log).
+fn access_log(mesh: &TestMesh, pod: &str) -> Vec<serde_json::Value> {
+    let path = mesh
+        .state
+        .join("logs")
+        .join(NS)
+        .join(pod)
+        .join("wasmesh-proxy.log");
+    std::fs::read_to_string(&path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("{\"kind\""))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[test]
+fn metrics_and_access_logs_count_every_request_and_connection_exactly() {
+    const N: usize = 10;
+    let Some(mesh) = TestMesh::up_with(
+        "metrics_and_access_logs_count_every_request_and_connection_exactly",
+        &[
+            ("ns.yaml", &namespace()),
+            (
+                "web.yaml",
+                &backend(NS, "web", 1, &[("http", 8080), ("raw", 8081)], ""),
+            ),
+            (
+                "svc.yaml",
+                &service(
+                    NS,
+                    "web",
+                    "web",
+                    &[("http", 80, "http"), ("tcp", 81, "raw")],
+                    "",
+                ),
+            ),
+            ("client.yaml", &client(NS, "client", "")),
+        ],
+        |cfg| cfg.proxy_args = vec!["--access-log".into(), "stdout".into()],
+    ) else {
+        return;
+    };
+    let web = mesh.ready_pods(NS, "web-", 1).remove(0);
+    mesh.ready_pods(NS, "client", 1);
+    wait_certified(&mesh, "client");
+    wait_certified(&mesh, &web.name);
+    for port in [80, 81] {
+        mesh.wait_proxy(NS, "client", (NS, "web", port), "1 ready endpoint", |eps| {
+            eps.iter().filter(|e| e.ready).count() == 1
+        });
+    }
+    // N HTTP requests (L7, port `http`), then N TCP connections (L4, port `tcp`), each call
+    // on a new connection.
+    for url in ["http://web/", "http://web:81/"] {
+        let calls = mesh.calls(NS, "client", url, N);
+        assert!(
+            calls.failures.is_empty() && calls.answers.len() == N,
+            "{url}: {}\n{}",
+            calls.output,
+            sidecar_log(&mesh, "client")
+        );
+    }
+
+    let svc = format!("{NS}/web");
+    let closed =
+        format!("wasmesh_tcp_connections_closed_total{{direction=\"outbound\",service=\"{svc}\"}}");
+    // A connection is counted closed just after the client saw it end.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let m = loop {
+        let m = mesh.metrics(NS, "client");
+        if counter(&m, &closed) == N as f64 || Instant::now() > deadline {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let n = N as f64;
+    let want = [
+        (
+            format!(
+                "wasmesh_http_responses_total{{direction=\"outbound\",service=\"{svc}\",route=\"\",class=\"2xx\",cause=\"\",peer=\"\"}}"
+            ),
+            n,
+        ),
+        (
+            format!(
+                "wasmesh_http_request_duration_seconds_count{{direction=\"outbound\",service=\"{svc}\"}}"
+            ),
+            n,
+        ),
+        (
+            format!(
+                "wasmesh_tcp_connections_opened_total{{direction=\"outbound\",service=\"{svc}\"}}"
+            ),
+            n,
+        ),
+        (closed.clone(), n),
+        // One pick per request and per connection, under the pod's name (not its address).
+        (
+            format!(
+                "wasmesh_balancer_picks_total{{service=\"{svc}\",pod=\"{}\"}}",
+                web.name
+            ),
+            2.0 * n,
+        ),
+        ("wasmesh_http_requests_total".to_string(), n),
+        (
+            "wasmesh_control_state{state=\"connected\"}".to_string(),
+            1.0,
+        ),
+    ];
+    for (key, value) in &want {
+        assert_eq!(counter(&m, key), *value, "client: {key} in {m:#?}");
+    }
+    assert!(counter(&m, "wasmesh_table_version") >= 1.0, "{m:?}");
+    assert!(m.contains_key("wasmesh_table_age_seconds"), "{m:?}");
+
+    // The client's access log: one line per request and per connection, bytes as counted.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let lines = loop {
+        let lines = access_log(&mesh, "client");
+        if lines.len() >= 2 * N || Instant::now() > deadline {
+            break lines;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let http: Vec<_> = lines.iter().filter(|l| l["kind"] == "http").collect();
+    let tcp: Vec<_> = lines.iter().filter(|l| l["kind"] == "tcp").collect();
+    assert_eq!((http.len(), tcp.len()), (N, N), "{lines:#?}");
+    for l in &http {
+        assert_eq!(l["direction"], "outbound", "{l}");
+        assert_eq!(l["status"], 200, "{l}");
+        assert_eq!(l["service"], svc.as_str(), "{l}");
+        assert_eq!(l["method"], "GET", "{l}");
+        assert_eq!(l["path"], "/", "{l}");
+        assert_eq!(l["upstream"], format!("{}:8080", web.ip), "{l}");
+    }
+    let sent: u64 = tcp.iter().filter_map(|l| l["sent_bytes"].as_u64()).sum();
+    assert_eq!(
+        sent as f64,
+        counter(
+            &m,
+            &format!("wasmesh_tcp_sent_bytes_total{{direction=\"outbound\",service=\"{svc}\"}}")
+        ),
+        "{tcp:#?}"
+    );
+    assert!(sent > 0);
+
+    // The backend's sidecar: the requests came over mTLS from the client's identity.
+    let m = mesh.metrics(NS, &web.name);
+    let peer = format!("spiffe://cluster.local/ns/{NS}/sa/default");
+    let key = format!(
+        "wasmesh_http_responses_total{{direction=\"inbound\",service=\"{svc}\",route=\"\",class=\"2xx\",cause=\"\",peer=\"{peer}\"}}"
+    );
+    assert_eq!(counter(&m, &key), n, "{key} in {m:#?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let inbound_tcp = loop {
+        let n = access_log(&mesh, &web.name)
+            .into_iter()
+            .filter(|l| l["kind"] == "tcp" && l["peer"] == peer.as_str())
+            .count();
+        if n >= N || Instant::now() > deadline {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(inbound_tcp, N, "{}", sidecar_log(&mesh, &web.name));
+}
