@@ -7,9 +7,12 @@
 //! - [`identity`]: the generated types and tonic client/server for
 //!   `wasmesh.identity.v1.Identity` (Certify, WatchTrustBundle); [`spiffe`]: the SPIFFE IDs in
 //!   workload certificates.
+//! - [`authz`]: the AuthorizationPolicy spec (shared by control and the proxy's own policy
+//!   folder), its validation, its wire form, and who a rule admits.
 //! - [`wire`]: helpers to build `TableUpdate` messages out of service ports that were encoded
 //!   once, so that control's cost per change does not grow with the number of subscribers.
 
+pub mod authz;
 pub mod spiffe;
 pub mod table;
 pub mod wire;
@@ -27,9 +30,9 @@ pub mod identity {
 }
 
 pub use discovery::{
-    Endpoint, GetModuleRequest, Module, Node, Protocol, ServicePort, ServicePortKey, ServiceType,
-    TableUpdate, TrafficPolicy, WasmPlugin, WatchRequest, Workload,
-    table_update::Kind as UpdateKind,
+    AuthorizationPolicy, AuthorizationRule, Endpoint, GetModuleRequest, Module, Node, Protocol,
+    ServicePort, ServicePortKey, ServiceType, TableUpdate, TrafficPolicy, WasmPlugin, WatchRequest,
+    Workload, table_update::Kind as UpdateKind,
 };
 
 /// Fully-qualified gRPC path of the watch method.

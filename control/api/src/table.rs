@@ -3,7 +3,8 @@
 use std::collections::BTreeMap;
 
 use crate::discovery::{
-    Node, ServicePort, ServicePortKey, TableUpdate, WasmPlugin, table_update::Kind,
+    AuthorizationPolicy, Node, ServicePort, ServicePortKey, TableUpdate, WasmPlugin,
+    table_update::Kind,
 };
 
 /// `(namespace, service, port name, protocol)` — the identity of a service port.
@@ -22,6 +23,12 @@ pub fn port_id(key: &ServicePortKey) -> PortId {
 /// `TableUpdate.removed_wasm_plugins`.
 pub fn plugin_id(plugin: &WasmPlugin) -> String {
     format!("{}/{}", plugin.namespace, plugin.name)
+}
+
+/// `namespace/name`: the identity of an AuthorizationPolicy in the table and in
+/// `TableUpdate.removed_authorization_policies`.
+pub fn policy_id(policy: &AuthorizationPolicy) -> String {
+    format!("{}/{}", policy.namespace, policy.name)
 }
 
 /// Why an update could not be applied; the subscriber should reconnect for a fresh snapshot.
@@ -65,6 +72,9 @@ pub struct Table {
     pub wasm_plugins: BTreeMap<String, WasmPlugin>,
     /// Control's mesh-wide settings (from the last snapshot).
     pub mesh_config: Option<crate::discovery::MeshConfig>,
+    /// Every AuthorizationPolicy of the mesh by `namespace/name` (each proxy applies those that
+    /// select it).
+    pub authorization_policies: BTreeMap<String, AuthorizationPolicy>,
     /// A snapshot being received (not yet complete).
     pending: Option<Box<Table>>,
     /// True once a complete snapshot has been applied.
@@ -81,6 +91,9 @@ pub struct Applied {
     /// Some WasmPlugin was added, changed or removed (on a complete snapshot: the set differs
     /// from the one held before).
     pub plugins_changed: bool,
+    /// Some AuthorizationPolicy was added, changed or removed (on a complete snapshot: the set
+    /// differs from the one held before).
+    pub policies_changed: bool,
 }
 
 impl Table {
@@ -96,10 +109,13 @@ impl Table {
                 if update.complete {
                     fresh.synced = true;
                     let plugins_changed = fresh.wasm_plugins != self.wasm_plugins;
+                    let policies_changed =
+                        fresh.authorization_policies != self.authorization_policies;
                     *self = fresh;
                     Ok(Applied {
                         complete: true,
                         plugins_changed,
+                        policies_changed,
                         ..applied
                     })
                 } else {
@@ -114,10 +130,13 @@ impl Table {
                 if complete {
                     pending.synced = true;
                     let plugins_changed = pending.wasm_plugins != self.wasm_plugins;
+                    let policies_changed =
+                        pending.authorization_policies != self.authorization_policies;
                     *self = *pending;
                     Ok(Applied {
                         complete: true,
                         plugins_changed,
+                        policies_changed,
                         ..applied
                     })
                 } else {
@@ -175,6 +194,18 @@ impl Table {
                 applied.plugins_changed = true;
             }
             self.wasm_plugins.insert(id, plugin);
+        }
+        for id in &update.removed_authorization_policies {
+            if self.authorization_policies.remove(id).is_some() {
+                applied.policies_changed = true;
+            }
+        }
+        for policy in update.authorization_policies {
+            let id = policy_id(&policy);
+            if self.authorization_policies.get(&id) != Some(&policy) {
+                applied.policies_changed = true;
+            }
+            self.authorization_policies.insert(id, policy);
         }
         Ok(applied)
     }
@@ -259,5 +290,56 @@ mod tests {
         snap.wasm_plugins.clear();
         assert!(t.apply(snap).unwrap().plugins_changed);
         assert!(t.wasm_plugins.is_empty());
+    }
+
+    fn policy(name: &str, port: u32) -> AuthorizationPolicy {
+        AuthorizationPolicy {
+            namespace: "demo".into(),
+            name: name.into(),
+            has_rules: true,
+            rules: vec![crate::discovery::AuthorizationRule {
+                from: vec!["*".into()],
+                any_client: false,
+                ports: vec![port],
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn policies_kept_through_snapshots_and_deltas() {
+        let mut t = Table::default();
+        let mut snap = update(1, Kind::Snapshot, true);
+        snap.authorization_policies = vec![policy("a", 80), policy("b", 81)];
+        let applied = t.apply(snap.clone()).unwrap();
+        assert!(applied.policies_changed && !applied.plugins_changed);
+        assert_eq!(
+            t.authorization_policies.keys().collect::<Vec<_>>(),
+            ["demo/a", "demo/b"]
+        );
+        assert!(
+            !t.apply(update(2, Kind::Delta, true))
+                .unwrap()
+                .policies_changed
+        );
+
+        let mut d = update(3, Kind::Delta, true);
+        d.authorization_policies = vec![policy("a", 90)];
+        d.removed_authorization_policies = vec!["demo/b".into()];
+        assert!(t.apply(d).unwrap().policies_changed);
+        assert_eq!(t.authorization_policies["demo/a"].rules[0].ports, [90]);
+        assert_eq!(t.authorization_policies.len(), 1);
+
+        let mut d = update(4, Kind::Delta, true);
+        d.authorization_policies = vec![policy("a", 90)];
+        d.removed_authorization_policies = vec!["demo/zz".into()];
+        assert!(!t.apply(d).unwrap().policies_changed, "nothing changed");
+
+        snap.version = 9;
+        assert!(
+            t.apply(snap).unwrap().policies_changed,
+            "a new snapshot's set"
+        );
+        assert_eq!(t.authorization_policies.len(), 2);
     }
 }

@@ -10,7 +10,8 @@ use prost::Message;
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 
 use crate::discovery::{
-    Node, ServicePort, ServicePortKey, TableUpdate, WasmPlugin, table_update::Kind,
+    AuthorizationPolicy, Node, ServicePort, ServicePortKey, TableUpdate, WasmPlugin,
+    table_update::Kind,
 };
 
 const VERSION: u32 = 1;
@@ -22,6 +23,8 @@ const REMOVED_NODES: u32 = 6;
 const COMPLETE: u32 = 7;
 const WASM_PLUGINS: u32 = 8;
 const REMOVED_WASM_PLUGINS: u32 = 9;
+const AUTHORIZATION_POLICIES: u32 = 10;
+const REMOVED_AUTHORIZATION_POLICIES: u32 = 11;
 const MESH_CONFIG: u32 = 20;
 
 /// Encodes one service port for later inclusion in updates.
@@ -37,6 +40,11 @@ pub fn encode_node(node: &Node) -> Bytes {
 /// Encodes one WasmPlugin for later inclusion in updates.
 pub fn encode_wasm_plugin(plugin: &WasmPlugin) -> Bytes {
     plugin.encode_to_vec().into()
+}
+
+/// Encodes one AuthorizationPolicy for later inclusion in updates.
+pub fn encode_authorization_policy(policy: &AuthorizationPolicy) -> Bytes {
+    policy.encode_to_vec().into()
 }
 
 /// Incrementally writes one encoded `TableUpdate`.
@@ -96,6 +104,16 @@ impl UpdateWriter {
     /// The mesh-wide settings (an encoded `MeshConfig`).
     pub fn mesh_config(&mut self, encoded: &[u8]) {
         self.put_message(MESH_CONFIG, encoded);
+    }
+
+    /// Adds an AuthorizationPolicy encoded by [`encode_authorization_policy`].
+    pub fn authorization_policy(&mut self, encoded: &[u8]) {
+        self.put_message(AUTHORIZATION_POLICIES, encoded);
+    }
+
+    /// An AuthorizationPolicy removed, as `namespace/name`.
+    pub fn removed_authorization_policy(&mut self, id: &str) {
+        self.put_message(REMOVED_AUTHORIZATION_POLICIES, id.as_bytes());
     }
 
     /// Bytes written so far.
@@ -172,6 +190,20 @@ mod tests {
             has_trace_sampling: true,
         };
         w.mesh_config(&mesh.encode_to_vec());
+        let policy = AuthorizationPolicy {
+            namespace: "demo".into(),
+            name: "web".into(),
+            selector: [("app".to_string(), "web".to_string())].into(),
+            mtls: crate::discovery::authorization_policy::Mtls::Strict as i32,
+            has_rules: true,
+            rules: vec![crate::discovery::AuthorizationRule {
+                from: vec!["ns/ops".into()],
+                any_client: false,
+                ports: vec![8080],
+            }],
+        };
+        w.authorization_policy(&encode_authorization_policy(&policy));
+        w.removed_authorization_policy("demo/gone");
         let got = decode_update(&w.finish(true)).unwrap();
         let want = TableUpdate {
             version: 7,
@@ -182,6 +214,8 @@ mod tests {
             removed_nodes: vec!["gone".into()],
             wasm_plugins: vec![plugin],
             removed_wasm_plugins: vec!["demo/old".into()],
+            authorization_policies: vec![policy],
+            removed_authorization_policies: vec!["demo/gone".into()],
             complete: true,
             mesh_config: Some(mesh),
         };
