@@ -9,8 +9,8 @@ use wasmesh_control::identity;
 use wasmesh_control::model::Cidr;
 use wasmesh_control::view::{self, Format};
 
-/// Watches Services, EndpointSlices, Pods, Nodes, HTTPRoutes and WasmPlugins and streams the
-/// service table to every wasmesh proxy.
+/// Watches Services, EndpointSlices, Pods, Nodes, HTTPRoutes, WasmPlugins and
+/// AuthorizationPolicies and streams the service table to every wasmesh proxy.
 #[derive(Debug, Parser)]
 #[command(name = "wasmesh-control", version, about, long_about = None)]
 struct Cli {

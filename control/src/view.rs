@@ -4,7 +4,7 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
-use crate::model::{Model, NodeEntry, PluginEntry, ServicePortEntry};
+use crate::model::{Model, NodeEntry, PluginEntry, PolicyEntry, ServicePortEntry};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -35,6 +35,10 @@ pub struct TableView<'a> {
     /// WasmPlugins (the module's sha256 and size, never its bytes).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub wasm_plugins: Vec<&'a PluginEntry>,
+    /// AuthorizationPolicies (of the namespace, with one; none with a Service: they select
+    /// pods, not Services).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub authorization_policies: Vec<&'a PolicyEntry>,
 }
 
 /// Selects the entries to print: all, a namespace, or one Service. With a namespace, the
@@ -71,6 +75,16 @@ pub fn select<'a>(
                 })
             })
             .collect(),
+        authorization_policies: if service.is_some() {
+            Vec::new()
+        } else {
+            model
+                .policies()
+                .values()
+                .map(|p| p.as_ref())
+                .filter(|p| namespace.is_none_or(|ns| p.namespace == ns))
+                .collect()
+        },
     }
 }
 
@@ -203,6 +217,35 @@ fn text(view: &TableView<'_>) -> String {
             }
             if !p.target_services.is_empty() {
                 let _ = write!(out, "  services={}", p.target_services.join(","));
+            }
+            let _ = writeln!(out);
+        }
+    }
+    if !view.authorization_policies.is_empty() {
+        let _ = writeln!(out);
+        for p in &view.authorization_policies {
+            let _ = write!(out, "AuthorizationPolicy {}/{}", p.namespace, p.name);
+            let labels: Vec<String> = p
+                .spec
+                .selector
+                .iter()
+                .flat_map(|s| &s.match_labels)
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            if !labels.is_empty() {
+                let _ = write!(out, "  selector={}", labels.join(","));
+            }
+            if let Some(m) = &p.spec.mtls {
+                let _ = write!(out, "  mtls={m}");
+            }
+            match &p.spec.rules {
+                None => {}
+                Some(rules) if rules.is_empty() => {
+                    let _ = write!(out, "  rules=<deny all>");
+                }
+                Some(rules) => {
+                    let _ = write!(out, "  rules={}", rules.len());
+                }
             }
             let _ = writeln!(out);
         }

@@ -311,6 +311,7 @@ async fn nothing_is_sent_before_services_and_endpoint_slices_are_listed() {
         Kind::Node,
         Kind::HttpRoute,
         Kind::WasmPlugin,
+        Kind::AuthorizationPolicy,
     ] {
         tx.send(Event::Synced(k)).await.expect("send");
     }
@@ -749,4 +750,104 @@ async fn a_large_module_is_served_whole() {
     let m = get_module(addr, &p.sha256).await.expect("module");
     assert_eq!(m.wasm.len(), big.len());
     assert_eq!(sha256_hex(&m.wasm), p.sha256);
+}
+
+/// AuthorizationPolicies in a folder reach every proxy in the snapshot, in the wire form
+/// (absent rules apart from empty ones); a change is a delta with only that policy, a removal
+/// names it; a broken edit keeps the last good version and sends nothing.
+#[tokio::test]
+async fn authorization_policies_in_a_folder_reach_proxies() {
+    use wasmesh_api::discovery::authorization_policy::Mtls;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("svc.yaml"), svc_yaml("web", "10.244.0.1")).expect("write");
+    let policies = |sa: &str| {
+        format!(
+            "apiVersion: wasmesh.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: web, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: web}}}}
+  rules:
+  - from: [spiffe://cluster.local/ns/shop/sa/{sa}, ns/ops]
+    ports: [8080]
+  - ports: [9090]
+---
+apiVersion: wasmesh.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: lockdown, namespace: vault}}
+spec: {{mtls: strict, rules: []}}
+"
+        )
+    };
+    std::fs::write(dir.path().join("policies.yaml"), policies("client")).expect("write");
+    let (l, addr) = listener().await;
+    let source = wasmesh_control::source::Source::Folder(FolderSource::new(
+        dir.path(),
+        Cidr::parse("10.96.0.0/12").expect("cidr"),
+    ));
+    tokio::spawn(app::serve(
+        source,
+        l,
+        None,
+        Duration::ZERO,
+        std::future::pending(),
+    ));
+    let mut stream = watch(addr, "client").await;
+    let mut table = Table::default();
+    next_complete(&mut stream, &mut table).await;
+    assert_eq!(
+        table.authorization_policies.keys().collect::<Vec<_>>(),
+        ["shop/web", "vault/lockdown"],
+        "every proxy gets every policy"
+    );
+    let web = &table.authorization_policies["shop/web"];
+    assert_eq!(web.selector.get("app").map(String::as_str), Some("web"));
+    assert!(web.has_rules);
+    assert_eq!(
+        web.rules[0].from,
+        ["spiffe://cluster.local/ns/shop/sa/client", "ns/ops"]
+    );
+    assert_eq!(web.rules[0].ports, [8080]);
+    assert!(!web.rules[0].any_client && web.rules[1].any_client);
+    assert_eq!(web.mtls, Mtls::Unset as i32);
+    let lockdown = &table.authorization_policies["vault/lockdown"];
+    assert!(lockdown.has_rules && lockdown.rules.is_empty(), "deny all");
+    assert_eq!(lockdown.mtls, Mtls::Strict as i32);
+
+    // Edited: a delta with that policy alone.
+    let v = table.version;
+    std::fs::write(dir.path().join("policies.yaml"), policies("other")).expect("write");
+    let delta = next_complete(&mut stream, &mut table).await;
+    assert_eq!(delta.len(), 1);
+    let d = &delta[0];
+    assert_eq!((d.kind, d.version), (UpdateKind::Delta as i32, v + 1));
+    assert!(d.service_ports.is_empty() && d.wasm_plugins.is_empty());
+    assert_eq!(d.authorization_policies.len(), 1);
+    assert_eq!(
+        d.authorization_policies[0].rules[0].from[0],
+        "spiffe://cluster.local/ns/shop/sa/other"
+    );
+
+    // A broken edit sends nothing; the next real change (a removal) is the next delta.
+    std::fs::write(
+        dir.path().join("policies.yaml"),
+        policies("other").replace("ns/ops", "ops"),
+    )
+    .expect("write");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let only_web = policies("other")
+        .split("---\n")
+        .next()
+        .expect("first document")
+        .to_string();
+    std::fs::write(dir.path().join("policies.yaml"), only_web).expect("write");
+    let delta = next_complete(&mut stream, &mut table).await;
+    let d = &delta[0];
+    assert_eq!(d.version, v + 2, "nothing was sent for the broken edit");
+    assert!(d.authorization_policies.is_empty(), "{d:?}");
+    assert_eq!(d.removed_authorization_policies, ["vault/lockdown"]);
+    assert_eq!(
+        table.authorization_policies.keys().collect::<Vec<_>>(),
+        ["shop/web"]
+    );
 }

@@ -7,6 +7,7 @@
 //!
 //! WasmPlugins are kept encoded the same way, and their modules by sha256 for `GetModule`: a
 //! module stays while some plugin names it and is dropped with the last one.
+//! AuthorizationPolicies are kept encoded too; every subscriber gets every policy.
 //!
 //! Each subscriber has a bounded place in the ring: one that falls more than
 //! [`Hub::RING`] deltas behind is resynchronised with a fresh snapshot instead of stalling
@@ -19,9 +20,11 @@ use std::sync::{Arc, RwLock};
 use bytes::Bytes;
 use tokio::sync::{broadcast, watch};
 use wasmesh_api::UpdateKind;
-use wasmesh_api::wire::{UpdateWriter, encode_node, encode_service_port, encode_wasm_plugin};
+use wasmesh_api::wire::{
+    UpdateWriter, encode_authorization_policy, encode_node, encode_service_port, encode_wasm_plugin,
+};
 
-use crate::model::{NodeEntry, PluginEntry, PortKey, ServicePortEntry};
+use crate::model::{NodeEntry, PluginEntry, PolicyEntry, PortKey, ServicePortEntry};
 
 /// One encoded delta.
 #[derive(Debug)]
@@ -39,6 +42,8 @@ struct State {
     plugins: BTreeMap<String, (Bytes, String)>,
     /// Module bytes by sha256, for every module some plugin names.
     modules: HashMap<String, Bytes>,
+    /// AuthorizationPolicies by `namespace/name`, encoded.
+    policies: BTreeMap<String, Bytes>,
     /// The snapshot of `version`, shared by every subscriber that joins before the next change.
     snapshot: Option<Arc<Snapshot>>,
     /// Mesh-wide settings (an encoded `MeshConfig`), sent at the start of every snapshot.
@@ -73,6 +78,7 @@ pub struct Snapshot {
     ports: Vec<Bytes>,
     nodes: Vec<Bytes>,
     plugins: Vec<Bytes>,
+    policies: Vec<Bytes>,
 }
 
 /// Change to one service port or node, ready to publish.
@@ -85,6 +91,9 @@ pub struct Publish {
     pub plugin_upserts: Vec<Arc<PluginEntry>>,
     /// `namespace/name`.
     pub plugin_removals: Vec<String>,
+    pub policy_upserts: Vec<Arc<PolicyEntry>>,
+    /// `namespace/name`.
+    pub policy_removals: Vec<String>,
 }
 
 impl Publish {
@@ -95,6 +104,8 @@ impl Publish {
             && self.node_removals.is_empty()
             && self.plugin_upserts.is_empty()
             && self.plugin_removals.is_empty()
+            && self.policy_upserts.is_empty()
+            && self.policy_removals.is_empty()
     }
 }
 
@@ -170,6 +181,21 @@ impl Hub {
         nodes: impl IntoIterator<Item = &'a Arc<NodeEntry>>,
         plugins: impl IntoIterator<Item = &'a Arc<PluginEntry>>,
     ) {
+        self.init_all(ports, nodes, plugins, [])
+    }
+
+    /// [`Hub::init`] with WasmPlugins (and their modules) and AuthorizationPolicies.
+    pub fn init_all<'a>(
+        &self,
+        ports: impl IntoIterator<Item = &'a Arc<ServicePortEntry>>,
+        nodes: impl IntoIterator<Item = &'a Arc<NodeEntry>>,
+        plugins: impl IntoIterator<Item = &'a Arc<PluginEntry>>,
+        policies: impl IntoIterator<Item = &'a Arc<PolicyEntry>>,
+    ) {
+        let policies: BTreeMap<String, Bytes> = policies
+            .into_iter()
+            .map(|p| (p.id(), encode_authorization_policy(&p.to_proto())))
+            .collect();
         let mut modules = HashMap::new();
         let plugins: BTreeMap<String, (Bytes, String)> = plugins
             .into_iter()
@@ -196,6 +222,7 @@ impl Hub {
             st.nodes = nodes;
             st.plugins = plugins;
             st.modules = modules;
+            st.policies = policies;
             st.snapshot = None;
         }
         self.synced.send_replace(true);
@@ -233,10 +260,17 @@ impl Hub {
             .iter()
             .map(|p| (p.id(), encode_wasm_plugin(&p.to_proto()), p.as_ref()))
             .collect();
+        let policies: Vec<(String, Bytes)> = change
+            .policy_upserts
+            .iter()
+            .map(|p| (p.id(), encode_authorization_policy(&p.to_proto())))
+            .collect();
         let size: usize = upserts.iter().map(|(_, b)| b.len() + 8).sum::<usize>()
             + nodes.iter().map(|(_, b)| b.len() + 8).sum::<usize>()
             + plugins.iter().map(|(_, b, _)| b.len() + 8).sum::<usize>()
-            + (change.removals.len() + change.plugin_removals.len()) * 64;
+            + policies.iter().map(|(_, b)| b.len() + 8).sum::<usize>()
+            + (change.removals.len() + change.plugin_removals.len() + change.policy_removals.len())
+                * 64;
 
         let mut st = self.write();
         let version = st.version + 1;
@@ -271,6 +305,14 @@ impl Hub {
         }
         if plugins_changed {
             st.drop_unused_modules();
+        }
+        for (id, bytes) in policies {
+            w.authorization_policy(&bytes);
+            st.policies.insert(id, bytes);
+        }
+        for id in &change.policy_removals {
+            w.removed_authorization_policy(id);
+            st.policies.remove(id);
         }
         st.version = version;
         st.snapshot = None;
@@ -315,6 +357,7 @@ impl Hub {
                             ports: st.ports.values().cloned().collect(),
                             nodes: st.nodes.values().cloned().collect(),
                             plugins: st.plugins.values().map(|(b, _)| b.clone()).collect(),
+                            policies: st.policies.values().cloned().collect(),
                         });
                         st.snapshot = Some(s.clone());
                         s
@@ -357,6 +400,7 @@ impl Snapshot {
 enum Item {
     Node,
     Plugin,
+    Policy,
     Port,
 }
 
@@ -365,7 +409,7 @@ enum Item {
 pub struct SnapshotParts<'a> {
     snapshot: &'a Snapshot,
     max: usize,
-    /// Index into nodes, then plugins, then ports.
+    /// Index into nodes, then plugins, then policies, then ports.
     next: usize,
     first: bool,
     done: bool,
@@ -391,16 +435,19 @@ impl Iterator for SnapshotParts<'_> {
         {
             w.mesh_config(m);
         }
-        let (nodes, plugins) = (s.nodes.len(), s.plugins.len());
-        let total = nodes + plugins + s.ports.len();
+        let (nodes, plugins, policies) = (s.nodes.len(), s.plugins.len(), s.policies.len());
+        let before_ports = nodes + plugins + policies;
+        let total = before_ports + s.ports.len();
         let mut has_items = false;
         while self.next < total {
             let (item, bytes) = if self.next < nodes {
                 (Item::Node, &s.nodes[self.next])
             } else if self.next < nodes + plugins {
                 (Item::Plugin, &s.plugins[self.next - nodes])
+            } else if self.next < before_ports {
+                (Item::Policy, &s.policies[self.next - nodes - plugins])
             } else {
-                (Item::Port, &s.ports[self.next - nodes - plugins])
+                (Item::Port, &s.ports[self.next - before_ports])
             };
             if has_items && w.len() + UpdateWriter::record_len(bytes.len()) > self.max {
                 return Some(w.finish(false));
@@ -408,6 +455,7 @@ impl Iterator for SnapshotParts<'_> {
             match item {
                 Item::Node => w.node(bytes),
                 Item::Plugin => w.wasm_plugin(bytes),
+                Item::Policy => w.authorization_policy(bytes),
                 Item::Port => w.service_port(bytes),
             }
             has_items = true;

@@ -69,10 +69,11 @@ pub async fn run(
         }
         if !initialised {
             initialised = true;
-            hub.init_with_plugins(
+            hub.init_all(
                 model.entries().values(),
                 model.nodes().values(),
                 model.plugins().values(),
+                model.policies().values(),
             );
             published = model.entries().clone();
             tracing::info!(
@@ -80,6 +81,7 @@ pub async fn run(
                 endpoints = model.endpoint_count(),
                 nodes = model.nodes().len(),
                 wasm_plugins = model.plugins().len(),
+                authorization_policies = model.policies().len(),
                 "table synced; serving snapshots"
             );
             continue;
@@ -123,6 +125,15 @@ pub async fn run(
         }
         change.plugin_upserts = delta.plugin_upserts.into_values().collect();
         change.plugin_removals = delta.plugin_removals.into_iter().collect();
+        // Policies neither: a policy change must reach proxies at once.
+        for p in delta.policy_upserts.values() {
+            tracing::info!(policy = %p.id(), "AuthorizationPolicy updated");
+        }
+        for id in &delta.policy_removals {
+            tracing::info!(policy = %id, "AuthorizationPolicy removed");
+        }
+        change.policy_upserts = delta.policy_upserts.into_values().collect();
+        change.policy_removals = delta.policy_removals.into_iter().collect();
         if let Some(version) = hub.publish(change) {
             tracing::debug!(version, "published delta");
         }

@@ -10,7 +10,9 @@
 //! - [`entry`]: the table's types and their proto form.
 //! - [`plugins`]: WasmPlugins, kept apart from the service ports: every proxy gets every
 //!   plugin, so a plugin change touches nothing else.
+//! - [`authz`]: AuthorizationPolicies, kept apart the same way.
 
+pub mod authz;
 mod build;
 pub mod entry;
 pub mod plugins;
@@ -24,6 +26,7 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
+pub use authz::PolicyEntry;
 pub use build::{PodInfo, node_entry, service_entries, slice_service};
 pub use entry::*;
 pub use plugins::PluginEntry;
@@ -45,6 +48,9 @@ pub struct Delta {
     /// WasmPlugins added or changed, by `namespace/name`.
     pub plugin_upserts: BTreeMap<String, Arc<PluginEntry>>,
     pub plugin_removals: BTreeSet<String>,
+    /// AuthorizationPolicies added or changed, by `namespace/name`.
+    pub policy_upserts: BTreeMap<String, Arc<PolicyEntry>>,
+    pub policy_removals: BTreeSet<String>,
 }
 
 impl Delta {
@@ -55,6 +61,8 @@ impl Delta {
             && self.node_removals.is_empty()
             && self.plugin_upserts.is_empty()
             && self.plugin_removals.is_empty()
+            && self.policy_upserts.is_empty()
+            && self.policy_removals.is_empty()
     }
 
     /// Folds a later delta into this one.
@@ -83,6 +91,14 @@ impl Delta {
             self.plugin_upserts.remove(&k);
             self.plugin_removals.insert(k);
         }
+        for (k, v) in later.policy_upserts {
+            self.policy_removals.remove(&k);
+            self.policy_upserts.insert(k, v);
+        }
+        for k in later.policy_removals {
+            self.policy_upserts.remove(&k);
+            self.policy_removals.insert(k);
+        }
     }
 }
 
@@ -109,6 +125,8 @@ pub struct Model {
     service_routes: HashMap<NsName, BTreeSet<NsName>>,
     /// WasmPlugins by `namespace/name`.
     plugins: BTreeMap<String, Arc<PluginEntry>>,
+    /// AuthorizationPolicies by `namespace/name`.
+    policies: BTreeMap<String, Arc<PolicyEntry>>,
     /// Plugins in this namespace are mesh-wide.
     root_namespace: String,
     synced: BTreeSet<Kind>,
@@ -131,6 +149,7 @@ impl Default for Model {
             routes: HashMap::new(),
             service_routes: HashMap::new(),
             plugins: BTreeMap::new(),
+            policies: BTreeMap::new(),
             root_namespace: crate::source::wasmplugin::DEFAULT_ROOT_NAMESPACE.into(),
             synced: BTreeSet::new(),
             mesh_config: None,
@@ -176,6 +195,11 @@ impl Model {
     /// Every WasmPlugin, by `namespace/name`.
     pub fn plugins(&self) -> &BTreeMap<String, Arc<PluginEntry>> {
         &self.plugins
+    }
+
+    /// Every AuthorizationPolicy, by `namespace/name`.
+    pub fn policies(&self) -> &BTreeMap<String, Arc<PolicyEntry>> {
+        &self.policies
     }
 
     /// True once every kind has been listed completely: before that, an absent endpoint means
@@ -296,6 +320,14 @@ impl Model {
                     }
                 }
             }
+            Object::AuthorizationPolicy(policy) => {
+                let id = format!("{}/{}", key.0, key.1);
+                let entry = PolicyEntry::new(&policy);
+                if self.policies.get(&id).map(|p| p.as_ref()) != Some(&entry) {
+                    dirty.policies.insert(id.clone());
+                    self.policies.insert(id, Arc::new(entry));
+                }
+            }
         }
     }
 
@@ -345,6 +377,12 @@ impl Model {
                     dirty.plugins.insert(id);
                 }
             }
+            Kind::AuthorizationPolicy => {
+                let id = format!("{}/{}", key.0, key.1);
+                if self.policies.remove(&id).is_some() {
+                    dirty.policies.insert(id);
+                }
+            }
         }
     }
 
@@ -382,6 +420,11 @@ impl Model {
             Kind::HttpRoute => self.routes.keys().cloned().collect(),
             Kind::WasmPlugin => self
                 .plugins
+                .values()
+                .map(|p| (p.namespace.clone(), p.name.clone()))
+                .collect(),
+            Kind::AuthorizationPolicy => self
+                .policies
                 .values()
                 .map(|p| (p.namespace.clone(), p.name.clone()))
                 .collect(),
@@ -472,6 +515,16 @@ impl Model {
                 }
             }
         }
+        for id in dirty.policies {
+            match self.policies.get(&id) {
+                Some(p) => {
+                    delta.policy_upserts.insert(id, p.clone());
+                }
+                None => {
+                    delta.policy_removals.insert(id);
+                }
+            }
+        }
         for name in dirty.nodes {
             match self.nodes.get(&name) {
                 Some(n) => {
@@ -540,6 +593,12 @@ fn placeholder(
             metadata,
             ..Default::default()
         }),
+        Kind::AuthorizationPolicy => {
+            Object::AuthorizationPolicy(crate::source::AuthorizationPolicy {
+                metadata,
+                ..Default::default()
+            })
+        }
     }
 }
 
@@ -549,4 +608,5 @@ struct Dirty {
     pods: HashSet<NsName>,
     nodes: BTreeSet<String>,
     plugins: BTreeSet<String>,
+    policies: BTreeSet<String>,
 }

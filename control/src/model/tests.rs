@@ -682,7 +682,8 @@ fn not_synced_until_every_kind_is_listed() {
             Kind::Pod,
             Kind::Node,
             Kind::HttpRoute,
-            Kind::WasmPlugin
+            Kind::WasmPlugin,
+            Kind::AuthorizationPolicy
         ]
     );
     for k in [
@@ -694,7 +695,53 @@ fn not_synced_until_every_kind_is_listed() {
     ] {
         m.apply(Event::Synced(k));
     }
+    assert!(!m.is_synced(), "policies are not known yet: not \"none\"");
+    m.apply(Event::Synced(Kind::AuthorizationPolicy));
     assert!(m.is_synced());
+}
+
+fn policy(ns: &str, name: &str, from: &str) -> Object {
+    Object::AuthorizationPolicy(
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"rules": [{"from": [from], "ports": [8080]}]},
+        }))
+        .expect("policy"),
+    )
+}
+
+#[test]
+fn policies_are_deltas_of_their_own() {
+    let mut m = Model::new();
+    let d = m.apply(Event::Replace {
+        kind: Kind::AuthorizationPolicy,
+        namespace: None,
+        objects: vec![policy("a", "p1", "ns/x"), policy("b", "p2", "*")],
+    });
+    assert_eq!(
+        d.policy_upserts.keys().collect::<Vec<_>>(),
+        ["a/p1", "b/p2"]
+    );
+    assert!(d.upserts.is_empty() && d.plugin_upserts.is_empty());
+    assert_eq!(m.policies()["a/p1"].to_proto().rules[0].from, ["ns/x"]);
+
+    // The same again changes nothing; a change is that policy alone.
+    assert!(m.apply(Event::Apply(policy("a", "p1", "ns/x"))).is_empty());
+    let d = m.apply(Event::Apply(policy("a", "p1", "ns/y")));
+    assert_eq!(d.policy_upserts.keys().collect::<Vec<_>>(), ["a/p1"]);
+    assert!(d.policy_removals.is_empty());
+
+    // A re-list of one namespace drops what it no longer has, there only.
+    let d = m.apply(Event::Replace {
+        kind: Kind::AuthorizationPolicy,
+        namespace: Some("a".into()),
+        objects: vec![],
+    });
+    assert_eq!(d.policy_removals.iter().collect::<Vec<_>>(), ["a/p1"]);
+    assert_eq!(m.policies().keys().collect::<Vec<_>>(), ["b/p2"]);
+    let d = m.apply(Event::Delete(policy("b", "p2", "*")));
+    assert_eq!(d.policy_removals.iter().collect::<Vec<_>>(), ["b/p2"]);
+    assert!(m.policies().is_empty());
 }
 
 #[test]

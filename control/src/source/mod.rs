@@ -15,8 +15,10 @@
 //! [`httproute`] holds our own types for Gateway API HTTPRoutes (k8s-openapi has none), their
 //! defaults and their validation, shared by both sources; [`wasmplugin`] the same for our
 //! WasmPlugin resource, and the module files plugins name (read by the sources, so a plugin
-//! reaches the model with its module's bytes and sha256).
+//! reaches the model with its module's bytes and sha256); [`authz`] our AuthorizationPolicy
+//! resource (its spec and validation are the contract's, shared with the proxy).
 
+pub mod authz;
 pub mod folder;
 pub mod httproute;
 pub mod kube;
@@ -26,6 +28,7 @@ use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use tokio::sync::mpsc;
 
+pub use authz::AuthorizationPolicy;
 pub use httproute::HttpRoute;
 pub use wasmplugin::WasmPlugin;
 
@@ -40,16 +43,19 @@ pub enum Kind {
     HttpRoute,
     /// `wasmesh.io/v1alpha1` WasmPlugin.
     WasmPlugin,
+    /// `wasmesh.io/v1alpha1` AuthorizationPolicy.
+    AuthorizationPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Pod,
         Kind::Node,
         Kind::HttpRoute,
         Kind::WasmPlugin,
+        Kind::AuthorizationPolicy,
     ];
 
     /// The Kubernetes `kind`.
@@ -61,6 +67,7 @@ impl Kind {
             Kind::Node => "Node",
             Kind::HttpRoute => httproute::KIND,
             Kind::WasmPlugin => wasmplugin::KIND,
+            Kind::AuthorizationPolicy => authz::KIND,
         }
     }
 
@@ -71,6 +78,7 @@ impl Kind {
             Kind::EndpointSlice => "discovery.k8s.io/v1",
             Kind::HttpRoute => httproute::API_VERSION,
             Kind::WasmPlugin => wasmplugin::API_VERSION,
+            Kind::AuthorizationPolicy => authz::API_VERSION,
         }
     }
 }
@@ -93,6 +101,7 @@ pub enum Object {
     Node(Node),
     HttpRoute(HttpRoute),
     WasmPlugin(WasmPlugin),
+    AuthorizationPolicy(AuthorizationPolicy),
 }
 
 impl Object {
@@ -104,6 +113,7 @@ impl Object {
             Object::Node(_) => Kind::Node,
             Object::HttpRoute(_) => Kind::HttpRoute,
             Object::WasmPlugin(_) => Kind::WasmPlugin,
+            Object::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
         }
     }
 
@@ -115,6 +125,7 @@ impl Object {
             Object::Node(o) => &o.metadata,
             Object::HttpRoute(o) => &o.metadata,
             Object::WasmPlugin(o) => &o.metadata,
+            Object::AuthorizationPolicy(o) => &o.metadata,
         }
     }
 
@@ -126,6 +137,7 @@ impl Object {
             Object::Node(o) => &mut o.metadata,
             Object::HttpRoute(o) => &mut o.metadata,
             Object::WasmPlugin(o) => &mut o.metadata,
+            Object::AuthorizationPolicy(o) => &mut o.metadata,
         }
     }
 
@@ -160,6 +172,7 @@ impl serde::Serialize for Object {
             Object::Node(o) => serde::Serialize::serialize(o, s),
             Object::HttpRoute(o) => serde::Serialize::serialize(o, s),
             Object::WasmPlugin(o) => serde::Serialize::serialize(o, s),
+            Object::AuthorizationPolicy(o) => serde::Serialize::serialize(o, s),
         }
     }
 }

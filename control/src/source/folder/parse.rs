@@ -9,6 +9,7 @@ use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::Value;
 
+use crate::source::authz::{self, AuthorizationPolicy};
 use crate::source::httproute::{self, HttpRoute};
 use crate::source::wasmplugin::{self, WasmPlugin};
 use crate::source::{Kind, Object, ObjectKey};
@@ -142,6 +143,7 @@ fn objects_from_value(value: Value) -> Result<Option<Vec<Object>>, ParseError> {
         ("v1", "Node") => Kind::Node,
         (v, httproute::KIND) if httproute::API_VERSIONS.contains(&v) => Kind::HttpRoute,
         (wasmplugin::API_VERSION, wasmplugin::KIND) => Kind::WasmPlugin,
+        (authz::API_VERSION, authz::KIND) => Kind::AuthorizationPolicy,
         ("v1", "List") | (_, "List") => {
             let mut out = Vec::new();
             let items = map.get("items").and_then(Value::as_array).cloned();
@@ -152,11 +154,11 @@ fn objects_from_value(value: Value) -> Result<Option<Vec<Object>>, ParseError> {
             }
             return Ok(Some(out));
         }
-        (_, wasmplugin::KIND) if api_version.starts_with("wasmesh.io/") => {
+        (_, wasmplugin::KIND | authz::KIND) if api_version.starts_with("wasmesh.io/") => {
             return Err((
                 None,
                 format!(
-                    "{kind_name} with apiVersion `{api_version}`: control reads {} WasmPlugin",
+                    "{kind_name} with apiVersion `{api_version}`: control reads {} {kind_name}",
                     wasmplugin::API_VERSION
                 ),
             ));
@@ -217,6 +219,9 @@ fn objects_from_value(value: Value) -> Result<Option<Vec<Object>>, ParseError> {
         Kind::WasmPlugin => {
             Object::WasmPlugin(serde_json::from_value::<WasmPlugin>(value).map_err(typed)?)
         }
+        Kind::AuthorizationPolicy => Object::AuthorizationPolicy(
+            serde_json::from_value::<AuthorizationPolicy>(value).map_err(typed)?,
+        ),
     };
     if kind != Kind::Node {
         obj.meta_mut().namespace = Some(namespace);
@@ -251,6 +256,7 @@ pub fn default_and_validate(obj: &mut Object) -> Result<(), String> {
         Object::WasmPlugin(plugin) => {
             wasmplugin::default_and_validate(plugin).map_err(|e| e.to_string())
         }
+        Object::AuthorizationPolicy(policy) => authz::validate(policy).map_err(|e| e.to_string()),
     }
 }
 

@@ -710,3 +710,127 @@ async fn a_module_outside_the_folder_is_watched_too() {
     };
     assert_eq!(&p.module.expect("module").bytes[8..], b"two");
 }
+
+fn policy<'a>(
+    folder: &'a Folder,
+    ns: &str,
+    name: &str,
+) -> Option<&'a crate::source::AuthorizationPolicy> {
+    folder.objects().find_map(|o| match o {
+        Object::AuthorizationPolicy(p)
+            if p.metadata.name.as_deref() == Some(name)
+                && p.metadata.namespace.as_deref() == Some(ns) =>
+        {
+            Some(p)
+        }
+        _ => None,
+    })
+}
+
+const POLICIES: &str = "
+apiVersion: wasmesh.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: web}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules: [{from: [ns/default/sa/client], ports: [8080]}]
+---
+apiVersion: wasmesh.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: strict, namespace: vault}
+spec: {mtls: strict}
+";
+
+#[test]
+fn authorization_policies_are_read_and_a_broken_one_keeps_its_last_good_version() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), "web.yaml", WEB);
+    write(dir.path(), "policies.yaml", POLICIES);
+    let mut f = Folder::new(dir.path(), cidr());
+    let r = f.scan().expect("scan");
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    assert!(r.events.contains(&Event::Synced(Kind::AuthorizationPolicy)));
+    let web = policy(&f, "default", "web").expect("namespace defaults to default");
+    assert_eq!(
+        web.spec.rules.as_ref().expect("rules")[0].from,
+        Some(vec!["ns/default/sa/client".to_string()])
+    );
+    assert_eq!(
+        policy(&f, "vault", "strict")
+            .expect("strict")
+            .spec
+            .mtls
+            .as_deref(),
+        Some("strict")
+    );
+
+    // Each kind of mistake is named with file, document, line, policy and field; the last
+    // good version stays, and nothing else in the folder is lost.
+    for (broken, says) in [
+        (
+            POLICIES.replace("ns/default/sa/client", "client"),
+            "AuthorizationPolicy default/web: spec.rules[0].from[0]: \"client\" names no client",
+        ),
+        (
+            POLICIES.replace("ports: [8080]", "ports: [80800]"),
+            "AuthorizationPolicy default/web: spec.rules[0].ports[0]: 80800 is not a port (1-65535)",
+        ),
+        (
+            POLICIES.replace("  rules:", "  rulez:"),
+            "AuthorizationPolicy default/web: unknown field `rulez`",
+        ),
+    ] {
+        write(dir.path(), "policies.yaml", &broken);
+        let r = f.scan().expect("rescan");
+        assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+        let p = r.problems[0].to_string();
+        assert!(
+            p.contains("policies.yaml:2 (document 1)")
+                && p.contains(says)
+                && p.ends_with("keeping the last good version"),
+            "{p}"
+        );
+        assert!(r.events.is_empty(), "{:?}", r.events);
+        assert!(policy(&f, "default", "web").is_some());
+        assert!(policy(&f, "vault", "strict").is_some());
+        assert!(service(&f, "default", "web").is_some());
+    }
+    // Another apiVersion of our kind is refused with what to use.
+    write(
+        dir.path(),
+        "policies.yaml",
+        &POLICIES.replace("wasmesh.io/v1alpha1", "wasmesh.io/v1"),
+    );
+    let r = f.scan().expect("rescan");
+    assert!(
+        r.problems.iter().any(|p| p
+            .to_string()
+            .contains("control reads wasmesh.io/v1alpha1 AuthorizationPolicy")),
+        "{:?}",
+        r.problems
+    );
+
+    // Changed: one Apply; removed: one Delete each.
+    write(
+        dir.path(),
+        "policies.yaml",
+        &POLICIES.replace("ns/default/sa/client", "ns/default/sa/other"),
+    );
+    let r = f.scan().expect("rescan");
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    assert!(
+        matches!(&r.events[..], [Event::Apply(Object::AuthorizationPolicy(p))] if p.id() == "default/web"),
+        "{:?}",
+        r.events
+    );
+    std::fs::remove_file(dir.path().join("policies.yaml")).expect("rm");
+    let r = f.scan().expect("rescan");
+    assert_eq!(r.events.len(), 2, "{:?}", r.events);
+    assert!(
+        r.events
+            .iter()
+            .all(|e| matches!(e, Event::Delete(Object::AuthorizationPolicy(_)))),
+        "{:?}",
+        r.events
+    );
+}

@@ -22,8 +22,13 @@
 //! namespaces and in the root namespace (mesh-wide plugins), and their module files are read
 //! from control's filesystem.
 //!
-//! Permissions needed: list and watch on the six kinds, see `examples/k8s/control-rbac.yaml`.
+//! AuthorizationPolicies (`wasmesh.io/v1alpha1`, see [`authz`]) are optional the same way (the
+//! CRD in `examples/k8s/authorizationpolicy-crd.yaml` not installed), watched in the watched
+//! namespaces (a policy applies to pods of its own namespace only).
+//!
+//! Permissions needed: list and watch on the seven kinds, see `examples/k8s/control-rbac.yaml`.
 
+pub mod authz;
 pub mod httproute;
 mod scope;
 #[cfg(test)]
@@ -49,7 +54,8 @@ use scope::{Scope, SyncTracker};
 /// Where RBAC for control is described; named in errors about permissions.
 const RBAC_EXAMPLE: &str = "examples/k8s/control-rbac.yaml";
 
-/// Watches Services, EndpointSlices, Pods, Nodes and HTTPRoutes on a Kubernetes API server.
+/// Watches Services, EndpointSlices, Pods, Nodes, HTTPRoutes, WasmPlugins and
+/// AuthorizationPolicies on a Kubernetes API server.
 #[derive(Clone)]
 pub struct KubeSource {
     client: kube::Client,
@@ -144,7 +150,7 @@ impl KubeSource {
         tracing::info!(
             namespaces = ?self.namespaces,
             watches = scopes.len(),
-            "watching Services, EndpointSlices, Pods, Nodes, HTTPRoutes and WasmPlugins on the Kubernetes API server"
+            "watching Services, EndpointSlices, Pods, Nodes, HTTPRoutes, WasmPlugins and AuthorizationPolicies on the Kubernetes API server"
         );
         loop {
             let next = tokio::select! {
@@ -194,6 +200,7 @@ impl KubeSource {
             Kind::Pod,
             Kind::HttpRoute,
             Kind::WasmPlugin,
+            Kind::AuthorizationPolicy,
         ] {
             if self.namespaces.is_empty() {
                 scopes.push(Scope::new(kind, None));
@@ -238,17 +245,21 @@ impl KubeSource {
             Kind::WasmPlugin => {
                 wasmplugin::stream(wasmplugin::api(client, ns), config, self.module_recheck)
             }
+            Kind::AuthorizationPolicy => authz::stream(authz::api(client, ns), config),
         }
     }
 }
 
-/// A watch error, logged; for HTTPRoutes and WasmPlugins that cannot be listed at all (404: the CRD is not
-/// installed; 403 before any list succeeded: RBAC not updated), an empty list as well, once,
-/// so that the kind counts as synced and the rest of the table goes out.
+/// A watch error, logged; for HTTPRoutes, WasmPlugins and AuthorizationPolicies that cannot be
+/// listed at all (404: the CRD is not installed; 403 before any list succeeded: RBAC not
+/// updated), an empty list as well, once, so that the kind counts as synced and the rest of the
+/// table goes out.
 fn optional_kind_unavailable(scope: &mut Scope, err: &watcher::Error) -> Option<scope::Output> {
     let code = status_code(err);
-    let unavailable = matches!(scope.kind, Kind::HttpRoute | Kind::WasmPlugin)
-        && (code == Some(404) || (code == Some(403) && !scope.listed_once()));
+    let unavailable = matches!(
+        scope.kind,
+        Kind::HttpRoute | Kind::WasmPlugin | Kind::AuthorizationPolicy
+    ) && (code == Some(404) || (code == Some(403) && !scope.listed_once()));
     if !unavailable {
         warn_watch_error(scope, err);
         return None;
@@ -263,6 +274,8 @@ fn optional_kind_unavailable(scope: &mut Scope, err: &watcher::Error) -> Option<
             scope.describe(),
             match scope.kind {
                 Kind::WasmPlugin => "is examples/k8s/wasmplugin-crd.yaml applied?",
+                Kind::AuthorizationPolicy =>
+                    "is examples/k8s/authorizationpolicy-crd.yaml applied?",
                 _ => "are the Gateway API CRDs installed?",
             },
             scope.kind,

@@ -699,6 +699,11 @@ fn the_example_rbac_grants_exactly_what_the_watchers_need() {
             watch(),
         ),
         (
+            super::authz::api_resource().group,
+            super::authz::api_resource().plural,
+            watch(),
+        ),
+        (
             "authentication.k8s.io".to_string(),
             "tokenreviews".to_string(),
             vec!["create".to_string()],
@@ -1119,4 +1124,170 @@ fn unusable_plugin_objects_are_named() {
         e.starts_with("WasmPlugin apps/p: module /nonexistent/m.wasm: cannot read"),
         "{e}"
     );
+}
+
+/// An AuthorizationPolicy letting ServiceAccount `sa` reach port 8080 of `app: web`; with a
+/// `from` entry that names no one when `broken` (the CRD's schema cannot catch it).
+fn authz_policy(ns: &str, name: &str, sa: &str, broken: bool) -> Object {
+    let from = if broken {
+        "bogus".to_string()
+    } else {
+        format!("ns/{ns}/sa/{sa}")
+    };
+    let p: crate::source::AuthorizationPolicy = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "selector": {"matchLabels": {"app": "web"}},
+            "rules": [{"from": [from], "ports": [8080]}],
+        },
+    }))
+    .expect("policy");
+    Object::AuthorizationPolicy(p)
+}
+
+/// `name → the from entries` of the policies the consumer holds.
+fn policy_froms(seen: &Seen) -> BTreeMap<String, Vec<String>> {
+    seen.objects(Kind::AuthorizationPolicy)
+        .iter()
+        .map(|o| match o {
+            Object::AuthorizationPolicy(p) => (
+                name_of(o).to_string(),
+                p.spec
+                    .rules
+                    .iter()
+                    .flatten()
+                    .flat_map(|r| r.from.iter().flatten().cloned())
+                    .collect(),
+            ),
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn authorization_policies_are_watched_and_keep_their_last_good_version() {
+    let mut world = small_world();
+    world.push(authz_policy("apps", "web", "client", false));
+    world.push(authz_policy("apps", "never-good", "client", true));
+    let server = server_with(world).await;
+    let mut h = Harness::start(server, |s| s).await;
+    h.until_synced().await;
+    assert_eq!(
+        policy_froms(&h.seen),
+        [("web".to_string(), vec!["ns/apps/sa/client".to_string()])].into(),
+        "a policy that never validated is left out, the rest is not held back"
+    );
+    assert_eq!(
+        h.seen.objects(Kind::AuthorizationPolicy)[0],
+        trimmed(h.server.objects(Kind::AuthorizationPolicy).remove(1)),
+        "read back as stored"
+    );
+
+    // A change reaches the consumer; one that breaks the policy does not take it away.
+    h.server.apply(authz_policy("apps", "web", "other", false));
+    h.until("the changed policy", |seen, _| {
+        policy_froms(seen).get("web") == Some(&vec!["ns/apps/sa/other".to_string()])
+    })
+    .await;
+    h.server.apply(authz_policy("apps", "web", "x", true));
+    h.server
+        .apply(authz_policy("shop", "later", "client", false));
+    h.until("a later policy", |seen, _| {
+        policy_froms(seen).contains_key("later")
+    })
+    .await;
+    assert_eq!(
+        policy_froms(&h.seen).get("web"),
+        Some(&vec!["ns/apps/sa/other".to_string()]),
+        "the last good version stays"
+    );
+    assert!(!h.seen.deleted(Kind::AuthorizationPolicy, "web"));
+
+    // Fixed, then deleted.
+    h.server.apply(authz_policy("apps", "web", "client", false));
+    h.until("the fixed policy", |seen, _| {
+        policy_froms(seen).get("web") == Some(&vec!["ns/apps/sa/client".to_string()])
+    })
+    .await;
+    h.server.delete(Kind::AuthorizationPolicy, "apps", "web");
+    h.until("the deleted policy", |seen, _| {
+        seen.deleted(Kind::AuthorizationPolicy, "web")
+    })
+    .await;
+    assert_eq!(
+        policy_froms(&h.seen).into_keys().collect::<Vec<_>>(),
+        ["later"]
+    );
+}
+
+#[tokio::test]
+async fn without_the_authorizationpolicy_crd_the_table_syncs_and_policies_come_later() {
+    let server = server_with(small_world()).await;
+    server.set_served(Kind::AuthorizationPolicy, false);
+    let mut h = Harness::start(server, |s| s).await;
+    h.until_synced().await;
+    let replaces = h.seen.replaces(Kind::AuthorizationPolicy);
+    assert_eq!(replaces.len(), 1, "{replaces:#?}");
+    assert!(replaces[0].2.is_empty(), "no policies");
+    h.server.set_served(Kind::AuthorizationPolicy, true);
+    h.server
+        .apply(authz_policy("apps", "late", "client", false));
+    h.until("the policy once the CRD is there", |seen, _| {
+        seen.objects(Kind::AuthorizationPolicy).len() == 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn authorization_policies_follow_the_namespaces_control_watches() {
+    let server = server_with([
+        service("a", "s1"),
+        authz_policy("a", "p1", "client", false),
+        authz_policy("c", "p3", "client", false),
+    ])
+    .await;
+    let mut h = Harness::start_in(server, vec!["a", "b"], |s| s).await;
+    h.until_synced().await;
+    assert_eq!(
+        policy_froms(&h.seen).into_keys().collect::<Vec<_>>(),
+        ["p1"]
+    );
+}
+
+/// What the kube source makes of policy objects it cannot use.
+#[test]
+fn unusable_policy_objects_are_named() {
+    use super::authz::read;
+    let dynamic = |spec: serde_json::Value| -> kube::api::DynamicObject {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "wasmesh.io/v1alpha1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {"name": "p", "namespace": "apps"},
+            "spec": spec,
+        }))
+        .expect("dynamic object")
+    };
+    let err = |spec| read(dynamic(spec)).expect_err("refused").to_string();
+    let e = err(serde_json::json!({"rulez": []}));
+    assert!(
+        e.starts_with(
+            "AuthorizationPolicy apps/p: spec does not match the AuthorizationPolicy schema: unknown field `rulez`"
+        ),
+        "{e}"
+    );
+    let e = err(serde_json::json!({"rules": [{"from": ["bogus"]}]}));
+    assert!(
+        e.starts_with(
+            "AuthorizationPolicy apps/p: spec.rules[0].from[0]: \"bogus\" names no client"
+        ),
+        "{e}"
+    );
+    let e = err(serde_json::json!({"mtls": "STRICT"}));
+    assert_eq!(
+        e,
+        "AuthorizationPolicy apps/p: spec.mtls: \"STRICT\" is not strict or permissive"
+    );
+    // No spec at all: a policy that restricts no one.
+    let p = read(dynamic(serde_json::Value::Null)).expect("usable");
+    assert_eq!(p.spec, Default::default());
 }

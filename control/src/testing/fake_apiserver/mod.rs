@@ -1,9 +1,10 @@
 //! An in-process fake kube-apiserver over loopback HTTP, good enough for `kube::runtime::watcher`.
 //!
 //! It serves LIST and WATCH (nothing else) for Services, EndpointSlices, Pods, Nodes,
-//! HTTPRoutes and WasmPlugins, on the paths the real API server uses (`/api/v1/services`,
-//! `/api/v1/namespaces/{ns}/pods`, `/apis/discovery.k8s.io/v1/endpointslices`,
-//! `/apis/gateway.networking.k8s.io/v1/httproutes`, ...), with:
+//! HTTPRoutes, WasmPlugins and AuthorizationPolicies, on the paths the real API server uses
+//! (`/api/v1/services`, `/api/v1/namespaces/{ns}/pods`,
+//! `/apis/discovery.k8s.io/v1/endpointslices`, `/apis/gateway.networking.k8s.io/v1/httproutes`,
+//! ...), with:
 //! - one global, monotonically increasing `resourceVersion` and a change log, so a watch "from
 //!   rv N" replays every change after N, then streams live changes as newline-delimited JSON
 //!   `WatchEvent`s (ADDED / MODIFIED / DELETED / BOOKMARK / ERROR) while the connection is open;

@@ -62,6 +62,13 @@ pub(crate) fn info(kind: Kind) -> ResourceInfo {
             list_kind: "WasmPluginList",
             namespaced: true,
         },
+        Kind::AuthorizationPolicy => ResourceInfo {
+            prefix: "/apis/wasmesh.io/v1alpha1",
+            api_version: "wasmesh.io/v1alpha1",
+            plural: "authorizationpolicies",
+            list_kind: "AuthorizationPolicyList",
+            namespaced: true,
+        },
     }
 }
 
