@@ -1,6 +1,8 @@
 //! The control client: one `Watch` stream, applied to the table as it arrives. When control is
 //! gone the proxy keeps serving from the last table and reconnects with jittered exponential
-//! backoff; a reconnect brings a fresh snapshot.
+//! backoff; a reconnect brings a fresh snapshot. WasmPlugins go to the filters task;
+//! AuthorizationPolicies to the authorizer (with mTLS on), synchronously, so a table never
+//! counts as received before its policies are in force.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -107,6 +109,17 @@ async fn follow(cfg: &DiscoveryConfig, state: &ProxyState, failures: &mut u32) -
             state
                 .wasm_plugins
                 .send_replace(wire.wasm_plugins.values().cloned().collect());
+        }
+        if let Some(authorizer) = state.authorizer.get()
+            && (applied.policies_changed || !state.control_connected.load(Ordering::Relaxed))
+        {
+            authorizer.set_control_policies(wire.authorization_policies.values());
+            if applied.policies_changed {
+                tracing::info!(
+                    policies = wire.authorization_policies.len(),
+                    "authorization policies from control applied"
+                );
+            }
         }
         if let (Some(tx), Some(v)) = (&cfg.verdicts, install(state, &wire, changed.as_deref())) {
             tx.send_replace(v);

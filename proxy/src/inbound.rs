@@ -2,8 +2,9 @@
 //! the original destination port. The proxy connects from 127.0.0.6 (`::6`) so the rules let the
 //! connection through to the app instead of capturing it again (docs/interception.md); if that
 //! source cannot be used it connects to the loopback address instead. A closed app port resets
-//! the client. With mTLS on, [`crate::identity::accept`] first tells mesh TLS from plaintext,
-//! terminates and authorizes; the app always sees plaintext.
+//! the client. With mTLS on, [`crate::identity::accept`] first tells mesh TLS from plaintext and
+//! terminates; then a connection that stays L4 is authorized once (denied: closed) and an HTTP
+//! one per request (denied: 403, [`crate::http::inbound`]). The app always sees plaintext.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -79,7 +80,7 @@ impl Inbound {
             tracing::debug!(%peer, %dst, "inbound connection to the proxy's own port; resetting");
             return copy::reset(client);
         }
-        let accepted = match &self.mesh {
+        let (mesh, accepted) = match &self.mesh {
             None => {
                 // No mesh TLS: the first bytes decide between HTTP and L4 right here.
                 let mut tcp = client;
@@ -93,35 +94,55 @@ impl Inbound {
                 return self.after_detect(tcp, d, peer, dst, None).await;
             }
             Some(mesh) => match accept::accept(mesh, client, peer, dst).await {
-                Some(a) => a,
+                Some(a) => (mesh, a),
                 None => return,
             },
         };
+        // L4: authorized once, here (denied: the connection is closed). HTTP: per request, in
+        // `serve_inbound` (denied: 403).
         match accepted {
             Accepted::Plain(tcp, kind) => {
                 let http = matches!(kind, IdDetected::Http1 | IdDetected::Http2);
                 if !http || self.is_opaque(dst) {
+                    if !accept::authorize(mesh, None, peer, dst) {
+                        return;
+                    }
                     return self.to_app_l4(tcp, peer, dst, &[]).await;
                 }
                 let mut tcp = tcp;
                 match detect::detect(&mut tcp, self.detect_timeout).await {
-                    Ok(d) => self.after_detect(tcp, d, peer, dst, None).await,
+                    Ok(d) => {
+                        if d.protocol == Protocol::Opaque
+                            && !accept::authorize(mesh, None, peer, dst)
+                        {
+                            return;
+                        }
+                        self.after_detect(tcp, d, peer, dst, None).await
+                    }
                     Err(_) => copy::reset(tcp),
                 }
             }
             Accepted::Mesh(tls, id) => {
                 let mut tls = *tls;
-                let id = Some(crate::metrics::label(&id.to_string()));
+                let label = Some(crate::metrics::label(&id.to_string()));
                 if self.is_opaque(dst) {
-                    return self.to_app_tls(tls, peer, dst, &[], id).await;
+                    if !accept::authorize(mesh, Some(&id), peer, dst) {
+                        return;
+                    }
+                    return self.to_app_tls(tls, peer, dst, &[], label).await;
                 }
                 match detect::detect(&mut tls, self.detect_timeout).await {
                     Ok(d) if d.protocol != Protocol::Opaque => {
                         let service = self.state.local_service(dst.port());
-                        let c = InboundConn::new(peer, dst, id, service);
+                        let c = InboundConn::new(peer, dst, Some(id), service);
                         serve_inbound(self.clone(), tls, d.protocol, d.prefix, c).await
                     }
-                    Ok(d) => self.to_app_tls(tls, peer, dst, &d.prefix, id).await,
+                    Ok(d) => {
+                        if !accept::authorize(mesh, Some(&id), peer, dst) {
+                            return;
+                        }
+                        self.to_app_tls(tls, peer, dst, &d.prefix, label).await
+                    }
                     Err(e) => {
                         tracing::debug!(%peer, %dst, error = %e, "mesh connection failed during protocol detection");
                     }
@@ -141,7 +162,7 @@ impl Inbound {
         d: detect::Detected,
         peer: SocketAddr,
         dst: SocketAddr,
-        identity: Option<Arc<str>>,
+        identity: Option<wasmesh_api::spiffe::SpiffeId>,
     ) {
         if d.protocol == Protocol::Opaque {
             return self.to_app_l4(tcp, peer, dst, &d.prefix).await;

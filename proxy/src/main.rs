@@ -175,7 +175,8 @@ struct RunArgs {
     #[arg(long, env = "WASMESH_INBOUND_MTLS", default_value = "permissive")]
     inbound_mtls: wasmesh_proxy::identity::MtlsMode,
 
-    /// Folder of AuthorizationPolicy YAML (wasmesh.io/v1alpha1), re-read every 2 s.
+    /// Folder of AuthorizationPolicy YAML (wasmesh.io/v1alpha1), re-read every 2 s: policies
+    /// of this proxy's own, applied together with those control sends (with --token-file).
     #[arg(long, env = "WASMESH_POLICY_DIR")]
     policy_dir: Option<std::path::PathBuf>,
 

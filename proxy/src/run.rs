@@ -52,8 +52,8 @@ pub struct MtlsConfig {
     pub trust_domain: String,
     /// Inbound plaintext: permissive (accepted) or strict (refused); policies can make it strict.
     pub mode: MtlsMode,
-    /// Folder of AuthorizationPolicy YAML, re-read every couple of seconds (policies select
-    /// workloads by [`RunConfig::pod_labels`]).
+    /// Folder of AuthorizationPolicy YAML, re-read every couple of seconds, in addition to the
+    /// policies control sends (policies select workloads by [`RunConfig::pod_labels`]).
     pub policy_dir: Option<std::path::PathBuf>,
 }
 
@@ -234,6 +234,10 @@ pub async fn run(
             ),
             stats: state.mesh_stats.clone(),
         });
+        // Control's policies arrive with the table (discovery hands them over); inbound
+        // connections wait for them rather than pass on a partial set.
+        mesh.authorizer.expect_control_policies();
+        let _ = state.authorizer.set(mesh.authorizer.clone());
         tasks.spawn(certify::run(
             certify::IdentityConfig {
                 control: cfg.control.clone(),

@@ -49,6 +49,9 @@ pub struct ProxyState {
     table_updated_ms: AtomicU64,
     control_state: AtomicU8,
     born: Instant,
+    /// With mTLS on: the authorizer the discovery task gives control's AuthorizationPolicies
+    /// to, before the table that carries them counts as received.
+    pub authorizer: std::sync::OnceLock<Arc<crate::identity::Authorizer>>,
 }
 
 /// Where the control stream is.
@@ -277,6 +280,7 @@ impl ProxyState {
             table_updated_ms: AtomicU64::new(0),
             control_state: AtomicU8::new(ControlState::Connecting as u8),
             born: Instant::now(),
+            authorizer: std::sync::OnceLock::new(),
         })
     }
 

@@ -334,7 +334,11 @@ impl Answer {
 
 impl Client {
     async fn h1(p: &Proxy) -> Client {
-        let s = TcpStream::connect(p.front).await.expect("connect");
+        Client::h1_to(p.front).await
+    }
+
+    async fn h1_to(addr: SocketAddr) -> Client {
+        let s = TcpStream::connect(addr).await.expect("connect");
         let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
             .await
             .expect("h1");
@@ -343,7 +347,11 @@ impl Client {
     }
 
     async fn h2(p: &Proxy) -> Client {
-        let s = TcpStream::connect(p.front).await.expect("connect");
+        Client::h2_to(p.front).await
+    }
+
+    async fn h2_to(addr: SocketAddr) -> Client {
+        let s = TcpStream::connect(addr).await.expect("connect");
         let (tx, conn) =
             hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
                 .await
@@ -1140,13 +1148,21 @@ async fn timeouts_on_one_http2_connection_do_not_delay_the_next_request() {
 /// An inbound sidecar in front of the app at `app`: connections to the returned address are
 /// handled as if redirected to `app`.
 async fn inbound_front(app: SocketAddr) -> SocketAddr {
+    inbound_front_with(app, None).await
+}
+
+/// [`inbound_front`] with the mesh side on (`mesh`: its identity store and authorizer).
+async fn inbound_front_with(
+    app: SocketAddr,
+    mesh: Option<Arc<wasmesh_proxy::identity::Mesh>>,
+) -> SocketAddr {
     let state = ProxyState::new(Locality::default());
     let inb = Arc::new(wasmesh_proxy::inbound::Inbound {
         state,
         own_ports: vec![],
         connect_timeout: Duration::from_secs(2),
         copy: Default::default(),
-        mesh: None,
+        mesh,
         detect_timeout: Duration::from_millis(500),
         opaque_ports: vec![],
         pools: wasmesh_proxy::http::pool::Pools::new(
@@ -1166,6 +1182,72 @@ async fn inbound_front(app: SocketAddr) -> SocketAddr {
         }
     });
     addr
+}
+
+/// The inbound L7 path authorizes every request: a client the policy denies on the port gets
+/// 403 `x-wasmesh-error: forbidden` on a connection that stays open, is counted, and a policy
+/// change applies from the next request on the same connection.
+#[tokio::test]
+async fn inbound_requests_are_authorized_one_by_one() {
+    use wasmesh_proxy::identity::authz::{self, Authorizer, MtlsMode};
+    use wasmesh_proxy::identity::{IdentityStore, Mesh, MeshStats};
+    let (app, _h) = http_backend("127.0.0.1:0".parse().expect("addr"), "app").await;
+    let mesh = Arc::new(Mesh {
+        store: IdentityStore::new(),
+        authorizer: Authorizer::new(
+            authz::Workload {
+                namespace: "demo".into(),
+                labels: [("app".to_string(), "web".to_string())].into(),
+            },
+            "cluster.local".into(),
+            MtlsMode::Permissive,
+        ),
+        stats: Arc::new(MeshStats::default()),
+    });
+    let front = inbound_front_with(app, Some(mesh.clone())).await;
+    let policy = |rule: &str| {
+        authz::parse_policies(
+            &format!(
+                "apiVersion: wasmesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: web, namespace: demo}}\nspec:\n  selector: {{matchLabels: {{app: web}}}}\n  rules: [{rule}]\n"
+            ),
+            std::path::Path::new("policy.yaml"),
+        )
+        .expect("policy")
+    };
+    let denied = |mesh: &Mesh| {
+        mesh.stats
+            .authz_denied
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let port = app.port();
+
+    for mut c in [Client::h1_to(front).await, Client::h2_to(front).await] {
+        mesh.authorizer.set_local_policies(Vec::new());
+        assert_eq!(c.get("/").await.body, "app", "no policy: allowed");
+
+        // Only meshed identities on this port: a plaintext client is refused per request.
+        mesh.authorizer
+            .set_local_policies(policy(&format!("{{from: [\"*\"], ports: [{port}]}}")));
+        let before = denied(&mesh);
+        for _ in 0..2 {
+            let a = c.get("/").await;
+            assert_eq!(a.status, StatusCode::FORBIDDEN);
+            assert_eq!(a.header("x-wasmesh-error"), "forbidden");
+            assert!(a.body.contains(&format!("on port {port}")), "{}", a.body);
+            assert_eq!(a.header("x-backend"), "", "the app never saw it");
+        }
+        assert_eq!(denied(&mesh), before + 2, "each denied request counted");
+
+        // The policy changes: the next request on the same connection follows it.
+        mesh.authorizer
+            .set_local_policies(policy(&format!("{{ports: [{port}]}}")));
+        let a = c.get("/").await;
+        assert_eq!((a.status, a.body.as_str()), (StatusCode::OK, "app"));
+        // A rule for another port only: this one is closed again.
+        mesh.authorizer
+            .set_local_policies(policy(&format!("{{ports: [{}]}}", port.wrapping_add(1))));
+        assert_eq!(c.get("/").await.status, StatusCode::FORBIDDEN);
+    }
 }
 
 #[tokio::test]

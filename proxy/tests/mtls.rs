@@ -99,8 +99,8 @@ async fn proxy(ca: &Ca, ns: &str, sa: &str, pod: &str, lifetime: Option<Duration
     mesh
 }
 
-/// An inbound listener: each connection goes through `accept`, then echoes with a prefix
-/// naming the client identity (what the app would see is the plaintext).
+/// An inbound listener: each connection goes through `accept` and the L4 `authorize`, then
+/// echoes with a prefix naming the client identity (what the app would see is the plaintext).
 async fn inbound(mesh: Arc<Mesh>) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -109,6 +109,9 @@ async fn inbound(mesh: Arc<Mesh>) -> SocketAddr {
             let mesh = mesh.clone();
             tokio::spawn(async move {
                 match accept::accept(&mesh, s, peer, addr).await {
+                    Some(Accepted::Mesh(_, id))
+                        if !accept::authorize(&mesh, Some(&id), peer, addr) => {}
+                    Some(Accepted::Plain(..)) if !accept::authorize(&mesh, None, peer, addr) => {}
                     Some(Accepted::Mesh(mut tls, id)) => {
                         let mut buf = [0u8; 5];
                         if tls.read_exact(&mut buf).await.is_ok() {
@@ -386,7 +389,7 @@ spec:
         Path::new("policy.yaml"),
     )
     .unwrap();
-    backend.authorizer.set_policies(policies);
+    backend.authorizer.set_local_policies(policies);
     assert_eq!(plaintext_call(addr).await, "", "strict: plaintext refused");
     assert_eq!(
         backend

@@ -1,7 +1,11 @@
 //! Inbound HTTP: requests to this pod's app, from other pods (through their sidecars, or
-//! plaintext clients in permissive mode). Each request goes through the inbound Wasm filters and
-//! on to the app over a pooled connection from 127.0.0.6 — no routing, the app is the only
-//! destination. Upgrades (WebSocket) and CONNECT get a connection of their own.
+//! plaintext clients in permissive mode). With mTLS on, each request is first authorized for the
+//! client's identity and the destination port (denied: 403 `x-wasmesh-error: forbidden`, logged
+//! with both identities and counted; the connection stays open for the requests that are
+//! allowed, and a changed policy applies from the next request). Then it goes through the
+//! inbound Wasm filters and on to the app over a pooled connection from 127.0.0.6 — no routing,
+//! the app is the only destination. Upgrades (WebSocket) and CONNECT get a connection of their
+//! own.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -29,6 +33,7 @@ use super::respond::HttpError;
 use super::{Body, boxed};
 use crate::detect::Protocol;
 use crate::filters::select::Direction as FilterSide;
+use crate::identity::{Decision, MeshStats, accept};
 use crate::inbound::Inbound;
 use crate::metrics::{Direction, Exchange, Outcomes};
 use crate::otel::Span;
@@ -41,7 +46,7 @@ pub struct InboundConn {
     pub peer: SocketAddr,
     pub dst: SocketAddr,
     /// The client's SPIFFE ID when it came over mesh mTLS.
-    pub identity: Option<Arc<str>>,
+    pub identity: Option<wasmesh_api::spiffe::SpiffeId>,
     /// Where the responses are counted: the Service that selects this pod on the destination
     /// port and the client's identity.
     pub outcomes: Arc<Outcomes>,
@@ -52,10 +57,13 @@ impl InboundConn {
     pub fn new(
         peer: SocketAddr,
         dst: SocketAddr,
-        identity: Option<Arc<str>>,
+        identity: Option<wasmesh_api::spiffe::SpiffeId>,
         service: crate::metrics::Name,
     ) -> Self {
-        let outcomes = Outcomes::new(Direction::Inbound, service, None, identity.clone());
+        let label = identity
+            .as_ref()
+            .map(|id| crate::metrics::label(&id.to_string()));
+        let outcomes = Outcomes::new(Direction::Inbound, service, None, label);
         Self {
             peer,
             dst,
@@ -107,6 +115,30 @@ pub async fn serve_inbound<IO>(
 }
 
 impl Inbound {
+    /// May this request's client reach the destination port? Decided per request (policies
+    /// change under long-lived connections); without mTLS there are no policies.
+    fn authorize_request(&self, req: &Request<Incoming>, c: &InboundConn) -> Result<(), HttpError> {
+        let Some(mesh) = &self.mesh else {
+            return Ok(());
+        };
+        let client = c.identity.as_ref();
+        match mesh.authorizer.authorize(client, c.dst.port()) {
+            Decision::Allow => Ok(()),
+            Decision::Deny { policies } => {
+                MeshStats::inc(&mesh.stats.authz_denied);
+                tracing::warn!(
+                    peer = %c.peer, dst = %c.dst, client = %accept::client_name(client),
+                    local = %accept::local_identity(mesh), %policies, method = %req.method(),
+                    path = req.uri().path(), "request denied by authorization policy (403)"
+                );
+                Err(HttpError::Forbidden {
+                    client: accept::client_name(client),
+                    port: c.dst.port(),
+                })
+            }
+        }
+    }
+
     /// One request to the app: its response, or the proxy's own answer.
     async fn to_app(&self, req: Request<Incoming>, c: &InboundConn) -> Response<Body> {
         let mut x = Exchange::start(&self.state, Direction::Inbound, c.peer, &req);
@@ -132,7 +164,7 @@ impl Inbound {
             s.set("network.peer.address", c.peer.ip().to_string());
             s.set("network.peer.port", i64::from(c.peer.port()));
             if let Some(id) = &c.identity {
-                s.set("wasmesh.peer.identity", id.clone());
+                s.set("wasmesh.peer.identity", id.to_string());
             }
             s.name(method_name(req.method()));
         }
@@ -147,7 +179,10 @@ impl Inbound {
                 r
             }
             Err(e) => {
-                tracing::info!(peer = %c.peer, dst = %c.dst, cause = e.cause(), error = %e, "inbound request answered by the proxy");
+                // A denial was logged already, with both identities.
+                if !matches!(e, HttpError::Forbidden { .. }) {
+                    tracing::info!(peer = %c.peer, dst = %c.dst, cause = e.cause(), error = %e, "inbound request answered by the proxy");
+                }
                 let cause = e.cause();
                 let r = e.into_response(grpc);
                 if let Some(s) = span {
@@ -167,6 +202,7 @@ impl Inbound {
         span: &mut Option<Span>,
     ) -> Result<Response<Body>, HttpError> {
         Stats::inc(&self.state.stats.inbound_http_requests);
+        self.authorize_request(&req, c)?;
         let client_version = req.version();
         let upgrade = is_upgrade(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -184,7 +220,7 @@ impl Inbound {
                     source: Some(c.peer),
                     destination: Some(c.dst),
                     mtls: c.identity.is_some(),
-                    peer_identity: c.identity.as_deref().map(str::to_string),
+                    peer_identity: c.identity.as_ref().map(ToString::to_string),
                     protocol: protocol_name(client_version),
                     ..StreamInfo::default()
                 })))

@@ -63,6 +63,9 @@ pub enum HttpError {
     BadRequest(String),
     #[error("a Wasm filter reset the request")]
     FilterReset,
+    /// Inbound: no authorization policy of the destination allows this client on this port.
+    #[error("no authorization policy allows {client} on port {port}")]
+    Forbidden { client: String, port: u16 },
 }
 
 impl HttpError {
@@ -78,6 +81,7 @@ impl HttpError {
             HttpError::Upstream(_) | HttpError::FilterReset => StatusCode::BAD_GATEWAY,
             HttpError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             HttpError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            HttpError::Forbidden { .. } => StatusCode::FORBIDDEN,
         }
     }
 
@@ -94,6 +98,7 @@ impl HttpError {
             HttpError::Timeout(_) => "timeout",
             HttpError::BadRequest(_) => "bad-request",
             HttpError::FilterReset => "filter-reset",
+            HttpError::Forbidden { .. } => "forbidden",
         }
     }
 
@@ -104,7 +109,8 @@ impl HttpError {
             HttpError::Timeout(_) => 4,     // DEADLINE_EXCEEDED
             HttpError::BadRequest(_) => 13, // INTERNAL
             HttpError::BackendNotFound(_) | HttpError::NoBackend => 13,
-            _ => 14, // UNAVAILABLE
+            HttpError::Forbidden { .. } => 7, // PERMISSION_DENIED
+            _ => 14,                          // UNAVAILABLE
         }
     }
 
@@ -171,6 +177,14 @@ mod tests {
             ),
             (HttpError::Timeout(Duration::from_secs(1)), 504, "timeout"),
             (HttpError::BadRequest("x".into()), 400, "bad-request"),
+            (
+                HttpError::Forbidden {
+                    client: "spiffe://cluster.local/ns/a/sa/b".into(),
+                    port: 8080,
+                },
+                403,
+                "forbidden",
+            ),
         ];
         for (e, status, cause) in cases {
             let r = e.into_response(false);
@@ -193,5 +207,12 @@ mod tests {
                 .unwrap()
                 .contains("no response")
         );
+        let r = HttpError::Forbidden {
+            client: "(plaintext, no identity)".into(),
+            port: 50051,
+        }
+        .into_response(true);
+        assert_eq!(r.headers()["grpc-status"], "7", "PERMISSION_DENIED");
+        assert_eq!(r.headers()[ERROR_HEADER], "forbidden");
     }
 }

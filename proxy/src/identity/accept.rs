@@ -1,10 +1,20 @@
-//! Inbound side of the mesh: tell mesh TLS from plaintext, terminate and verify, then decide.
+//! Inbound side of the mesh: tell mesh TLS from plaintext, terminate and verify ([`accept`]),
+//! then decide ([`authorize`]).
 //!
 //! - Mesh TLS (a ClientHello with our ALPN): handshake with a client certificate required; the
-//!   client's SPIFFE ID is extracted and authorized for the destination port.
-//! - Plaintext (or an app's own TLS): refused in strict mode; in permissive mode authorized as
+//!   client's SPIFFE ID is extracted.
+//! - Plaintext (or an app's own TLS): refused in strict mode; in permissive mode passed on as
 //!   a client without identity.
 //! - Bytes that start a TLS handshake record but are no ClientHello: refused.
+//!
+//! Authorization is the caller's next step, because where it happens depends on what the
+//! connection carries: a connection that stays L4 is authorized once ([`authorize`]; denied =
+//! closed), an HTTP one per request (denied = 403, `crate::http::inbound`), so an HTTP client
+//! sees a 403 rather than a reset, and a changed policy applies to the next request.
+//!
+//! While control's policies have not arrived (a sidecar that just started), [`accept`] waits
+//! for them up to [`POLICY_WAIT`] and then refuses: no connection is let in on a partial set of
+//! policies (the strict mode among them).
 //!
 //! Every refusal is logged with the peer's address and both identities when known, and counted.
 
@@ -26,6 +36,8 @@ use super::{Decision, Mesh, MeshStats, MtlsMode};
 pub const DETECT_TIMEOUT: Duration = Duration::from_millis(200);
 /// How long a TLS handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an inbound connection waits for control's first policies.
+pub const POLICY_WAIT: Duration = Duration::from_secs(5);
 
 /// An inbound connection that may go on to the app.
 #[derive(Debug)]
@@ -36,8 +48,9 @@ pub enum Accepted {
     Plain(TcpStream, Detected),
 }
 
-/// Classifies, terminates, verifies and authorizes one inbound connection. None: refused (the
-/// connection is closed; the reason was logged and counted).
+/// Classifies, terminates and verifies one inbound connection, and refuses plaintext in strict
+/// mode. None: refused (the connection is closed; the reason was logged and counted). The
+/// caller authorizes what is returned (see the module docs).
 pub async fn accept(
     mesh: &Arc<Mesh>,
     client: TcpStream,
@@ -52,11 +65,12 @@ pub async fn accept(
             return None;
         }
     };
-    let me = mesh.store.current();
-    let me_id = me
-        .as_ref()
-        .map(|s| s.cert.id.to_string())
-        .unwrap_or_else(|| "(no identity yet)".into());
+    let me_id = local_identity(mesh);
+    if !mesh.authorizer.wait_ready(POLICY_WAIT).await {
+        MeshStats::inc(&stats.authz_denied);
+        tracing::warn!(%peer, %dst, local = %me_id, "connection refused: no authorization policies from control yet");
+        return None;
+    }
     match kind {
         Detected::MeshTls => {
             let Some(state) = mesh.wait_identity(Duration::from_secs(5)).await else {
@@ -99,11 +113,6 @@ pub async fn accept(
                     return None;
                 }
             };
-            if let Decision::Deny { policies } = mesh.authorizer.authorize(Some(&id), dst.port()) {
-                MeshStats::inc(&stats.authz_denied);
-                tracing::warn!(%peer, %dst, client = %id, local = %state.cert.id, %policies, "connection denied by authorization policy");
-                return None;
-            }
             MeshStats::inc(&stats.inbound_mtls);
             tracing::debug!(%peer, %dst, client = %id, "inbound mTLS");
             Some(Accepted::Mesh(Box::new(tls), id))
@@ -119,13 +128,40 @@ pub async fn accept(
                 tracing::warn!(%peer, %dst, local = %me_id, "plaintext refused: mTLS is strict for this workload");
                 return None;
             }
-            if let Decision::Deny { policies } = mesh.authorizer.authorize(None, dst.port()) {
-                MeshStats::inc(&stats.authz_denied);
-                tracing::warn!(%peer, %dst, client = "(plaintext, no identity)", local = %me_id, %policies, "connection denied by authorization policy");
-                return None;
-            }
             MeshStats::inc(&stats.inbound_plaintext);
             Some(Accepted::Plain(client, kind))
+        }
+    }
+}
+
+/// This proxy's identity, for log lines.
+pub fn local_identity(mesh: &Mesh) -> String {
+    mesh.store
+        .current()
+        .map(|s| s.cert.id.to_string())
+        .unwrap_or_else(|| "(no identity yet)".into())
+}
+
+/// The client, for log lines.
+pub fn client_name(client: Option<&SpiffeId>) -> String {
+    client.map_or_else(|| "(plaintext, no identity)".into(), ToString::to_string)
+}
+
+/// The L4 decision for a connection [`accept`] let in: may `client` (None: plaintext) reach
+/// `dst`? A denial is logged with both identities and the policies that apply, and counted;
+/// the caller closes the connection.
+pub fn authorize(
+    mesh: &Mesh,
+    client: Option<&SpiffeId>,
+    peer: SocketAddr,
+    dst: SocketAddr,
+) -> bool {
+    match mesh.authorizer.authorize(client, dst.port()) {
+        Decision::Allow => true,
+        Decision::Deny { policies } => {
+            MeshStats::inc(&mesh.stats.authz_denied);
+            tracing::warn!(%peer, %dst, client = %client_name(client), local = %local_identity(mesh), %policies, "connection denied by authorization policy");
+            false
         }
     }
 }

@@ -92,7 +92,7 @@ impl MeshStats {
             ),
             (
                 "wasmesh_authz_denied_total",
-                "Connections denied by an authorization policy",
+                "Connections (L4) and requests (L7) denied by an authorization policy",
                 v(&self.authz_denied),
             ),
         ]
