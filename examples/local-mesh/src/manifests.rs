@@ -5,10 +5,10 @@
 //! discovery.k8s.io/v1 EndpointSlice. Services and EndpointSlices get the API server's defaults
 //! from control's own folder code ([`wasmesh_control::source::folder::default_and_validate`]),
 //! so both see the same objects. Other kinds control reads and wasmesh-local does not manage
-//! (HTTPRoute) are parsed and checked by control's code
+//! (HTTPRoute, WasmPlugin, AuthorizationPolicy) are parsed and checked by control's code
 //! ([`wasmesh_control::source::folder::objects_from_manifest`]) and handed to control as they
-//! are. wasmesh.io/v1alpha1 AuthorizationPolicy objects are written for the sidecars as they
-//! are. Anything else is skipped with a note.
+//! are; control ships AuthorizationPolicies to the sidecars. Anything else is skipped with a
+//! note.
 //!
 //! A document that does not parse, or an object the API server would refuse, is reported with
 //! file, line and reason; if its file loaded before, the file's last good version stays in
@@ -55,10 +55,9 @@ pub struct Manifests {
     pub deployments: BTreeMap<NsName, Deployment>,
     pub services: BTreeMap<NsName, Service>,
     pub slices: BTreeMap<NsName, EndpointSlice>,
-    /// Objects only control reads (HTTPRoutes), handed to it unchanged.
+    /// Objects only control reads (HTTPRoutes, WasmPlugins, AuthorizationPolicies), handed to
+    /// it unchanged.
     pub control: BTreeMap<ObjectKey, Object>,
-    /// wasmesh.io/v1alpha1 AuthorizationPolicy objects, as written (the sidecars read them).
-    pub policies: BTreeMap<NsName, Value>,
 }
 
 /// One object from the folder.
@@ -69,9 +68,9 @@ pub enum Manifest {
     Deployment(NsName, Box<Deployment>),
     Service(NsName, Box<Service>),
     Slice(NsName, Box<EndpointSlice>),
-    /// A kind control reads and wasmesh-local does not manage (HTTPRoute).
+    /// A kind control reads and wasmesh-local does not manage (HTTPRoute, WasmPlugin,
+    /// AuthorizationPolicy).
     Control(Box<Object>),
-    Policy(NsName, Box<Value>),
 }
 
 impl Manifest {
@@ -83,7 +82,6 @@ impl Manifest {
             Manifest::Service(k, _) => format!("Service {k}"),
             Manifest::Slice(k, _) => format!("EndpointSlice {k}"),
             Manifest::Control(o) => o.key().to_string(),
-            Manifest::Policy(k, _) => format!("AuthorizationPolicy {k}"),
         }
     }
 }
@@ -325,9 +323,6 @@ fn add(out: &mut Manifests, m: Manifest) {
             }
             out.control.insert(key, *o);
         }
-        Manifest::Policy(k, p) => {
-            out.policies.insert(k, *p);
-        }
     }
 }
 
@@ -449,20 +444,6 @@ fn objects(value: Value) -> Result<Parsed, String> {
         .and_then(Value::as_str)
         .unwrap_or("default")
         .to_string();
-    if (api, kind.as_str()) == ("wasmesh.io/v1alpha1", "AuthorizationPolicy") {
-        if name.is_empty() {
-            return Err(format!("{kind} without metadata.name"));
-        }
-        let mut value = value.clone();
-        if let Some(m) = value.get_mut("metadata").and_then(Value::as_object_mut) {
-            m.insert("namespace".into(), Value::String(namespace.clone()));
-        }
-        let key = NsName::new(namespace, name);
-        return Ok(Parsed::Objects(vec![Manifest::Policy(
-            key,
-            Box::new(value),
-        )]));
-    }
     let known = matches!(
         (api, kind.as_str()),
         ("v1", "Namespace" | "Pod" | "Service")
@@ -497,6 +478,7 @@ fn objects(value: Value) -> Result<Parsed, String> {
             pod.metadata.namespace = Some(key.namespace.clone());
             let spec = pod.spec.as_ref().ok_or_else(|| fail("no spec".into()))?;
             check_pod_spec(spec).map_err(fail)?;
+            check_annotations(pod.metadata.annotations.as_ref()).map_err(fail)?;
             Manifest::Pod(key, Box::new(pod))
         }
         "Deployment" => {
@@ -666,7 +648,28 @@ fn check_deployment(d: &Deployment) -> Result<(), String> {
     if pod.restart_policy.as_deref().is_some_and(|p| p != "Always") {
         return Err("spec.template.spec.restartPolicy must be Always in a Deployment".into());
     }
-    check_pod_spec(pod).map_err(|e| format!("spec.template: {e}"))
+    check_pod_spec(pod).map_err(|e| format!("spec.template: {e}"))?;
+    check_annotations(
+        spec.template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.annotations.as_ref()),
+    )
+    .map_err(|e| format!("spec.template: {e}"))
+}
+
+/// The annotations wasmesh-local turns into sidecar flags, checked as the injector checks them:
+/// `wasmesh.io/mtls` is `strict` or `permissive` (anything else would leave a sidecar that
+/// cannot start, or a pod that is not as strict as asked).
+fn check_annotations(annotations: Option<&BTreeMap<String, String>>) -> Result<(), String> {
+    match annotations.and_then(|a| a.get(crate::pods::MTLS_MODE)) {
+        None => Ok(()),
+        Some(v) if v == "strict" || v == "permissive" => Ok(()),
+        Some(v) => Err(format!(
+            "annotation {}: {v:?} is not an mTLS mode: use \"strict\" (refuse plaintext) or \"permissive\"",
+            crate::pods::MTLS_MODE
+        )),
+    }
 }
 
 /// RFC 1123 label: namespaces, and the parts of names.
@@ -793,9 +796,54 @@ mod tests {
             reason.contains("HTTPRoute demo/split") && reason.contains("weight: -3"),
             "{reason}"
         );
+        // AuthorizationPolicies go to control too (which ships them to the sidecars), checked
+        // by the same code.
+        let policy = "apiVersion: wasmesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: web, namespace: demo}\nspec:\n  rules: [{from: [ns/demo/sa/client], ports: [8080]}]\n";
+        let Outcome::Objects(o) = one(policy) else {
+            panic!("{policy}");
+        };
+        assert!(
+            matches!(&o[..], [Manifest::Control(p)] if p.key().to_string() == "AuthorizationPolicy demo/web"),
+            "{o:?}"
+        );
+        let Outcome::Invalid(reason) = one(&policy.replace("ns/demo/sa/client", "client")) else {
+            panic!("accepted");
+        };
+        assert!(
+            reason.contains("AuthorizationPolicy demo/web: spec.rules[0].from[0]"),
+            "{reason}"
+        );
         // Nodes are the mesh's own: skipped as before.
         let node = one("apiVersion: v1\nkind: Node\nmetadata: {name: node-1}\n");
         assert!(matches!(node, Outcome::Skipped { .. }), "{node:?}");
+    }
+
+    #[test]
+    fn the_mtls_annotation_is_strict_or_permissive() {
+        let pod = |mode: &str| {
+            one(&format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: p, annotations: {{wasmesh.io/mtls: {mode}}}}}\nspec: {{containers: [{{name: c, command: [sleep, '1']}}]}}\n"
+            ))
+        };
+        assert!(matches!(pod("strict"), Outcome::Objects(_)));
+        assert!(matches!(pod("permissive"), Outcome::Objects(_)));
+        let Outcome::Invalid(reason) = pod("Strict") else {
+            panic!("accepted");
+        };
+        assert_eq!(
+            reason,
+            "Pod default/p: annotation wasmesh.io/mtls: \"Strict\" is not an mTLS mode: use \"strict\" (refuse plaintext) or \"permissive\""
+        );
+        let deployment = one(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec:\n  selector: {matchLabels: {app: x}}\n  template:\n    metadata: {labels: {app: x}, annotations: {wasmesh.io/mtls: strcit}}\n    spec: {containers: [{name: c, command: [sleep, '1']}]}\n",
+        );
+        let Outcome::Invalid(reason) = deployment else {
+            panic!("{deployment:?}");
+        };
+        assert!(
+            reason.contains("spec.template: annotation wasmesh.io/mtls: \"strcit\""),
+            "{reason}"
+        );
     }
 
     #[test]

@@ -301,48 +301,12 @@ impl Mesh {
             tracing::info!("{s}");
         }
         if scan.changed || self.last_status.is_none() {
-            if self.cfg.mtls
-                && (scan.manifests.policies != self.manifests.policies
-                    || self.last_status.is_none())
-            {
-                self.write_policies(&scan.manifests.policies);
-            }
             self.manifests = scan.manifests;
             let mut services = self.manifests.services.clone();
             self.service_ips.assign(&mut services);
             self.services = services;
         }
         Ok(())
-    }
-
-    /// The folder's AuthorizationPolicies, for the sidecars (`--policy-dir <state>/policies`).
-    fn write_policies(&self, policies: &BTreeMap<NsName, serde_json::Value>) {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = self.cfg.state_dir.join("policies");
-        let text: String = policies.values().map(|p| format!("---\n{p}\n")).collect();
-        let result = std::fs::create_dir_all(&dir)
-            .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)))
-            .map_err(|e| e.to_string())
-            .and_then(|()| {
-                state::write_atomic(&dir.join("policies.yaml"), text.as_bytes())
-                    .map_err(|e| e.to_string())
-            })
-            .and_then(|()| {
-                std::fs::set_permissions(
-                    dir.join("policies.yaml"),
-                    std::fs::Permissions::from_mode(0o644),
-                )
-                .map_err(|e| e.to_string())
-            });
-        match result {
-            Ok(()) => tracing::info!(
-                policies = policies.len(),
-                "authorization policies written for the sidecars"
-            ),
-            Err(e) => {
-                tracing::error!(dir = %dir.display(), "cannot write the authorization policies: {e}")
-            }
-        }
     }
 
     fn request_delete(&mut self, key: NsName) {

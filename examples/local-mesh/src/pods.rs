@@ -152,8 +152,6 @@ pub fn agent_spec(
                 run_args.push("--inbound-mtls".into());
                 run_args.push(mode.clone());
             }
-            run_args.push("--policy-dir".into());
-            run_args.push(cfg.state_dir.join("policies").display().to_string());
         }
         run_args.extend(cfg.proxy_args.iter().cloned());
         let labels = meta
@@ -498,9 +496,7 @@ spec:
                 "--control",
                 "http://10.244.0.1:15010",
                 "--token-file",
-                "/s/tokens/demo/web-sa/web.token",
-                "--policy-dir",
-                "/s/policies"
+                "/s/tokens/demo/web-sa/web.token"
             ]
         );
         assert_eq!(sc.uid, 1337);

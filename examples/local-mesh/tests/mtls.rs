@@ -1,8 +1,10 @@
 //! mTLS between sidecars in the local mesh, on by default: what the apps see (plaintext, as
 //! always), what the wire carries (TLS, seen by a passive listener), and what is refused
 //! (identity mismatch, plaintext to a strict workload, a denied identity), with the sidecars'
-//! counters. Service ports are named `tcp` (opaque): the L4 path carries them; HTTP over the L7
-//! path between sidecars is the L7 path's own business. Needs root; see `tests/support/mod.rs`.
+//! counters. AuthorizationPolicies in the folder reach the sidecars through control. Most
+//! Service ports are named `tcp` (opaque): the L4 path carries them, and a denied connection is
+//! closed; on an `http` port the L7 path answers a denied request with 403. Needs root; see
+//! `tests/support/mod.rs`.
 
 mod support;
 
@@ -315,38 +317,72 @@ fn strict_refuses_a_non_meshed_client_and_permissive_accepts_it() {
     );
 }
 
-#[test]
-fn authorization_allows_and_denies_by_identity() {
-    let policy = format!(
+/// An AuthorizationPolicy for the `web` pods that lets only ServiceAccount `sa` in, on 8080.
+fn web_policy(sa: &str) -> String {
+    format!(
         r#"apiVersion: wasmesh.io/v1alpha1
 kind: AuthorizationPolicy
 metadata: {{name: web, namespace: {NS}}}
 spec:
   selector: {{matchLabels: {{app: web}}}}
   rules:
-  - from: [spiffe://cluster.local/ns/{NS}/sa/friend]
+  - from: [spiffe://cluster.local/ns/{NS}/sa/{sa}]
     ports: [8080]
 "#
-    );
+    )
+}
+
+/// `web` (one replica, port 8080 behind Service port `port_name`), the policy letting only
+/// `friend` in, and two sleeping pods with ServiceAccounts `friend` and `stranger`.
+fn friend_and_stranger(port_name: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("ns.yaml", namespace()),
+        ("web.yaml", backend(NS, "web", 1, &[("http", 8080)], "")),
+        (
+            "svc.yaml",
+            service(NS, "web", "web", &[(port_name, 80, "http")], ""),
+        ),
+        (
+            "friend.yaml",
+            pod("friend", "friend", "", r#"["sleep", "3600"]"#),
+        ),
+        (
+            "stranger.yaml",
+            pod("stranger", "stranger", "", r#"["sleep", "3600"]"#),
+        ),
+        ("policy.yaml", web_policy("friend")),
+    ]
+}
+
+/// Calls `url` from `pod` (one new connection each) until `done` holds for a round of calls;
+/// panics with the last round after a generous bound.
+fn until_calls(
+    mesh: &TestMesh,
+    pod: &str,
+    url: &str,
+    what: &str,
+    done: impl Fn(&support::Calls) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let calls = mesh.calls(NS, pod, url, 3);
+        if done(&calls) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: still not after 30 s; last calls from {pod}: {}",
+            calls.output
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn authorization_allows_and_denies_by_identity() {
     let Some(mesh) = up(
         "authorization_allows_and_denies_by_identity",
-        &[
-            ("ns.yaml", namespace()),
-            ("web.yaml", backend(NS, "web", 1, &[("http", 8080)], "")),
-            (
-                "svc.yaml",
-                service(NS, "web", "web", &[("tcp", 80, "http")], ""),
-            ),
-            (
-                "friend.yaml",
-                pod("friend", "friend", "", r#"["sleep", "3600"]"#),
-            ),
-            (
-                "stranger.yaml",
-                pod("stranger", "stranger", "", r#"["sleep", "3600"]"#),
-            ),
-            ("policy.yaml", policy),
-        ],
+        &friend_and_stranger("tcp"),
     ) else {
         return;
     };
@@ -357,8 +393,11 @@ spec:
     wait_certified(&mesh, "stranger");
     wait_endpoints(&mesh, "friend", "web", 1);
     wait_endpoints(&mesh, "stranger", "web", 1);
-    // The sidecars re-read policies every 2 s.
-    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        !mesh.state.join("policies").exists(),
+        "the policy reaches the sidecars through control, not a folder"
+    );
+    // The web sidecar received the policy with its first table: no wait.
     let allowed = mesh.calls(NS, "friend", "http://web/", 5);
     assert!(allowed.failures.is_empty(), "{}", allowed.output);
     let denied = mesh.calls(NS, "stranger", "http://web/", 3);
@@ -368,6 +407,114 @@ spec:
         denied.output
     );
     assert!(counter(&mesh.metrics(NS, &web.name), "wasmesh_authz_denied_total") >= 3.0);
+    let log = sidecar_log(&mesh, &web.name);
+    assert!(
+        log.contains(&format!(
+            "client=spiffe://cluster.local/ns/{NS}/sa/stranger"
+        )) && log.contains(&format!("local=spiffe://cluster.local/ns/{NS}/sa/default")),
+        "the denial is logged with both identities: {log}"
+    );
+}
+
+#[test]
+fn changing_a_policy_file_flips_allow_to_deny_for_new_connections() {
+    let Some(mesh) = up(
+        "changing_a_policy_file_flips_allow_to_deny_for_new_connections",
+        &friend_and_stranger("tcp"),
+    ) else {
+        return;
+    };
+    let web = mesh.ready_pods(NS, "web-", 1).remove(0);
+    mesh.ready_pods(NS, "friend", 1);
+    wait_certified(&mesh, "friend");
+    wait_endpoints(&mesh, "friend", "web", 1);
+    let allowed = mesh.calls(NS, "friend", "http://web/", 3);
+    assert!(allowed.failures.is_empty(), "{}", allowed.output);
+
+    // The file now lets another ServiceAccount in: friend's new connections are closed.
+    let before = counter(&mesh.metrics(NS, &web.name), "wasmesh_authz_denied_total");
+    mesh.write("policy.yaml", &web_policy("someone-else"));
+    until_calls(&mesh, "friend", "http://web/", "friend denied", |c| {
+        c.answers.is_empty() && c.failures.len() == 3
+    });
+    assert!(counter(&mesh.metrics(NS, &web.name), "wasmesh_authz_denied_total") >= before + 3.0);
+
+    // And back: allowed again, without restarting anything.
+    mesh.write("policy.yaml", &web_policy("friend"));
+    until_calls(
+        &mesh,
+        "friend",
+        "http://web/",
+        "friend allowed again",
+        |c| c.failures.is_empty() && c.answers.len() == 3,
+    );
+    // Removing the policy opens the port to everyone.
+    mesh.ready_pods(NS, "stranger", 1);
+    wait_certified(&mesh, "stranger");
+    wait_endpoints(&mesh, "stranger", "web", 1);
+    mesh.remove("policy.yaml");
+    until_calls(
+        &mesh,
+        "stranger",
+        "http://web/",
+        "stranger allowed without a policy",
+        |c| c.failures.is_empty() && c.answers.len() == 3,
+    );
+}
+
+#[test]
+fn an_http_port_answers_a_denied_identity_with_403() {
+    let Some(mesh) = up(
+        "an_http_port_answers_a_denied_identity_with_403",
+        &friend_and_stranger("http"),
+    ) else {
+        return;
+    };
+    let web = mesh.ready_pods(NS, "web-", 1).remove(0);
+    mesh.ready_pods(NS, "friend", 1);
+    mesh.ready_pods(NS, "stranger", 1);
+    wait_certified(&mesh, "friend");
+    wait_certified(&mesh, "stranger");
+    wait_endpoints(&mesh, "friend", "web", 1);
+    wait_endpoints(&mesh, "stranger", "web", 1);
+
+    let allowed = mesh.calls(NS, "friend", "http://web/", 5);
+    assert!(allowed.failures.is_empty(), "{}", allowed.output);
+    assert_eq!(allowed.statuses(), [(200, 5)].into(), "{}", allowed.output);
+    assert!(
+        allowed.answers.iter().all(|a| a.pod == web.name),
+        "{}",
+        allowed.output
+    );
+
+    let denied = mesh.calls(NS, "stranger", "http://web/", 4);
+    assert!(
+        denied.failures.is_empty(),
+        "an answer, not a reset: {}",
+        denied.output
+    );
+    assert_eq!(denied.statuses(), [(403, 4)].into(), "{}", denied.output);
+    assert!(
+        denied
+            .answers
+            .iter()
+            .all(|a| a.error.as_deref() == Some("forbidden") && a.pod == "proxy"),
+        "the sidecar answered, saying why: {}",
+        denied.output
+    );
+    assert!(counter(&mesh.metrics(NS, &web.name), "wasmesh_authz_denied_total") >= 4.0);
+    let log = sidecar_log(&mesh, &web.name);
+    assert!(
+        log.contains("request denied by authorization policy")
+            && log.contains(&format!(
+                "client=spiffe://cluster.local/ns/{NS}/sa/stranger"
+            )),
+        "the denial is logged with both identities: {log}"
+    );
+
+    // The friend is unaffected by the stranger's refusals.
+    let again = mesh.calls(NS, "friend", "http://web/", 3);
+    assert_eq!(again.statuses(), [(200, 3)].into(), "{}", again.output);
 }
 
 #[test]
