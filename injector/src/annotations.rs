@@ -38,13 +38,18 @@ pub const EXCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.wasmesh.io/exclude-outboun
 pub const INCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.wasmesh.io/include-outbound-ip-ranges";
 /// Inbound ports captured (`*` = all).
 pub const INCLUDE_INBOUND_PORTS: &str = "traffic.wasmesh.io/include-inbound-ports";
+/// `strict` or `permissive`: the sidecar's inbound mTLS mode (`WASMESH_INBOUND_MTLS`); strict
+/// refuses plaintext clients. Default: the proxy's (permissive); an AuthorizationPolicy with
+/// `mtls: strict` also makes a pod strict.
+pub const MTLS: &str = "wasmesh.io/mtls";
 /// Written by the injector: what it injected, in which mode, by which version (JSON).
 pub const INJECTED: &str = "wasmesh.io/injected";
 
 /// Every annotation the injector reads, for documentation and `--help`.
-pub const READ: [&str; 12] = [
+pub const READ: [&str; 13] = [
     INJECT,
     SIDECAR_MODE,
+    MTLS,
     PROXY_UID,
     PROXY_CPU,
     PROXY_MEMORY,
@@ -171,6 +176,8 @@ pub struct Settings {
     pub exclude_outbound_cidrs: Option<String>,
     pub include_outbound_cidrs: Option<Include>,
     pub include_inbound_ports: Option<Include>,
+    /// `strict` or `permissive`, from [`MTLS`]; None: the proxy's default.
+    pub inbound_mtls: Option<String>,
 }
 
 impl Settings {
@@ -197,6 +204,7 @@ impl Settings {
             )
             .unwrap_or(config.default_mode),
         };
+        let inbound_mtls = get(MTLS).and_then(|v| keep(mtls_mode(v), &mut errors));
         let proxy_uid = match get(PROXY_UID) {
             None => config.proxy_uid,
             Some(v) => keep(parse_uid(v), &mut errors).unwrap_or(config.proxy_uid),
@@ -237,7 +245,21 @@ impl Settings {
             exclude_outbound_cidrs: exclude_outbound_cidrs.filter(|v| !v.is_empty()),
             include_outbound_cidrs: include(include_outbound_cidrs),
             include_inbound_ports: include(include_inbound_ports),
+            inbound_mtls,
         })
+    }
+}
+
+/// `strict` or `permissive`, as `wasmesh-proxy run --inbound-mtls` takes them. Anything else is
+/// refused rather than guessed: a typo in a request for strict must not leave the pod open.
+fn mtls_mode(value: &str) -> Result<String, AnnotationError> {
+    match value.trim() {
+        v @ ("strict" | "permissive") => Ok(v.to_owned()),
+        _ => Err(AnnotationError::new(
+            MTLS,
+            value,
+            "is not an mTLS mode: use \"strict\" (refuse plaintext) or \"permissive\"",
+        )),
     }
 }
 
@@ -517,6 +539,24 @@ mod tests {
         assert_eq!(s.resources, config.resources);
         assert_eq!(s.exclude_inbound_ports, None);
         assert_eq!(s.include_outbound_cidrs, None);
+        assert_eq!(s.inbound_mtls, None, "the proxy's default");
+    }
+
+    #[test]
+    fn the_mtls_mode_is_strict_or_permissive() {
+        for (value, want) in [("strict", "strict"), (" permissive ", "permissive")] {
+            let s = Settings::read(Some(&map(&[(MTLS, value)])), &Config::default()).unwrap();
+            assert_eq!(s.inbound_mtls.as_deref(), Some(want), "{value:?}");
+        }
+        for bad in ["Strict", "STRICT", "strcit", "true", ""] {
+            let errs = Settings::read(Some(&map(&[(MTLS, bad)])), &Config::default()).unwrap_err();
+            assert_eq!(
+                errs.to_string(),
+                format!(
+                    "annotation wasmesh.io/mtls: {bad:?} is not an mTLS mode: use \"strict\" (refuse plaintext) or \"permissive\""
+                )
+            );
+        }
     }
 
     #[test]

@@ -138,25 +138,35 @@ pub fn proxy_container(settings: &Settings, config: &Config, names: &Names) -> C
             protocol: Some("TCP".to_owned()),
             ..ContainerPort::default()
         }]),
-        env: Some(vec![
-            field_env("POD_NAME", "metadata.name"),
-            field_env("POD_NAMESPACE", "metadata.namespace"),
-            field_env("POD_IP", "status.podIP"),
-            field_env("NODE_NAME", "spec.nodeName"),
-            field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
-            EnvVar {
-                name: "WASMESH_POD_LABELS_FILE".to_owned(),
-                value: Some(format!("{TOKEN_MOUNT_PATH}/labels")),
+        env: Some(
+            vec![
+                field_env("POD_NAME", "metadata.name"),
+                field_env("POD_NAMESPACE", "metadata.namespace"),
+                field_env("POD_IP", "status.podIP"),
+                field_env("NODE_NAME", "spec.nodeName"),
+                field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+                EnvVar {
+                    name: "WASMESH_POD_LABELS_FILE".to_owned(),
+                    value: Some(format!("{TOKEN_MOUNT_PATH}/labels")),
+                    ..EnvVar::default()
+                },
+                // mTLS: the projected token proves the pod's ServiceAccount to control (without a
+                // CA in control the proxy runs without mTLS).
+                EnvVar {
+                    name: "WASMESH_TOKEN_FILE".to_owned(),
+                    value: Some(format!("{TOKEN_MOUNT_PATH}/token")),
+                    ..EnvVar::default()
+                },
+            ]
+            .into_iter()
+            // `wasmesh.io/mtls`: the inbound mTLS mode; absent, the proxy's default (permissive).
+            .chain(settings.inbound_mtls.as_ref().map(|mode| EnvVar {
+                name: "WASMESH_INBOUND_MTLS".to_owned(),
+                value: Some(mode.clone()),
                 ..EnvVar::default()
-            },
-            // mTLS: the projected token proves the pod's ServiceAccount to control (without a
-            // CA in control the proxy runs without mTLS).
-            EnvVar {
-                name: "WASMESH_TOKEN_FILE".to_owned(),
-                value: Some(format!("{TOKEN_MOUNT_PATH}/token")),
-                ..EnvVar::default()
-            },
-        ]),
+            }))
+            .collect(),
+        ),
         resources: resources(settings),
         // Up to 2 minutes to get the first table from control before the kubelet restarts it.
         startup_probe: Some(Probe {

@@ -527,6 +527,62 @@ fn annotations_set_uid_resources_and_traffic_flags() {
 }
 
 #[test]
+fn the_mtls_annotation_sets_the_sidecars_inbound_mode() {
+    let env_of = |answer: &Value, body: &[u8]| -> Vec<(String, String)> {
+        let result = patched(body, answer);
+        as_pod(&result);
+        container(&result["spec"]["initContainers"], "wasmesh-proxy")["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .filter(|e| e["value"].is_string())
+            .map(|e| {
+                (
+                    e["name"].as_str().unwrap_or_default().to_owned(),
+                    e["value"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    };
+    for mode in ["strict", "permissive"] {
+        let mut pod = pod("vault");
+        pod["metadata"]["annotations"] = json!({"wasmesh.io/mtls": mode});
+        let body = review_of(&pod, "default", false);
+        let (answer, _) = respond(&body, ENABLED);
+        let env = env_of(&answer, &body);
+        assert!(
+            env.contains(&("WASMESH_INBOUND_MTLS".to_owned(), mode.to_owned())),
+            "{env:?}"
+        );
+    }
+    // Without the annotation the proxy's default applies: no variable.
+    let body = review_of(&pod("plain"), "default", false);
+    let (answer, _) = respond(&body, ENABLED);
+    assert!(
+        env_of(&answer, &body)
+            .iter()
+            .all(|(k, _)| k != "WASMESH_INBOUND_MTLS")
+    );
+    // A value that is neither: no sidecar, and a warning that says what to write.
+    let mut pod = pod("typo");
+    pod["metadata"]["annotations"] = json!({"wasmesh.io/mtls": "strcit"});
+    let body = review_of(&pod, "default", false);
+    let (answer, outcome) = respond(&body, ENABLED);
+    assert_eq!(answer["response"]["allowed"], true);
+    assert!(patch_of(&answer).is_none());
+    assert_eq!(
+        answer["response"]["warnings"],
+        json!([
+            "wasmesh: pod not injected: annotation wasmesh.io/mtls: \"strcit\" is not an mTLS mode: use \"strict\" (refuse plaintext) or \"permissive\""
+        ])
+    );
+    assert!(matches!(
+        outcome.result,
+        Verdict::Skipped(SkipReason::InvalidAnnotations(_))
+    ));
+}
+
+#[test]
 fn invalid_annotations_mean_no_injection_and_a_warning_per_value() {
     let mut pod = pod("typo");
     pod["metadata"]["annotations"] = json!({
