@@ -157,6 +157,7 @@ fn cluster(p: Params) -> Vec<Event> {
         (Kind::EndpointSlice, slices),
         (Kind::HttpRoute, Vec::new()),
         (Kind::WasmPlugin, Vec::new()),
+        (Kind::AuthorizationPolicy, Vec::new()),
     ] {
         events.push(Event::Replace {
             kind,
