@@ -14,7 +14,7 @@ use super::Body;
 pub const ERROR_HEADER: &str = "x-wasmesh-error";
 
 /// Every value of `x-wasmesh-error` a sidecar sends ([`HttpError::cause`]).
-pub const CAUSES: [&str; 10] = [
+pub const CAUSES: [&str; 11] = [
     "no-route",
     "no-service",
     "backend-not-found",
@@ -25,6 +25,7 @@ pub const CAUSES: [&str; 10] = [
     "timeout",
     "bad-request",
     "filter-reset",
+    "forbidden",
 ];
 
 /// The cause an `x-wasmesh-error` value names, if it is one of [`CAUSES`] (anything else, e.g.
