@@ -228,9 +228,10 @@ pub fn wait_ready(run: Run<'_>, pods: &[&Pod], what: &str) -> anyhow::Result<()>
     Ok(())
 }
 
-/// `wasmesh-proxy run` (or another build of it, with `env`) in both pods, following control;
-/// returns (role, daemon) once both are ready. `log` names a role's log file. With `pki`, each
-/// sidecar has its token (mTLS on) and the server side refuses plaintext.
+/// `wasmesh-proxy run` (or another build of it) in both pods, following control, with `env`
+/// and without the bench's own `OTEL_*` variables; returns (role, daemon) once both are ready.
+/// `log` names a role's log file. With `pki`, each sidecar has its token (mTLS on) and the
+/// server side refuses plaintext.
 pub fn start_wasmesh(
     run: Run<'_>,
     binary: &Path,
@@ -261,6 +262,12 @@ pub fn start_wasmesh(
         }
         let mut cmd = command_in(&as_proxy(pod), binary, &args);
         cmd.env("RUST_LOG", "warn");
+        // Tracing only where the pair asks for it: not from the bench's own environment.
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("OTEL_") {
+                cmd.env_remove(k);
+            }
+        }
         cmd.envs(env.iter().map(|(k, v)| (k, v)));
         let d = Daemon::spawn(&format!("wasmesh-proxy ({role})"), cmd, log(role))?;
         started.push((role, d));

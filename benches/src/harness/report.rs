@@ -3,21 +3,37 @@
 
 use std::collections::BTreeMap;
 
-/// pair → metric → one value per round; and lines for the report (the mTLS checks).
+/// pair → metric → one value per round; and lines for the report (the mTLS checks, the
+/// tracing checks), each under a topic.
 #[derive(Debug, Default)]
 pub struct Results {
     by_pair: BTreeMap<String, BTreeMap<String, Vec<f64>>>,
     order: Vec<String>,
-    notes: Vec<String>,
+    /// (topic, line); the topic "" is [`Results::note`]'s.
+    notes: Vec<(String, String)>,
 }
 
 impl Results {
     pub fn note(&mut self, line: String) {
-        self.notes.push(line);
+        self.note_on("", line);
     }
 
-    pub fn notes(&self) -> &[String] {
-        &self.notes
+    /// The lines of [`Results::note`], in order.
+    pub fn notes(&self) -> Vec<&str> {
+        self.notes_on("")
+    }
+
+    pub fn note_on(&mut self, topic: &str, line: String) {
+        self.notes.push((topic.to_string(), line));
+    }
+
+    /// The lines of one topic, in order.
+    pub fn notes_on(&self, topic: &str) -> Vec<&str> {
+        self.notes
+            .iter()
+            .filter(|(t, _)| t == topic)
+            .map(|(_, l)| l.as_str())
+            .collect()
     }
 
     pub fn add(&mut self, pair: &str, values: BTreeMap<String, f64>) {

@@ -10,15 +10,19 @@
 //! tables with the ratios to direct and to Envoy, and the issue's targets. With `--mtls`:
 //! requests/s at saturation through a wasmesh pair and Envoy pairs that speak mTLS between the
 //! proxies (one CA, [`wasmesh_benches::harness::mtls`]), the plaintext pairs for reference, and
-//! a check of each mTLS pair's TLS.
+//! a check of each mTLS pair's TLS. With `--tracing`: the wasmesh pair with OpenTelemetry
+//! tracing off, at 1 % and at 100 % sampling, exporting over OTLP/gRPC to a receiver of the
+//! bench's own ([`otlp`]), and a check that the spans arrived ([`trace_check`]).
 //!
 //! Needs root, and the binaries built first:
 //! `cargo build --release -p wasmesh-proxy -p wasmesh-control -p wasmesh-benches`.
 //! See `benches/README.md`.
 
 mod load;
+mod otlp;
 mod pairs;
 mod report;
+mod trace_check;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -36,7 +40,9 @@ use wasmesh_benches::harness::run::{
 };
 
 use crate::load::Proto;
+use crate::otlp::Counts;
 use crate::pairs::{Kind, Pair, Running, Tools};
+use crate::trace_check::Receiver;
 
 const HELP: &str = "\
 l7: wasmesh pair vs Envoy pair (HTTP connection manager both sides) vs direct, HTTP/1.1 and
@@ -51,6 +57,10 @@ OPTIONS:
   --quick              short phases, one round (a smoke test; figures are rough)
   --mtls               HTTP requests/s through mTLS pairs: pairs direct,wasmesh,envoy,wasmesh-mtls,
                        envoy-mtls,envoy-mtls-h2, phase sat (--pairs, --phases still apply)
+  --tracing            the cost of tracing: pairs wasmesh,wasmesh-trace1,wasmesh-trace100 (the
+                       wasmesh pair with tracing off, at 1 % and at 100 % sampling, OTLP/gRPC to
+                       a receiver in the node's namespace), phases sat,lat; every tracing pair's
+                       spans checked against the receiver (--pairs, --phases still apply)
   --rounds N           repeat every pair N times, report medians          [default 3; quick 1]
   --secs S             duration of the saturation phase                    [default 8; quick 2]
   --latency-secs S     duration of the fixed-rate latency phase            [default 10; quick 3]
@@ -62,7 +72,8 @@ OPTIONS:
   --h2-streams M       concurrent streams per HTTP/2 connection at saturation [default 4]
   --pairs LIST         which pairs, comma-separated                        [default direct,wasmesh,envoy]
                        also: wasmesh-mtls, envoy-mtls, envoy-mtls-h2 (mTLS between the proxies,
-                       one CA; -h2: HTTP/2 between the Envoys, measured with HTTP/1.1 only)
+                       one CA; -h2: HTTP/2 between the Envoys, measured with HTTP/1.1 only);
+                       wasmesh-traceN (tracing on, N % of the traces sampled, N from 1 to 100)
   --protocols LIST     h1, h2                                              [default h1,h2]
   --phases LIST        sat (requests/s at saturation), lat (latency at --rate) [default sat,lat]
   --quiet-wait S       before each phase, wait up to S seconds for the machine to be quiet
@@ -105,6 +116,10 @@ pub struct Params {
 fn params(args: &[String]) -> anyhow::Result<Params> {
     let quick = args.iter().any(|a| a == "--quick");
     let mtls = args.iter().any(|a| a == "--mtls");
+    let tracing = args.iter().any(|a| a == "--tracing");
+    if mtls && tracing {
+        bail!("--mtls and --tracing are two runs: pick one (or name the pairs with --pairs)");
+    }
     let mut p = Params {
         rounds: if quick { 1 } else { 3 },
         secs: if quick { 2.0 } else { 8.0 },
@@ -122,6 +137,12 @@ fn params(args: &[String]) -> anyhow::Result<Params> {
                 Kind::WasmeshMtls,
                 Kind::EnvoyMtls,
                 Kind::EnvoyMtlsH2,
+            ]
+        } else if tracing {
+            vec![
+                Kind::Wasmesh,
+                Kind::Traced { percent: 1 },
+                Kind::Traced { percent: 100 },
             ]
         } else {
             vec![Kind::Direct, Kind::Wasmesh, Kind::Envoy]
@@ -153,7 +174,7 @@ fn params(args: &[String]) -> anyhow::Result<Params> {
             v.parse().with_context(|| format!("{a} needs a number"))
         };
         match a.as_str() {
-            "--quick" | "--mtls" => {}
+            "--quick" | "--mtls" | "--tracing" => {}
             "--keep" => p.keep = true,
             "--rounds" => p.rounds = number(value()?)? as usize,
             "--secs" => p.secs = number(value()?)?,
@@ -212,7 +233,11 @@ fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     // The tools run inside the namespaces: `l7 __sat …`.
     if let Some(tool) = args.first().and_then(|a| a.strip_prefix("__")) {
-        return match load::main(tool, &args[1..]) {
+        let done = match tool {
+            "otlp" => otlp::main(&args[1..]),
+            _ => load::main(tool, &args[1..]),
+        };
+        return match done {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -326,6 +351,7 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
         envoy: envoy.clone(),
         alts,
         pki,
+        otlp: None,
         node: String::new(),
         dir: dir.path.clone(),
     };
@@ -354,6 +380,10 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
     }
     if let Some(pki) = &tools.pki {
         header.extend(pki.describe());
+    }
+    let traced = wants(&|k| k.tracing().is_some());
+    if traced {
+        header.push(trace_check::describe(pairs::otlp_address()));
     }
     for alt in &p.alts {
         let env: Vec<String> = alt.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -406,6 +436,14 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
     } else {
         None
     };
+    // The OTLP receiver, for the whole run, when a pair traces.
+    let _otlp = if traced {
+        let (daemon, receiver) = Receiver::start(tools.run(), &topo.node, pairs::otlp_address())?;
+        tools.otlp = Some(receiver);
+        Some(daemon)
+    } else {
+        None
+    };
     let ticks = procfs::clock_ticks();
 
     let mut results = Results::default();
@@ -442,6 +480,11 @@ fn measure_all(
             eprintln!("round {round}/{}: {}", p.rounds, kind.name());
             let started = Instant::now();
             let name = kind.name();
+            // What the receiver had before this pair: its spans are what it gets from now on.
+            let before = match (&tools.otlp, kind.tracing()) {
+                (Some(receiver), Some(_)) => Some(receiver.counts(tools.run(), &tools.node)?),
+                _ => None,
+            };
             let client = topo.add_pod(&format!("{name}-c"), client_host)?;
             let server = topo.add_pod(&format!("{name}-s"), server_host)?;
             let pair = Pair {
@@ -457,7 +500,15 @@ fn measure_all(
             let measured = rules
                 .and_then(|()| pair.start(tools, round))
                 .and_then(|mut running| {
-                    measure_pair(p, tools, &pair, &mut running, ticks, results, round)
+                    measure_pair(
+                        p,
+                        tools,
+                        &pair,
+                        &mut running,
+                        ticks,
+                        results,
+                        (round, before),
+                    )
                 });
             let removed = topo
                 .remove_pod(&pair.client)
@@ -481,7 +532,7 @@ fn measure_pair(
     running: &mut Running,
     ticks: f64,
     results: &mut Results,
-    round: usize,
+    (round, otlp_before): (usize, Option<Counts>),
 ) -> anyhow::Result<()> {
     let name = pair.kind.name();
     let mut rec = BTreeMap::<String, f64>::new();
@@ -542,9 +593,20 @@ fn measure_pair(
             }
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let pids: Vec<u32> = running.proxies.iter().map(|(_, pid)| *pid).collect();
+            let receiver_cpu = || {
+                tools
+                    .otlp
+                    .map(|o| procfs::cpu_seconds(o.pid, ticks))
+                    .transpose()
+            };
+            let otlp0 = receiver_cpu()?;
             let (out, cost) = mesh::measure(&pids, running.server_pid, ticks, || {
                 run::tool(tools.run(), &pair.client.ns, &args, long)
             })?;
+            let otlp_cpu = match (otlp0, receiver_cpu()?) {
+                (Some(a), Some(b)) => b - a,
+                _ => 0.0,
+            };
             running.check()?;
             let v: serde_json::Value =
                 serde_json::from_str(out.trim().lines().last().unwrap_or(""))
@@ -580,13 +642,18 @@ fn measure_pair(
                 rec.insert(format!("{key}.cpu_per_100k"), cpu / num("requests") * 1e5);
             }
             rec.insert(format!("{key}.app_cpu"), cost.app_cpu);
+            if tools.otlp.is_some() {
+                rec.insert(format!("{key}.otlp_cpu"), otlp_cpu);
+            }
             for (i, b) in cost.cores.iter().enumerate().take(2) {
                 rec.insert(format!("{key}.core{i}"), *b);
             }
             rec.insert(format!("{key}.peak"), cost.peak_rss_mib);
-            // CPU used by anything but this pair's proxies, app and load generator, as a
-            // share of the two cores: other work on the machine, plus interrupt time.
-            let ours = cost.proxy_cpu.iter().sum::<f64>() + cost.app_cpu + num("client_cpu_s");
+            // CPU used by anything but this pair's proxies, app, load generator and the OTLP
+            // receiver, as a share of the two cores: other work on the machine, plus interrupt
+            // time.
+            let ours =
+                cost.proxy_cpu.iter().sum::<f64>() + cost.app_cpu + num("client_cpu_s") + otlp_cpu;
             rec.insert(format!("{key}.steal"), cost.steal);
             rec.insert(
                 format!("{key}.other"),
@@ -599,6 +666,30 @@ fn measure_pair(
     for (role, pid) in &running.proxies {
         let m = procfs::memory(*pid)?;
         rec.insert(format!("hwm.{role}"), mib(m.hwm));
+    }
+    match (pair.kind, pair.kind.tracing(), &tools.otlp) {
+        (_, Some(ratio), Some(receiver)) => {
+            let check = trace_check::check_pair(
+                tools.run(),
+                &pair.client,
+                &pair.server,
+                &tools.node,
+                receiver,
+                &otlp_before.unwrap_or_default(),
+                ratio,
+                Duration::from_secs(45),
+            )
+            .with_context(|| format!("checking {name}'s spans"))?;
+            check.record(&mut rec);
+            let line = check.line(&name, round);
+            eprintln!("  spans: {line}");
+            results.note_on("tracing", line);
+        }
+        // The pair the tracing pairs are compared with.
+        (Kind::Wasmesh, _, Some(_)) => {
+            trace_check::check_off(tools.run(), &pair.client, &pair.server)?
+        }
+        _ => {}
     }
     if let Some(flavor) = pair.kind.mtls() {
         let pki = tools.pki.as_ref().context("no CA")?;

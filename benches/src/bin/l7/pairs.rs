@@ -22,6 +22,12 @@
 //! - `envoy-mtls-h2`: `envoy-mtls` with HTTP/2 between the Envoys whatever the app speaks and
 //!   HTTP/1.1 from the inbound Envoy to the app (Istio's sidecars upgrade to HTTP/2 between
 //!   them): measured with HTTP/1.1 only — for HTTP/2 it is `envoy-mtls`.
+//! - `wasmesh-traceN` (`wasmesh-trace1`, `wasmesh-trace100`, any N from 1 to 100): `wasmesh`
+//!   with OpenTelemetry tracing on, from the pod's standard variables: OTLP/gRPC to the run's
+//!   receiver ([`crate::otlp`], in the node's namespace), the sampler `parentbased_traceidratio`
+//!   at N %. The load generator sends no `traceparent`, so the client sidecar starts every trace
+//!   and samples N % of them; the server sidecar follows the decision it gets in the
+//!   `traceparent` the client sidecar adds. Batching: the exporter's defaults.
 //! - `direct`: no rules, no proxies; the client connects to the server pod's :8080.
 //! - `--alt NAME=PATH`: another wasmesh-proxy build, run like `wasmesh`.
 
@@ -34,10 +40,11 @@ use wasmesh_benches::harness::mesh::{
     self, APP_PORT, Alt, ENVOY_ADMIN, LOAD_CPU, SERVICE_IP, SERVICE_PORT,
 };
 use wasmesh_benches::harness::mtls::{self, Flavor, Pki};
-use wasmesh_benches::harness::netns::{Daemon, Placement, Pod, command_in};
+use wasmesh_benches::harness::netns::{Daemon, NODE_IP, Placement, Pod, command_in};
 use wasmesh_benches::harness::run::{self, Run};
 
 use crate::load::Proto;
+use crate::trace_check::Receiver;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -50,6 +57,10 @@ pub enum Kind {
     EnvoyMtls,
     /// The same, HTTP/2 between the Envoys and HTTP/1.1 to the app.
     EnvoyMtlsH2,
+    /// The wasmesh pair with tracing on, sampling `percent` % of new traces.
+    Traced {
+        percent: u8,
+    },
     /// Another `wasmesh-proxy` build (`--alt`): the `index`th of [`Tools::alts`].
     Alt {
         index: usize,
@@ -64,6 +75,14 @@ impl Kind {
             let name: &'static str = Box::leak(name.to_string().into_boxed_str());
             return Ok(Self::Alt { index, name });
         }
+        if let Some(n) = name.strip_prefix("wasmesh-trace") {
+            return match n.parse::<u8>() {
+                Ok(percent @ 1..=100) => Ok(Self::Traced { percent }),
+                _ => {
+                    bail!("pair {name}: wasmesh-traceN samples N % of the traces, N from 1 to 100")
+                }
+            };
+        }
         Ok(match name {
             "direct" => Self::Direct,
             "wasmesh" => Self::Wasmesh,
@@ -72,7 +91,8 @@ impl Kind {
             "envoy-mtls" => Self::EnvoyMtls,
             "envoy-mtls-h2" => Self::EnvoyMtlsH2,
             other => bail!(
-                "unknown pair {other} (known: direct, wasmesh, wasmesh-mtls, envoy, envoy-mtls, \
+                "unknown pair {other} (known: direct, wasmesh, wasmesh-mtls, wasmesh-trace1, \
+                 wasmesh-trace100 (any wasmesh-traceN, N from 1 to 100), envoy, envoy-mtls, \
                  envoy-mtls-h2, and --alt names)"
             ),
         })
@@ -86,13 +106,25 @@ impl Kind {
             Self::Envoy => "envoy".into(),
             Self::EnvoyMtls => "envoy-mtls".into(),
             Self::EnvoyMtlsH2 => "envoy-mtls-h2".into(),
+            Self::Traced { percent } => format!("wasmesh-trace{percent}"),
             Self::Alt { name, .. } => name.to_string(),
         }
     }
 
     /// Whether it needs wasmesh control.
     pub fn wasmesh(self) -> bool {
-        matches!(self, Self::Wasmesh | Self::WasmeshMtls | Self::Alt { .. })
+        matches!(
+            self,
+            Self::Wasmesh | Self::WasmeshMtls | Self::Traced { .. } | Self::Alt { .. }
+        )
+    }
+
+    /// The share of new traces it samples, when it traces.
+    pub fn tracing(self) -> Option<f64> {
+        match self {
+            Self::Traced { percent } => Some(f64::from(percent) / 100.0),
+            _ => None,
+        }
     }
 
     /// Whether it runs Envoy.
@@ -127,6 +159,8 @@ pub struct Tools {
     pub alts: Vec<Alt>,
     /// The run's CA and certificates, when it has mTLS pairs.
     pub pki: Option<Pki>,
+    /// The OTLP receiver's address (in the node's namespace), when the run has tracing pairs.
+    pub otlp: Option<Receiver>,
     /// The node's namespace (the mTLS checks probe from there).
     pub node: String,
     /// The run's folder (configs, logs); readable by UID 1337.
@@ -208,12 +242,19 @@ impl Pair {
         daemons.push(server);
         let started = match self.kind {
             Kind::Direct => Vec::new(),
-            Kind::Wasmesh | Kind::WasmeshMtls | Kind::Alt { .. } => {
+            Kind::Wasmesh | Kind::WasmeshMtls | Kind::Traced { .. } | Kind::Alt { .. } => {
                 let (binary, env) = match self.kind {
                     Kind::Alt { index, .. } => {
                         let alt = &tools.alts[index];
                         (&alt.path, alt.env.clone())
                     }
+                    Kind::Traced { percent } => (
+                        &tools.proxy,
+                        tracing_env(
+                            tools.otlp.context("no OTLP receiver")?.addr,
+                            f64::from(percent) / 100.0,
+                        ),
+                    ),
                     _ => (&tools.proxy, Vec::new()),
                 };
                 let pki = match self.kind {
@@ -271,6 +312,29 @@ impl Pair {
         probed.with_context(|| format!("{tag}: the first request did not go through"))?;
         Ok(running)
     }
+}
+
+/// The pod environment of a tracing pair: OTLP/gRPC to `receiver`, parent-based sampling of
+/// `ratio` of the new traces, everything else the defaults (batching included).
+pub fn tracing_env(receiver: SocketAddr, ratio: f64) -> Vec<(String, String)> {
+    [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{receiver}")),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".to_string()),
+        (
+            "OTEL_TRACES_SAMPLER",
+            "parentbased_traceidratio".to_string(),
+        ),
+        ("OTEL_TRACES_SAMPLER_ARG", ratio.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// Where the run's OTLP receiver listens: the node's bridge address, reachable from every pod
+/// (where control listens too).
+pub fn otlp_address() -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(NODE_IP, 4317))
 }
 
 // ---------------------------------------------------------------------------------------------

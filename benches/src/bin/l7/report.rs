@@ -1,6 +1,7 @@
 //! The figures as Markdown: per protocol, requests/s at saturation, the proxies' CPU per
 //! request, latency at the fixed rate and memory, with the ratios to direct and to Envoy (an mTLS
-//! pair to `envoy-mtls`); then the issue's targets, and with mTLS pairs their own section.
+//! pair to `envoy-mtls`); then the issue's targets, and with mTLS pairs or tracing pairs their
+//! own section.
 
 use std::fmt::Write as _;
 
@@ -182,9 +183,15 @@ pub fn render(header: &[String], p: &Params, r: &Results) -> String {
     if r.has("wasmesh-mtls") || r.has("envoy-mtls") || r.has("envoy-mtls-h2") {
         mtls_section(&mut s, p, r);
     }
+    if pairs
+        .iter()
+        .any(|pair| r.get(pair, "trace.ratio").is_some())
+    {
+        tracing_section(&mut s, p, r);
+    }
 
     // Ratios and targets.
-    if r.has("wasmesh") {
+    if r.has("wasmesh") && (r.has("direct") || r.has("envoy")) {
         let w = "wasmesh";
         let _ = writeln!(s, "**Ratios and the issue's targets**\n");
         let _ = writeln!(
@@ -360,4 +367,172 @@ fn mtls_section(s: &mut String, p: &Params, r: &Results) {
         }
     }
     let _ = writeln!(s);
+}
+
+/// How much 100 % of the requests' requests/s tracing may cost (the issue's target).
+const TRACING_TARGET: f64 = 0.10;
+
+/// The tracing pairs against `wasmesh` with tracing off (the issue's target: tracing every
+/// request costs < 10 % of the requests/s), and the checks of their spans.
+fn tracing_section(s: &mut String, p: &Params, r: &Results) {
+    let off = "wasmesh";
+    let mut traced: Vec<(String, f64)> = r
+        .pairs()
+        .iter()
+        .filter_map(|pair| Some((pair.clone(), r.get(pair, "trace.ratio")?)))
+        .collect();
+    traced.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let share = |ratio: f64| format!("{} %", ratio * 100.0);
+    let rate = format!("{:.0}", p.rate);
+    let _ = writeln!(
+        s,
+        "**Tracing cost** (same run: `{off}` with tracing off, and with tracing on, sampling the \
+         share of new traces shown — parent-based: the load generator sends no `traceparent`, so \
+         the client sidecar starts every trace and decides, the server sidecar follows its \
+         decision; a client span and a server span per sampled request, exported over OTLP/gRPC \
+         to the bench's receiver in the node's namespace, on core 0 with the app and the load \
+         generator; the requests/s lost and the ratios are against `{off}` in the same run)\n"
+    );
+    let _ = writeln!(
+        s,
+        "| protocol | pair | sampled | req/s at saturation | × tracing off | requests/s lost | proxy CPU-s per 100k requests | × tracing off | p50 / p99 at {rate} req/s (µs) | p99 × tracing off | receiver CPU at saturation (share of a core) |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let rows: Vec<(String, Option<f64>)> = std::iter::once((off.to_string(), None))
+        .chain(
+            traced
+                .iter()
+                .map(|(pair, ratio)| (pair.clone(), Some(*ratio))),
+        )
+        .collect();
+    for proto in &p.protocols {
+        let k = |m: &str| format!("{}.{m}", proto.name());
+        for (pair, ratio) in &rows {
+            let vs_off = |key: &str| ratio.and(r.ratio(pair, off, key));
+            let receiver = ratio.and_then(|_| {
+                Some(r.get(pair, &k("sat.otlp_cpu"))? / r.get(pair, &k("sat.secs"))?)
+            });
+            let _ = writeln!(
+                s,
+                "| {} | {pair} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} |",
+                title(*proto),
+                ratio.map_or_else(|| "off".to_string(), share),
+                with_spread(r, pair, &k("sat.per_s"), 0),
+                x(vs_off(&k("sat.per_s"))),
+                pct(vs_off(&k("sat.per_s")).map(|v| 1.0 - v)),
+                with_spread(r, pair, &k("sat.cpu_per_100k"), 2),
+                x(vs_off(&k("sat.cpu_per_100k"))),
+                f(r.get(pair, &k("lat.p50_us")), 0),
+                with_spread(r, pair, &k("lat.p99_us"), 0),
+                x(vs_off(&k("lat.p99_us"))),
+                pct(receiver),
+            );
+        }
+    }
+
+    // The target, per sampling share.
+    let _ = writeln!(s);
+    let mut head = String::from("| measure |");
+    let mut rule = String::from("|---|");
+    for (_, ratio) in &traced {
+        let _ = write!(head, " {} sampled |", share(*ratio));
+        rule.push_str("---|");
+    }
+    let _ = writeln!(s, "{head} target | met |\n{rule}---|---|");
+    for proto in &p.protocols {
+        let t = title(*proto);
+        let k = |m: &str| format!("{}.{m}", proto.name());
+        let lost = |pair: &str| r.ratio(pair, off, &k("sat.per_s")).map(|v| 1.0 - v);
+        if r.measured(&k("sat.per_s")) {
+            let cells: Vec<String> = traced.iter().map(|(pair, _)| pct(lost(pair))).collect();
+            // The target is stated for tracing every request.
+            let all = traced.iter().find(|(_, ratio)| *ratio >= 1.0);
+            let met = match all.and_then(|(pair, _)| lost(pair)) {
+                Some(v) if v < TRACING_TARGET => "yes",
+                Some(_) => "**no**",
+                None => "—",
+            };
+            let _ = writeln!(
+                s,
+                "| {t} requests/s lost to tracing | {} | 100 % sampled: < {:.0} % | {met} |",
+                cells.join(" | "),
+                TRACING_TARGET * 100.0
+            );
+        }
+        for (label, key) in [
+            ("proxy CPU per request".to_string(), k("sat.cpu_per_100k")),
+            (format!("p99 at {rate} req/s"), k("lat.p99_us")),
+        ] {
+            if !r.measured(&key) {
+                continue;
+            }
+            let cells: Vec<String> = traced
+                .iter()
+                .map(|(pair, _)| x(r.ratio(pair, off, &key)))
+                .collect();
+            let _ = writeln!(
+                s,
+                "| {t} {label}, × tracing off | {} | (reported) | — |",
+                cells.join(" | ")
+            );
+        }
+    }
+
+    // Did the spans arrive?
+    let _ = writeln!(
+        s,
+        "\nSpans per pair (the whole pair's life: every phase and protocol, and the first \
+         request; {}):\n",
+        if p.rounds > 1 {
+            "median of the rounds"
+        } else {
+            "one round"
+        }
+    );
+    let _ = writeln!(
+        s,
+        "| pair | requests | sampled (client spans / requests) | spans recorded (both sidecars) | received by the receiver | received per request | dropped (share of recorded) | checks |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    for (pair, _) in &traced {
+        let ok = match r.max(pair, "trace.ok").zip(spread_min(r, pair, "trace.ok")) {
+            Some((_, lo)) if lo >= 1.0 => "add up, every round",
+            Some(_) => "**do not add up** (see below)",
+            None => "—",
+        };
+        let _ = writeln!(
+            s,
+            "| {pair} | {} | {} | {} | {} | {} | {} ({}) | {ok} |",
+            f(r.get(pair, "trace.requests"), 0),
+            r.get(pair, "trace.sampled")
+                .map_or_else(|| "—".into(), |v| format!("{:.2} %", v * 100.0)),
+            f(r.get(pair, "trace.recorded"), 0),
+            f(r.get(pair, "trace.received"), 0),
+            f(r.get(pair, "trace.received_per_request"), 4),
+            f(r.get(pair, "trace.dropped"), 0),
+            r.get(pair, "trace.dropped_share")
+                .map_or_else(|| "—".into(), |v| format!("{:.2} %", v * 100.0)),
+        );
+    }
+    let notes = r.notes_on("tracing");
+    if !notes.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nSpan checks (after each tracing pair's phases, once every recorded span was \
+             exported or dropped: the sidecars' `wasmesh_tracing_*` and \
+             `wasmesh_http_requests_total`, and what the receiver decoded from this pair; with \
+             every request sampled, the receiver must have 2 spans per request less the drops):\n"
+        );
+        for n in notes {
+            let _ = writeln!(s, "- {n}");
+        }
+    }
+    let _ = writeln!(s);
+}
+
+/// The lowest round's value (or the only one).
+fn spread_min(r: &Results, pair: &str, key: &str) -> Option<f64> {
+    r.spread(pair, key)
+        .map(|(lo, _)| lo)
+        .or_else(|| r.get(pair, key))
 }
