@@ -82,7 +82,9 @@ impl Outbound {
         if let Some(s) = span.as_ref() {
             x.trace(|| s.trace_id_hex());
         }
-        let resp = match self.forward_inner(req, c, &mut x, &mut span).await {
+        // Boxed: the request's state machine is large, and hyper moves the service future
+        // into a task per HTTP/2 stream — a pointer moves cheaper than kilobytes.
+        let resp = match Box::pin(self.forward_inner(req, c, &mut x, &mut span)).await {
             Ok(resp) => {
                 if let Some(s) = span {
                     s.end(Some(resp.status().as_u16()), None);

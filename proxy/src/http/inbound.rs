@@ -171,7 +171,8 @@ impl Inbound {
         if let Some(s) = span.as_ref() {
             x.trace(|| s.trace_id_hex());
         }
-        let resp = match self.to_app_inner(req, c, &mut span).await {
+        // Boxed, as on the outbound side: hyper moves this future into a task per stream.
+        let resp = match Box::pin(self.to_app_inner(req, c, &mut span)).await {
             Ok(r) => {
                 if let Some(s) = span {
                     s.end(Some(r.status().as_u16()), None);

@@ -161,13 +161,17 @@ pub fn inject(
         "00-{trace_id}-{span_id}-{}",
         if sampled { "01" } else { "00" }
     );
-    if let Ok(v) = HeaderValue::from_str(&tp) {
+    if let Ok(mut v) = HeaderValue::from_str(&tp) {
+        // Unique per request: over HTTP/2 it must not enter the HPACK dynamic table, where
+        // each new value would evict entries the next requests' headers could have used.
+        v.set_sensitive(true);
         headers.insert(TRACEPARENT.clone(), v);
     }
     match incoming {
         Some(Format::B3Single) => {
             let v = format!("{trace_id}-{span_id}-{}", if sampled { "1" } else { "0" });
-            if let Ok(v) = HeaderValue::from_str(&v) {
+            if let Ok(mut v) = HeaderValue::from_str(&v) {
+                v.set_sensitive(true);
                 headers.insert(B3.clone(), v);
             }
         }
