@@ -152,13 +152,19 @@ impl EndpointLoad {
     /// The average response time now, in µs (0 = never measured). It decays while the
     /// endpoint gets no requests, so an endpoint that was slow once is tried again later.
     pub fn ewma_us(&self) -> u64 {
+        self.ewma_and_age().0
+    }
+
+    /// The decayed average (as [`EndpointLoad::ewma_us`]) and how long ago it was last
+    /// measured, in µs, from one clock read.
+    fn ewma_and_age(&self) -> (u64, u64) {
+        let age = clock_us().saturating_sub(self.ewma_at.load(Ordering::Relaxed));
         let v = self.ewma_us.load(Ordering::Relaxed);
         if v == 0 {
-            return 0;
+            return (0, age);
         }
-        let age = clock_us().saturating_sub(self.ewma_at.load(Ordering::Relaxed));
         let w = (-(age as f64) / EWMA_DECAY.as_micros() as f64).exp();
-        (v as f64 * w) as u64
+        ((v as f64 * w) as u64, age)
     }
 
     fn observe(&self, rtt: Duration) {
@@ -185,13 +191,9 @@ impl EndpointLoad {
             (Unit::Connection, _) => self.active() as u64,
             (Unit::Request, BalancerKind::P2c) => {
                 let pending = self.pending() as u64;
-                let stale = clock_us().saturating_sub(self.ewma_at.load(Ordering::Relaxed))
-                    > PROBE_AFTER.as_micros() as u64;
-                let ewma = if pending == 0 && stale {
-                    0
-                } else {
-                    self.ewma_us()
-                };
+                let (ewma, age) = self.ewma_and_age();
+                let stale = age > PROBE_AFTER.as_micros() as u64;
+                let ewma = if pending == 0 && stale { 0 } else { ewma };
                 (ewma + BASE_COST_US) * (pending + 1)
             }
             (Unit::Request, _) => self.pending() as u64,

@@ -160,8 +160,9 @@ impl Inbound {
             s.set("url.path", req.uri().path().to_string());
             s.set("network.protocol.version", protocol_version(req.version()));
             s.set("server.port", i64::from(c.dst.port()));
-            s.set("client.address", c.peer.ip().to_string());
-            s.set("network.peer.address", c.peer.ip().to_string());
+            let client = c.peer.ip().to_string();
+            s.set("client.address", client.clone());
+            s.set("network.peer.address", client);
             s.set("network.peer.port", i64::from(c.peer.port()));
             if let Some(id) = &c.identity {
                 s.set("wasmesh.peer.identity", id.to_string());
