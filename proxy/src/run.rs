@@ -148,13 +148,7 @@ async fn follow_tracing(workload: crate::otel::config::Workload, state: Arc<Prox
                     }
                 }
                 Some(c) => {
-                    let (endpoint, protocol, sampler) = (
-                        c.endpoint
-                            .clone()
-                            .unwrap_or_else(|| "from OTEL_EXPORTER_OTLP_*".into()),
-                        c.protocol,
-                        c.sampler,
-                    );
+                    let (endpoint, protocol, sampler) = (c.endpoint.clone(), c.protocol, c.sampler);
                     match crate::otel::export::start(c, state.trace_stats.clone()) {
                         Ok(t) => {
                             tracing::info!(%endpoint, %protocol, ?sampler, "tracing: exporting spans");

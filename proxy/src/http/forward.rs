@@ -74,7 +74,7 @@ impl Outbound {
             .as_ref()
             .map(|t| t.start(SpanKind::Client, req.headers()));
         if let Some(s) = span.as_mut() {
-            s.set_with("http.request.method", || method.as_str().to_string());
+            set_method(s, &method);
             s.set_with("url.path", || path.clone());
             s.set("network.protocol.version", protocol_version(version));
             s.name(method_name(&method));
@@ -426,7 +426,7 @@ impl Outbound {
                 && s.is_sampled()
             {
                 // The endpoint of this try (a retry replaces the previous one's).
-                s.put("network.peer.address", ep.addr.ip().to_string());
+                s.put("network.peer.address", ep.addr.ip());
                 s.put("network.peer.port", i64::from(ep.addr.port()));
                 if let Some(pod) = &ep.pod {
                     s.put("wasmesh.endpoint.pod", pod.clone());
@@ -630,6 +630,18 @@ pub(super) fn method_name(m: &http::Method) -> &'static str {
     }
 }
 
+/// `http.request.method`: a standard method as it is, another as `_OTHER` with
+/// `http.request.method_original` (semantic conventions).
+pub(super) fn set_method(s: &mut Span, m: &http::Method) {
+    match method_name(m) {
+        "HTTP" => {
+            s.set("http.request.method", "_OTHER");
+            s.set_with("http.request.method_original", || m.as_str().to_string());
+        }
+        known => s.set("http.request.method", known),
+    }
+}
+
 /// `network.protocol.version`.
 pub(super) fn protocol_version(v: Version) -> &'static str {
     match v {
@@ -652,8 +664,8 @@ pub(super) fn filter_event(span: &mut Option<Span>, side: &'static str, verdict:
         s.event(
             "wasm.request_headers",
             vec![
-                opentelemetry::KeyValue::new("wasmesh.filter.side", side),
-                opentelemetry::KeyValue::new("wasmesh.filter.outcome", outcome),
+                ("wasmesh.filter.side", side.into()),
+                ("wasmesh.filter.outcome", outcome.into()),
             ],
         );
     }

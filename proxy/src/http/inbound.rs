@@ -24,7 +24,7 @@ use wasmesh_wasm::{Direction as WasmDirection, StreamInfo, Verdict};
 use super::ORIG_PROTO;
 use super::forward::{
     filter_event, filter_response, finish, local_reply, method_name, protocol_name,
-    protocol_version, rebuild, tunnel,
+    protocol_version, rebuild, set_method, tunnel,
 };
 use super::headers::{authority, is_grpc, is_upgrade, set_target, strip_hop_by_hop};
 use super::pool::{Sent, Wire, plain};
@@ -156,13 +156,12 @@ impl Inbound {
         if let Some(s) = span.as_mut()
             && s.is_sampled()
         {
-            s.set("http.request.method", req.method().as_str().to_string());
+            set_method(s, req.method());
             s.set("url.path", req.uri().path().to_string());
             s.set("network.protocol.version", protocol_version(req.version()));
             s.set("server.port", i64::from(c.dst.port()));
-            let client = c.peer.ip().to_string();
-            s.set("client.address", client.clone());
-            s.set("network.peer.address", client);
+            s.set("client.address", c.peer.ip());
+            s.set("network.peer.address", c.peer.ip());
             s.set("network.peer.port", i64::from(c.peer.port()));
             if let Some(id) = &c.identity {
                 s.set("wasmesh.peer.identity", id.to_string());

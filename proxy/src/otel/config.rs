@@ -4,8 +4,10 @@
 //! | setting | pod environment | control (mesh-wide) | default |
 //! |---|---|---|---|
 //! | on/off | `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none` turn it off | an endpoint turns it on | off (no endpoint) |
-//! | endpoint | `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, `OTEL_EXPORTER_OTLP_ENDPOINT` | `--otlp-endpoint` | — |
+//! | endpoint | `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (used as it is), `OTEL_EXPORTER_OTLP_ENDPOINT` (HTTP: `/v1/traces` appended) | `--otlp-endpoint` (like the generic one) | — |
 //! | protocol | `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`, `OTEL_EXPORTER_OTLP_PROTOCOL` | `--otlp-protocol` | `http/protobuf` |
+//! | headers | `OTEL_EXPORTER_OTLP_TRACES_HEADERS`, else `OTEL_EXPORTER_OTLP_HEADERS` (`key=value,…`, values percent-encoded) | — | — |
+//! | timeout | `OTEL_EXPORTER_OTLP_TRACES_TIMEOUT`, `OTEL_EXPORTER_OTLP_TIMEOUT` (ms, per export) | — | 10000 ms |
 //! | sampler | `OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG` | `--trace-sampling` (parent-based ratio) | `parentbased_always_on` |
 //! | batching | `OTEL_BSP_MAX_QUEUE_SIZE`, `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`, `OTEL_BSP_SCHEDULE_DELAY`, `OTEL_BSP_EXPORT_TIMEOUT` | — | 2048, 512, 5000 ms, 30000 ms |
 //! | resource | `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES` | — | `service.name` from the pod's `app.kubernetes.io/name` or `app` label, else its name; `k8s.pod.name`, `k8s.namespace.name` |
@@ -48,14 +50,18 @@ impl std::fmt::Display for Protocol {
 /// Everything the tracer and its exporter are built from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TraceConfig {
-    /// Where to send spans. None: the pod's environment names it and the exporter reads it
-    /// there (the specification's rules: `/v1/traces` appended to the generic HTTP endpoint).
-    pub endpoint: Option<String>,
+    /// Where to send spans: for OTLP/HTTP the URL to `POST` to, for OTLP/gRPC the server's
+    /// `http://host:port`.
+    pub endpoint: String,
     pub protocol: Protocol,
+    /// Sent with every export (e.g. a vendor's API key).
+    pub headers: Vec<(String, String)>,
     pub sampler: Sampler,
     pub queue_size: usize,
     pub batch_size: usize,
     pub schedule_delay: Duration,
+    /// The longest one export may take (connect included): the smaller of the exporter's
+    /// timeout and the batch processor's.
     pub export_timeout: Duration,
     /// Resource attributes (`service.name` first).
     pub resource: Vec<(String, String)>,
@@ -64,13 +70,14 @@ pub struct TraceConfig {
 impl Default for TraceConfig {
     fn default() -> Self {
         TraceConfig {
-            endpoint: None,
+            endpoint: String::new(),
             protocol: Protocol::default(),
+            headers: Vec::new(),
             sampler: Sampler::default(),
             queue_size: 2048,
             batch_size: 512,
             schedule_delay: Duration::from_millis(5000),
-            export_timeout: Duration::from_millis(30_000),
+            export_timeout: Duration::from_millis(10_000),
             resource: Vec::new(),
         }
     }
@@ -114,18 +121,20 @@ pub fn resolve(
             "OTEL_TRACES_EXPORTER={other:?}: only otlp (or none) is supported; using otlp"
         )),
     }
-    let env_endpoint = env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some()
-        || env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some();
-    let mesh_endpoint = mesh.map(|m| m.endpoint.trim()).filter(|e| !e.is_empty());
-    let endpoint = match (env_endpoint, mesh_endpoint) {
-        (true, _) => None,
-        (false, Some(e)) => Some(e.to_string()),
-        (false, None) => return (None, warnings),
+    let mesh_endpoint = mesh
+        .map(|m| m.endpoint.trim().to_string())
+        .filter(|e| !e.is_empty());
+    // The signal's own endpoint is a whole URL; the generic one (and control's) a base.
+    let (endpoint, base) = match (
+        env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+        env("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        mesh_endpoint,
+    ) {
+        (Some(e), _, _) => (e, false),
+        (None, Some(e), _) | (None, None, Some(e)) => (e, true),
+        (None, None, None) => return (None, warnings),
     };
-    let mut cfg = TraceConfig {
-        endpoint,
-        ..TraceConfig::default()
-    };
+    let mut cfg = TraceConfig::default();
 
     let protocol = env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
         .or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL"))
@@ -165,15 +174,63 @@ pub fn resolve(
     };
     let (mut queue, mut batch) = (cfg.queue_size as u64, cfg.batch_size as u64);
     let mut delay = cfg.schedule_delay.as_millis() as u64;
-    let mut timeout = cfg.export_timeout.as_millis() as u64;
+    let mut timeout = 30_000u64;
     number("OTEL_BSP_MAX_QUEUE_SIZE", 1, &mut queue);
     number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 1, &mut batch);
     number("OTEL_BSP_SCHEDULE_DELAY", 1, &mut delay);
     number("OTEL_BSP_EXPORT_TIMEOUT", 1, &mut timeout);
+    let mut otlp_timeout = 10_000;
+    if env("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT").is_some() {
+        number("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", 1, &mut otlp_timeout);
+    } else {
+        number("OTEL_EXPORTER_OTLP_TIMEOUT", 1, &mut otlp_timeout);
+    }
     cfg.queue_size = queue as usize;
     cfg.batch_size = batch.min(queue) as usize;
     cfg.schedule_delay = Duration::from_millis(delay);
-    cfg.export_timeout = Duration::from_millis(timeout);
+    cfg.export_timeout = Duration::from_millis(timeout.min(otlp_timeout));
+
+    let endpoint = endpoint.trim();
+    let endpoint = if endpoint.contains("://") {
+        endpoint.to_string()
+    } else {
+        format!("http://{endpoint}")
+    };
+    cfg.endpoint = if base && cfg.protocol == Protocol::HttpProtobuf {
+        super::export::http_traces_url(&endpoint)
+    } else {
+        endpoint
+    };
+    let headers = env("OTEL_EXPORTER_OTLP_TRACES_HEADERS")
+        .map(|h| ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", h))
+        .or_else(|| env("OTEL_EXPORTER_OTLP_HEADERS").map(|h| ("OTEL_EXPORTER_OTLP_HEADERS", h)));
+    if let Some((name, h)) = headers {
+        for item in h.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let pair = item
+                .split_once('=')
+                .map(|(k, v)| (k.trim().to_ascii_lowercase(), percent_decode(v.trim())))
+                .filter(|(k, v)| {
+                    http::HeaderName::from_bytes(k.as_bytes()).is_ok()
+                        && http::HeaderValue::from_str(v).is_ok()
+                });
+            match pair {
+                Some(kv) => cfg.headers.push(kv),
+                None => warnings.push(format!(
+                    "{name}: {item:?} is not key=value with a valid header name and value; ignored"
+                )),
+            }
+        }
+    }
+    match env("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION")
+        .or_else(|| env("OTEL_EXPORTER_OTLP_COMPRESSION"))
+        .as_deref()
+        .map(str::trim)
+    {
+        None | Some("none") => {}
+        Some(other) => warnings.push(format!(
+            "OTEL_EXPORTER_OTLP_COMPRESSION={other:?}: not supported; spans are sent uncompressed"
+        )),
+    }
 
     cfg.resource = resource(
         env("OTEL_SERVICE_NAME"),
@@ -296,8 +353,9 @@ mod tests {
         );
         let c = c.expect("on");
         assert!(warn.is_empty(), "{warn:?}");
-        // The exporter reads the environment's endpoint itself.
-        assert_eq!(c.endpoint, None);
+        // The generic endpoint is a base: OTLP/HTTP posts to its traces path.
+        assert_eq!(c.endpoint, "http://collector:4318/v1/traces");
+        assert_eq!(c.export_timeout, Duration::from_secs(10));
         assert_eq!(c.protocol, Protocol::HttpProtobuf);
         assert_eq!(c.sampler, Sampler::ParentBased(Root::AlwaysOn));
         assert_eq!(c.resource[0], ("service.name".into(), "web".into()));
@@ -307,10 +365,7 @@ mod tests {
             sampling: Some(0.01),
         };
         let c = resolve(&env(&[]), Some(&mesh), &w).0.expect("on");
-        assert_eq!(
-            c.endpoint.as_deref(),
-            Some("http://otel.observability:4317")
-        );
+        assert_eq!(c.endpoint, "http://otel.observability:4317");
         assert_eq!(c.protocol, Protocol::Grpc);
         assert_eq!(c.sampler, Sampler::ParentBased(Root::Ratio(0.01)));
         // The pod's own settings win over control's.
@@ -328,7 +383,7 @@ mod tests {
         )
         .0
         .expect("on");
-        assert_eq!(c.endpoint, None);
+        assert_eq!(c.endpoint, "http://mine:4318/v1/traces");
         assert_eq!(c.sampler, Sampler::AlwaysOn);
         assert_eq!(c.protocol, Protocol::HttpProtobuf);
         // And the pod can turn it off.
@@ -340,6 +395,68 @@ mod tests {
             resolve(&env(&[("OTEL_TRACES_EXPORTER", "none")]), Some(&mesh), &w).0,
             None
         );
+    }
+
+    #[test]
+    fn endpoint_headers_and_timeout_follow_the_specification() {
+        let w = workload();
+        let c = resolve(
+            &env(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector.obs:4317"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+                ("OTEL_EXPORTER_OTLP_HEADERS", "api-key=s%3Dcret, X-Team=pay"),
+                ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
+            ]),
+            None,
+            &w,
+        )
+        .0
+        .expect("on");
+        // gRPC: the base as it is (a scheme added when missing); no path appended.
+        assert_eq!(c.endpoint, "http://collector.obs:4317");
+        assert_eq!(
+            c.headers,
+            vec![
+                ("api-key".to_string(), "s=cret".to_string()),
+                ("x-team".to_string(), "pay".to_string())
+            ]
+        );
+        assert_eq!(c.export_timeout, Duration::from_millis(2500));
+        // The signal's own variables win; its endpoint is a whole URL.
+        let c = resolve(
+            &env(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://generic:4318"),
+                (
+                    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                    "http://traces:4318/custom",
+                ),
+                ("OTEL_EXPORTER_OTLP_HEADERS", "a=1"),
+                ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "b=2"),
+                ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "60000"),
+            ]),
+            None,
+            &w,
+        )
+        .0
+        .expect("on");
+        assert_eq!(c.endpoint, "http://traces:4318/custom");
+        assert_eq!(c.headers, vec![("b".to_string(), "2".to_string())]);
+        // Bounded by the batch processor's export timeout (30 s).
+        assert_eq!(c.export_timeout, Duration::from_secs(30));
+        let (c, warn) = resolve(
+            &env(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+                ("OTEL_EXPORTER_OTLP_HEADERS", "novalue,ok=1"),
+                ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+            ]),
+            None,
+            &w,
+        );
+        assert_eq!(
+            c.expect("on").headers,
+            vec![("ok".to_string(), "1".to_string())]
+        );
+        assert_eq!(warn.len(), 2, "{warn:?}");
     }
 
     #[test]

@@ -1,36 +1,39 @@
 //! The queue between the request path and the collector: spans are batched (up to
-//! `batch_size`, or every `schedule_delay`) and handed to `opentelemetry-otlp`'s exporter,
-//! one export at a time, each within `export_timeout`. A batch that fails is dropped and
-//! counted (the exporter does not retry it: the next batch is the one worth sending).
+//! `batch_size`, or every `schedule_delay`), written as one OTLP protobuf request
+//! ([`super::encode`]) and sent — OTLP/gRPC (`TraceService/Export` over HTTP/2, the gRPC
+//! message framing, `grpc-status` read from the trailers) or OTLP/HTTP (`POST` of
+//! `application/x-protobuf` to the traces URL) — one export at a time, each within the
+//! export timeout. A batch that fails is dropped and counted (no retry: the next batch is the
+//! one worth sending).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use opentelemetry::{InstrumentationScope, KeyValue};
-use opentelemetry_otlp::{SpanExporter, WithExportConfig};
-use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::trace::{SpanData, SpanExporter as _};
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, USER_AGENT};
+use http::{Request, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use tokio::sync::mpsc;
 
 use super::config::{Protocol, TraceConfig};
-use super::{TraceStats, Tracer};
+use super::encode::Encoder;
+use super::{SpanRecord, TraceStats, Tracer};
 
-/// Builds the exporter, starts the batching task and returns the tracer that feeds it.
+const GRPC_EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+/// Builds the transport, starts the batching task and returns the tracer that feeds it.
 /// Must be called on the tokio runtime. Fails only on an unusable endpoint.
 pub fn start(cfg: TraceConfig, stats: Arc<TraceStats>) -> Result<Arc<Tracer>, String> {
-    let mut exporter = build(&cfg)?;
-    let resource = Resource::builder_empty()
-        .with_attributes(
-            cfg.resource
-                .iter()
-                .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
-        )
-        .build();
-    exporter.set_resource(&resource);
+    let transport = Transport::new(&cfg)?;
+    let encoder = Encoder::new(&cfg.resource, "wasmesh-proxy", env!("CARGO_PKG_VERSION"));
     let (tx, rx) = mpsc::channel(cfg.queue_size.max(1));
     tokio::spawn(batches(
-        exporter,
+        transport,
+        encoder,
         rx,
         cfg.batch_size.max(1),
         cfg.schedule_delay,
@@ -41,44 +44,140 @@ pub fn start(cfg: TraceConfig, stats: Arc<TraceStats>) -> Result<Arc<Tracer>, St
         sampler: cfg.sampler,
         queue: tx,
         stats,
-        scope: InstrumentationScope::builder("wasmesh-proxy")
-            .with_version(env!("CARGO_PKG_VERSION"))
-            .build(),
         config: cfg,
     }))
 }
 
-fn build(cfg: &TraceConfig) -> Result<SpanExporter, String> {
-    let built = match cfg.protocol {
-        Protocol::Grpc => {
-            let mut b = SpanExporter::builder()
-                .with_tonic()
-                .with_timeout(cfg.export_timeout);
-            if let Some(e) = &cfg.endpoint {
-                b = b.with_endpoint(e.clone());
+/// Where and how a batch goes.
+struct Transport {
+    client: Client<HttpConnector, Full<Bytes>>,
+    uri: Uri,
+    grpc: bool,
+    headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Transport {
+    fn new(cfg: &TraceConfig) -> Result<Transport, String> {
+        let grpc = cfg.protocol == Protocol::Grpc;
+        let unusable = |why: &str| {
+            format!(
+                "cannot export spans to {:?} ({}): {why}",
+                cfg.endpoint, cfg.protocol
+            )
+        };
+        let uri: Uri = cfg
+            .endpoint
+            .parse()
+            .map_err(|e| unusable(&format!("not a URL: {e}")))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => {
+                return Err(unusable(
+                    "TLS to the collector is not supported; send to a collector in the \
+                     cluster (or on the node) over http://",
+                ));
             }
-            b.build()
+            _ => return Err(unusable("want http://host:port")),
         }
-        Protocol::HttpProtobuf => {
-            let mut b = SpanExporter::builder()
-                .with_http()
-                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                .with_timeout(cfg.export_timeout);
-            if let Some(e) = &cfg.endpoint {
-                b = b.with_endpoint(http_traces_url(e));
+        let Some(authority) = uri.authority().cloned() else {
+            return Err(unusable("no host"));
+        };
+        let uri = if grpc {
+            // gRPC names the method in the path; an endpoint's own path is not used.
+            Uri::builder()
+                .scheme("http")
+                .authority(authority)
+                .path_and_query(GRPC_EXPORT)
+                .build()
+                .map_err(|e| unusable(&e.to_string()))?
+        } else {
+            uri
+        };
+        let mut headers = Vec::with_capacity(cfg.headers.len());
+        for (k, v) in &cfg.headers {
+            let name = HeaderName::from_bytes(k.as_bytes())
+                .map_err(|_| unusable(&format!("header name {k:?} is not valid")))?;
+            let value = HeaderValue::from_str(v)
+                .map_err(|_| unusable(&format!("header {k}: value is not valid")))?;
+            headers.push((name, value));
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(cfg.export_timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .http2_only(grpc)
+            .build(connector);
+        Ok(Transport {
+            client,
+            uri,
+            grpc,
+            headers,
+        })
+    }
+
+    /// Sends one encoded request; Ok once the collector accepted it.
+    async fn send(&self, body: Bytes) -> Result<(), String> {
+        let content_type = if self.grpc {
+            "application/grpc"
+        } else {
+            "application/x-protobuf"
+        };
+        let mut req = Request::post(self.uri.clone())
+            .header(CONTENT_TYPE, content_type)
+            .header(
+                USER_AGENT,
+                concat!("wasmesh-proxy/", env!("CARGO_PKG_VERSION")),
+            )
+            .body(Full::new(body))
+            .map_err(|e| e.to_string())?;
+        if self.grpc {
+            req.headers_mut()
+                .insert(http::header::TE, HeaderValue::from_static("trailers"));
+        }
+        for (k, v) in &self.headers {
+            req.headers_mut().append(k.clone(), v.clone());
+        }
+        let resp = self.client.request(req).await.map_err(|e| {
+            let mut msg = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                msg = format!("{msg}: {s}");
+                source = s.source();
             }
-            b.build()
+            msg
+        })?;
+        let status = resp.status();
+        let head_grpc = grpc_status(resp.headers());
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("reading the answer: {e}"))?;
+        if !status.is_success() {
+            let text = body.to_bytes();
+            let text = String::from_utf8_lossy(&text[..text.len().min(200)]).into_owned();
+            return Err(format!("HTTP {status}: {}", text.trim()));
         }
-    };
-    built.map_err(|e| {
-        format!(
-            "cannot export spans to {} ({}): {e}",
-            cfg.endpoint
-                .as_deref()
-                .unwrap_or("the OTEL_EXPORTER_OTLP_* endpoint"),
-            cfg.protocol
-        )
-    })
+        if !self.grpc {
+            return Ok(());
+        }
+        // A trailers-only answer carries the status in its headers.
+        match head_grpc.or_else(|| body.trailers().and_then(grpc_status)) {
+            Some((0, _)) => Ok(()),
+            Some((code, message)) => Err(format!("gRPC status {code}: {message}")),
+            None => Err("the answer has no grpc-status".into()),
+        }
+    }
+}
+
+fn grpc_status(h: &http::HeaderMap) -> Option<(u32, String)> {
+    let code = h.get("grpc-status")?.to_str().ok()?.trim().parse().ok()?;
+    let message = h
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    Some((code, message))
 }
 
 /// A base URL (`http://collector:4318`) gets the traces path, as the specification says for
@@ -93,14 +192,15 @@ pub fn http_traces_url(endpoint: &str) -> String {
 }
 
 async fn batches(
-    exporter: SpanExporter,
-    mut rx: mpsc::Receiver<SpanData>,
+    transport: Transport,
+    mut encoder: Encoder,
+    mut rx: mpsc::Receiver<SpanRecord>,
     batch_size: usize,
     delay: Duration,
     timeout: Duration,
     stats: Arc<TraceStats>,
 ) {
-    let mut batch: Vec<SpanData> = Vec::with_capacity(batch_size);
+    let mut batch: Vec<SpanRecord> = Vec::with_capacity(batch_size);
     let mut last_warning: Option<Instant> = None;
     loop {
         let deadline = tokio::time::Instant::now() + delay;
@@ -118,11 +218,13 @@ async fn batches(
         }
         if !batch.is_empty() {
             let n = batch.len() as u64;
-            let spans = std::mem::replace(&mut batch, Vec::with_capacity(batch_size));
-            let outcome = tokio::time::timeout(timeout, exporter.export(spans)).await;
+            let body = encoder.request(&batch, transport.grpc);
+            // The records are written out; their memory goes back before the network wait.
+            batch.clear();
+            let outcome = tokio::time::timeout(timeout, transport.send(body)).await;
             let error = match outcome {
                 Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e.to_string()),
+                Ok(Err(e)) => Some(e),
                 Err(_) => Some(format!("no answer within {timeout:?}")),
             };
             match error {
@@ -135,7 +237,7 @@ async fn batches(
                     // Once a minute at most: a collector that is down must not flood the log.
                     if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
                         last_warning = Some(Instant::now());
-                        tracing::warn!(spans = n, error = %e, "tracing: cannot export spans; dropped (counted in wasmesh_tracing_spans_dropped_total)");
+                        tracing::warn!(spans = n, endpoint = %transport.uri, error = %e, "tracing: cannot export spans; dropped (counted in wasmesh_tracing_spans_dropped_total)");
                     }
                 }
             }

@@ -5,35 +5,37 @@
 //! and the next hop gets a `traceparent` whose parent is our span — the app's spans, both
 //! sidecars' and the next service's form one trace.
 //!
-//! Recording costs little on the request path: a sampled span is plain data (the SDK's
-//! `SpanData`) built when the request ends and handed to a bounded queue with `try_send`.
-//! A task batches the queue and exports it with `opentelemetry-otlp` (OTLP gRPC or
-//! HTTP/protobuf). When the collector is slow or down the queue fills and spans are dropped
-//! and counted: traffic never waits for the collector.
+//! Recording costs little on the request path. An unsampled span is a few ids on the stack
+//! (no allocation but the `traceparent` value the next hop needs). A sampled span is a
+//! [`SpanRecord`]: static keys, values that are mostly static strings, shared names or numbers
+//! (an address is kept as an address and only written out at export), handed to a bounded
+//! queue with `try_send` when the request ends. A task batches the queue, writes each batch
+//! straight into an OTLP protobuf request ([`encode`]; no intermediate message types) and
+//! sends it over OTLP/gRPC or OTLP/HTTP ([`export`]). When the collector is slow or down the
+//! queue fills and spans are dropped and counted: traffic never waits for the collector.
 //!
 //! - [`propagation`]: reading and writing the context headers;
-//! - [`sampler`]: the SDK's samplers (`OTEL_TRACES_SAMPLER`);
+//! - [`sampler`]: the specification's samplers (`OTEL_TRACES_SAMPLER`);
 //! - [`config`]: what the environment (`OTEL_*`) and control (mesh-wide) say, merged;
-//! - [`export`]: the queue, the batching task and the exporter.
+//! - [`encode`]: spans into `ExportTraceServiceRequest` bytes;
+//! - [`export`]: the queue, the batching task and the two transports.
 //!
 //! See `docs/observability.md`.
 
 pub mod config;
+pub mod encode;
 pub mod export;
 pub mod propagation;
 pub mod sampler;
 
 use std::borrow::Cow;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
-use http::HeaderMap;
-use opentelemetry::trace::{
-    SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
-};
-use opentelemetry::{InstrumentationScope, KeyValue, Value};
-use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
+use http::{HeaderMap, HeaderValue};
+use opentelemetry::trace::{SpanId, SpanKind, TraceFlags, TraceId};
 use tokio::sync::mpsc;
 
 pub use config::TraceConfig;
@@ -60,9 +62,8 @@ pub struct TraceStats {
 #[derive(Debug)]
 pub struct Tracer {
     sampler: Sampler,
-    queue: mpsc::Sender<SpanData>,
+    queue: mpsc::Sender<SpanRecord>,
     stats: Arc<TraceStats>,
-    scope: InstrumentationScope,
     /// What it was built from (to tell whether control's update changes anything).
     pub config: TraceConfig,
 }
@@ -79,111 +80,187 @@ impl Tracer {
         let sampled = self
             .sampler
             .sample(trace_id, parent.as_ref().and_then(|p| p.sampled));
-        let trace_state = if sampled {
-            headers
-                .get(&propagation::TRACESTATE)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|s| s.parse::<TraceState>().ok())
-                .unwrap_or_default()
-        } else {
-            TraceState::NONE
-        };
+        let span_id = SpanId::from(rand::random::<u64>().max(1));
+        let parent_format = parent.as_ref().map(|p: &Parent| p.format);
+        let record = sampled.then(|| {
+            Box::new(Recording {
+                tracer: self.clone(),
+                record: SpanRecord {
+                    trace_id,
+                    span_id,
+                    parent_span,
+                    // Passed through as the caller wrote it; the collector reads it.
+                    trace_state: headers.get(&propagation::TRACESTATE).cloned(),
+                    kind: kind.clone(),
+                    start: SystemTime::now(),
+                    end: SystemTime::UNIX_EPOCH,
+                    name: Cow::Borrowed("HTTP"),
+                    attributes: Vec::with_capacity(16),
+                    events: Vec::new(),
+                    status: Status::Unset,
+                },
+            })
+        });
         Span {
-            tracer: self.clone(),
             trace_id,
-            span_id: SpanId::from(rand::random::<u64>().max(1)),
-            parent_span,
-            parent_format: parent.as_ref().map(|p: &Parent| p.format),
-            trace_state,
-            sampled,
-            kind,
-            start: SystemTime::now(),
-            name: None,
-            attributes: if sampled {
-                Vec::with_capacity(16)
-            } else {
-                Vec::new()
-            },
-            events: Vec::new(),
+            span_id,
+            parent_format,
+            record,
         }
     }
 
     pub fn stats(&self) -> &Arc<TraceStats> {
         &self.stats
     }
+
+    fn queue(&self, record: SpanRecord) {
+        self.stats.spans.fetch_add(1, Ordering::Relaxed);
+        if self.queue.try_send(record).is_err() {
+            self.stats
+                .dropped_queue_full
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// An attribute's value, kept in the cheapest form the request path has it in; written out as
+/// an OTLP `AnyValue` at export.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttrValue {
+    Str(Cow<'static, str>),
+    Shared(Arc<str>),
+    Int(i64),
+    /// Written as its text form (`network.peer.address`, `client.address`).
+    Ip(IpAddr),
+}
+
+impl From<&'static str> for AttrValue {
+    fn from(s: &'static str) -> Self {
+        AttrValue::Str(Cow::Borrowed(s))
+    }
+}
+impl From<String> for AttrValue {
+    fn from(s: String) -> Self {
+        AttrValue::Str(Cow::Owned(s))
+    }
+}
+impl From<Arc<str>> for AttrValue {
+    fn from(s: Arc<str>) -> Self {
+        AttrValue::Shared(s)
+    }
+}
+impl From<i64> for AttrValue {
+    fn from(n: i64) -> Self {
+        AttrValue::Int(n)
+    }
+}
+impl From<IpAddr> for AttrValue {
+    fn from(ip: IpAddr) -> Self {
+        AttrValue::Ip(ip)
+    }
+}
+
+/// A span's status (OTLP `Status`): unset, or an error with a description.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Unset,
+    Error(&'static str),
+}
+
+/// A timed event inside a span (e.g. a Wasm filter's verdict).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub name: &'static str,
+    pub time: SystemTime,
+    pub attributes: Vec<(&'static str, AttrValue)>,
+}
+
+/// A sampled span as it is queued for export.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpanRecord {
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
+    /// The caller's span (a remote parent), if the request carried one.
+    pub parent_span: Option<SpanId>,
+    pub trace_state: Option<HeaderValue>,
+    pub kind: SpanKind,
+    pub start: SystemTime,
+    pub end: SystemTime,
+    pub name: Cow<'static, str>,
+    pub attributes: Vec<(&'static str, AttrValue)>,
+    pub events: Vec<Event>,
+    pub status: Status,
+}
+
+#[derive(Debug)]
+struct Recording {
+    tracer: Arc<Tracer>,
+    record: SpanRecord,
 }
 
 /// One request's span while it is in flight. Ended with [`Span::end`]; dropped without it
-/// (the request future was cancelled) it is still recorded, with no status code.
+/// (the request future was cancelled) a sampled span is still recorded, with no status code.
 #[derive(Debug)]
 pub struct Span {
-    tracer: Arc<Tracer>,
     pub trace_id: TraceId,
     pub span_id: SpanId,
-    parent_span: Option<SpanId>,
     parent_format: Option<Format>,
-    trace_state: TraceState,
-    sampled: bool,
-    kind: SpanKind,
-    start: SystemTime,
-    name: Option<Cow<'static, str>>,
-    attributes: Vec<KeyValue>,
-    events: Vec<opentelemetry::trace::Event>,
+    /// Some while a sampled span records (boxed: an unsampled span stays a few words).
+    record: Option<Box<Recording>>,
 }
 
 impl Span {
     pub fn is_sampled(&self) -> bool {
-        self.sampled
+        self.record.is_some()
     }
 
     /// Sets an attribute (a no-op when the span is not recorded).
-    pub fn set(&mut self, key: &'static str, value: impl Into<Value>) {
-        if self.sampled {
-            self.attributes.push(KeyValue::new(key, value));
+    pub fn set(&mut self, key: &'static str, value: impl Into<AttrValue>) {
+        if let Some(r) = self.record.as_mut() {
+            r.record.attributes.push((key, value.into()));
         }
     }
 
     /// Sets an attribute, replacing an earlier value of the same key.
-    pub fn put(&mut self, key: &'static str, value: impl Into<Value>) {
-        if !self.sampled {
+    pub fn put(&mut self, key: &'static str, value: impl Into<AttrValue>) {
+        let Some(r) = self.record.as_mut() else {
             return;
-        }
+        };
         let value = value.into();
-        match self.attributes.iter_mut().find(|kv| kv.key.as_str() == key) {
-            Some(kv) => kv.value = value,
-            None => self.attributes.push(KeyValue::new(key, value)),
+        match r.record.attributes.iter_mut().find(|(k, _)| *k == key) {
+            Some(kv) => kv.1 = value,
+            None => r.record.attributes.push((key, value)),
         }
     }
 
     /// Sets an attribute whose value is costly to build only when the span is recorded.
-    pub fn set_with<V: Into<Value>>(&mut self, key: &'static str, value: impl FnOnce() -> V) {
-        if self.sampled {
-            self.attributes.push(KeyValue::new(key, value()));
+    pub fn set_with<V: Into<AttrValue>>(&mut self, key: &'static str, value: impl FnOnce() -> V) {
+        if let Some(r) = self.record.as_mut() {
+            r.record.attributes.push((key, value().into()));
         }
     }
 
     /// The span's name (semantic conventions: `{method} {http.route}`, or `{method}`).
     pub fn name(&mut self, name: impl Into<Cow<'static, str>>) {
-        if self.sampled {
-            self.name = Some(name.into());
+        if let Some(r) = self.record.as_mut() {
+            r.record.name = name.into();
         }
     }
 
     /// Adds an event (e.g. a Wasm filter's outcome).
-    pub fn event(&mut self, name: &'static str, attributes: Vec<KeyValue>) {
-        if self.sampled {
-            self.events.push(opentelemetry::trace::Event::new(
+    pub fn event(&mut self, name: &'static str, attributes: Vec<(&'static str, AttrValue)>) {
+        if let Some(r) = self.record.as_mut() {
+            r.record.events.push(Event {
                 name,
-                SystemTime::now(),
+                time: SystemTime::now(),
                 attributes,
-                0,
-            ));
+            });
         }
     }
 
     /// Writes the context the next hop continues (our span as its parent) into `headers`.
     pub fn inject(&self, headers: &mut HeaderMap) {
-        let flags = if self.sampled {
+        let flags = if self.is_sampled() {
             TraceFlags::SAMPLED
         } else {
             TraceFlags::default()
@@ -199,111 +276,73 @@ impl Span {
 
     /// The W3C trace id (for access logs).
     pub fn trace_id_hex(&self) -> String {
-        self.trace_id.to_string()
+        let mut hex = [0u8; 32];
+        propagation::hex_into(&mut hex, &self.trace_id.to_bytes());
+        String::from_utf8_lossy(&hex).into_owned()
     }
 
     /// Ends the span with the response's status code (None: no response, e.g. a reset);
     /// `error` names what went wrong when the proxy answered itself.
     pub fn end(mut self, status: Option<u16>, error: Option<&'static str>) {
-        if !self.sampled {
+        let Some(mut r) = self.record.take() else {
             return;
-        }
-        let status_code = match status {
+        };
+        let record = &mut r.record;
+        record.status = match status {
             Some(s) => {
-                self.attributes
-                    .push(KeyValue::new("http.response.status_code", i64::from(s)));
+                record
+                    .attributes
+                    .push(("http.response.status_code", AttrValue::Int(i64::from(s))));
                 // Client spans: 4xx and 5xx are errors; server spans: only 5xx.
-                let limit = if self.kind == SpanKind::Client {
+                let limit = if record.kind == SpanKind::Client {
                     400
                 } else {
                     500
                 };
                 if s >= limit {
-                    Status::Error {
-                        description: Cow::Borrowed(""),
-                    }
+                    Status::Error("")
                 } else {
                     Status::Unset
                 }
             }
-            None => Status::Error {
-                description: Cow::Borrowed("no response"),
-            },
+            None => Status::Error("no response"),
         };
-        let status_code = match error {
-            Some(e) => {
-                self.attributes.push(KeyValue::new("error.type", e));
-                Status::Error {
-                    description: Cow::Borrowed(e),
-                }
-            }
-            None => status_code,
-        };
-        self.finish(status_code);
-    }
-
-    fn finish(&mut self, status: Status) {
-        self.sampled = false;
-        let tracer = &self.tracer;
-        let data = SpanData {
-            span_context: SpanContext::new(
-                self.trace_id,
-                self.span_id,
-                TraceFlags::SAMPLED,
-                false,
-                std::mem::take(&mut self.trace_state),
-            ),
-            parent_span_id: self.parent_span.unwrap_or(SpanId::INVALID),
-            parent_span_is_remote: self.parent_span.is_some(),
-            span_kind: self.kind.clone(),
-            name: self.name.take().unwrap_or(Cow::Borrowed("HTTP")),
-            start_time: self.start,
-            end_time: SystemTime::now(),
-            attributes: std::mem::take(&mut self.attributes),
-            dropped_attributes_count: 0,
-            events: events(std::mem::take(&mut self.events)),
-            links: SpanLinks::default(),
-            status,
-            instrumentation_scope: tracer.scope.clone(),
-        };
-        tracer.stats.spans.fetch_add(1, Ordering::Relaxed);
-        if tracer.queue.try_send(data).is_err() {
-            tracer
-                .stats
-                .dropped_queue_full
-                .fetch_add(1, Ordering::Relaxed);
+        if let Some(e) = error {
+            record.attributes.push(("error.type", AttrValue::from(e)));
+            record.status = Status::Error(e);
         }
+        r.finish();
+    }
+}
+
+impl Recording {
+    fn finish(self: Box<Self>) {
+        let Recording { tracer, mut record } = *self;
+        record.end = SystemTime::now();
+        tracer.queue(record);
     }
 }
 
 impl Drop for Span {
     fn drop(&mut self) {
-        if self.sampled {
-            self.finish(Status::Error {
-                description: Cow::Borrowed("cancelled"),
-            });
+        if let Some(mut r) = self.record.take() {
+            r.record.status = Status::Error("cancelled");
+            r.finish();
         }
     }
-}
-
-fn events(events: Vec<opentelemetry::trace::Event>) -> SpanEvents {
-    let mut e = SpanEvents::default();
-    e.events = events;
-    e
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn tracer(sampler: Sampler) -> (Arc<Tracer>, mpsc::Receiver<SpanData>) {
+    fn tracer(sampler: Sampler) -> (Arc<Tracer>, mpsc::Receiver<SpanRecord>) {
         let (tx, rx) = mpsc::channel(4);
         (
             Arc::new(Tracer {
                 sampler,
                 queue: tx,
                 stats: Arc::default(),
-                scope: InstrumentationScope::builder("wasmesh-proxy").build(),
                 config: TraceConfig::default(),
             }),
             rx,
@@ -332,12 +371,17 @@ mod tests {
         assert_eq!(sent.span_id, span.span_id);
         span.end(Some(503), None);
         let d = rx.try_recv().expect("queued");
-        assert_eq!(d.parent_span_id.to_string(), "00f067aa0ba902b7");
-        assert!(d.parent_span_is_remote);
-        assert!(matches!(d.status, Status::Error { .. }));
-        assert!(d.attributes.iter().any(
-            |kv| kv.key.as_str() == "http.response.status_code" && kv.value == Value::I64(503)
-        ));
+        assert_eq!(
+            d.parent_span.map(|p| p.to_string()).as_deref(),
+            Some("00f067aa0ba902b7")
+        );
+        assert_eq!(d.status, Status::Error(""));
+        assert!(
+            d.attributes
+                .iter()
+                .any(|(k, v)| *k == "http.response.status_code" && *v == AttrValue::Int(503))
+        );
+        assert!(d.end >= d.start);
     }
 
     #[test]
@@ -354,7 +398,11 @@ mod tests {
         assert!(!span.is_sampled());
         let mut out = HeaderMap::new();
         span.inject(&mut out);
-        assert!(out["traceparent"].to_str().expect("ascii").ends_with("-00"));
+        assert_eq!(
+            out["traceparent"].to_str().expect("ascii"),
+            format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{}-00", span.span_id)
+        );
+        assert_eq!(span.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
         span.end(Some(200), None);
         assert!(rx.try_recv().is_err());
         // A new trace each; the queue holds 4.
@@ -365,7 +413,6 @@ mod tests {
         assert_eq!(t.stats.spans.load(Ordering::Relaxed), 6);
         assert_eq!(t.stats.dropped_queue_full.load(Ordering::Relaxed), 2);
         let d = rx.try_recv().expect("queued");
-        assert_eq!(d.parent_span_id, SpanId::INVALID);
-        assert!(!d.parent_span_is_remote);
+        assert_eq!(d.parent_span, None);
     }
 }

@@ -142,6 +142,15 @@ fn hex_span_id(s: &str) -> Option<SpanId> {
     (id != SpanId::INVALID).then_some(id)
 }
 
+/// Lower-case hex of `bytes` into `out` (twice as long).
+pub(crate) fn hex_into(out: &mut [u8], bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (o, b) in out.chunks_exact_mut(2).zip(bytes) {
+        o[0] = HEX[usize::from(b >> 4)];
+        o[1] = HEX[usize::from(b & 0x0f)];
+    }
+}
+
 fn is_lower_hex(s: &str) -> bool {
     s.bytes()
         .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
@@ -157,11 +166,14 @@ pub fn inject(
     incoming: Option<Format>,
 ) {
     let sampled = flags.is_sampled();
-    let tp = format!(
-        "00-{trace_id}-{span_id}-{}",
-        if sampled { "01" } else { "00" }
-    );
-    if let Ok(mut v) = HeaderValue::from_str(&tp) {
+    // `00-` 32 hex `-` 16 hex `-` 2 hex: formatted on the stack, one copy into the value.
+    let mut tp = [0u8; 55];
+    tp[..3].copy_from_slice(b"00-");
+    hex_into(&mut tp[3..35], &trace_id.to_bytes());
+    tp[35] = b'-';
+    hex_into(&mut tp[36..52], &span_id.to_bytes());
+    tp[52..].copy_from_slice(if sampled { b"-01" } else { b"-00" });
+    if let Ok(mut v) = HeaderValue::from_bytes(&tp) {
         // Unique per request: over HTTP/2 it must not enter the HPACK dynamic table, where
         // each new value would evict entries the next requests' headers could have used.
         v.set_sensitive(true);
