@@ -205,10 +205,7 @@ impl Outbound {
         if let Some(s) = span.as_mut()
             && s.is_sampled()
         {
-            s.set(
-                "wasmesh.destination.service",
-                format!("{}/{}", sp.namespace, sp.service),
-            );
+            s.set("wasmesh.destination.service", sp.label.clone());
             s.set(
                 "server.address",
                 format!("{}.{}.svc", sp.service, sp.namespace),
