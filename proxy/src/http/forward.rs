@@ -608,8 +608,6 @@ impl Outbound {
     }
 }
 
-/// An HTTP/1.1 request made fit for HTTP/2 to a meshed endpoint: the Host header becomes the
-/// `:authority`, and the inbound sidecar is told the app speaks HTTP/1.1.
 /// `GET`, `POST`, …: the span name when no route names the request (semantic conventions:
 /// `{method}`, `HTTP` for methods outside the standard set).
 pub(super) fn method_name(m: &http::Method) -> &'static str {
@@ -668,6 +666,8 @@ pub(super) fn filter_event(span: &mut Option<Span>, side: &'static str, verdict:
     }
 }
 
+/// An HTTP/1.1 request made fit for HTTP/2 to a meshed endpoint: the Host header becomes the
+/// `:authority`, and the inbound sidecar is told the app speaks HTTP/1.1.
 fn over_mesh_h2(req: &mut Request<Body>) {
     let host = req
         .headers_mut()
