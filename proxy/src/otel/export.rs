@@ -17,11 +17,10 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use tokio::sync::mpsc;
 
 use super::config::{Protocol, TraceConfig};
 use super::encode::Encoder;
-use super::{SpanRecord, TraceStats, Tracer};
+use super::{SpanQueue, SpanRecord, TraceStats, Tracer};
 
 const GRPC_EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
@@ -30,19 +29,18 @@ const GRPC_EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/
 pub fn start(cfg: TraceConfig, stats: Arc<TraceStats>) -> Result<Arc<Tracer>, String> {
     let transport = Transport::new(&cfg)?;
     let encoder = Encoder::new(&cfg.resource, "wasmesh-proxy", env!("CARGO_PKG_VERSION"));
-    let (tx, rx) = mpsc::channel(cfg.queue_size.max(1));
+    let queue = Arc::new(SpanQueue::new(cfg.queue_size, cfg.batch_size));
     tokio::spawn(batches(
         transport,
         encoder,
-        rx,
-        cfg.batch_size.max(1),
+        queue.clone(),
         cfg.schedule_delay,
         cfg.export_timeout,
         stats.clone(),
     ));
     Ok(Arc::new(Tracer {
         sampler: cfg.sampler,
-        queue: tx,
+        queue,
         stats,
         config: cfg,
     }))
@@ -194,28 +192,17 @@ pub fn http_traces_url(endpoint: &str) -> String {
 async fn batches(
     transport: Transport,
     mut encoder: Encoder,
-    mut rx: mpsc::Receiver<SpanRecord>,
-    batch_size: usize,
+    queue: Arc<SpanQueue>,
     delay: Duration,
     timeout: Duration,
     stats: Arc<TraceStats>,
 ) {
-    let mut batch: Vec<SpanRecord> = Vec::with_capacity(batch_size);
+    let mut batch: Vec<SpanRecord> = Vec::with_capacity(queue.batch_size());
     let mut last_warning: Option<Instant> = None;
     loop {
-        let deadline = tokio::time::Instant::now() + delay;
-        let mut closed = false;
-        while batch.len() < batch_size {
-            let room = batch_size - batch.len();
-            match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)).await {
-                Ok(0) => {
-                    closed = true;
-                    break;
-                }
-                Ok(_) => {}
-                Err(_) => break,
-            }
-        }
+        queue.wait(tokio::time::Instant::now() + delay).await;
+        let closed = queue.is_closed();
+        queue.take(&mut batch);
         if !batch.is_empty() {
             let n = batch.len() as u64;
             let body = encoder.request(&batch, transport.grpc);
@@ -242,7 +229,7 @@ async fn batches(
                 }
             }
         }
-        if closed {
+        if closed && queue.is_empty() {
             return;
         }
     }

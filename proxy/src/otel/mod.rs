@@ -8,8 +8,8 @@
 //! Recording costs little on the request path. An unsampled span is a few ids on the stack
 //! (no allocation but the `traceparent` value the next hop needs). A sampled span is a
 //! [`SpanRecord`]: static keys, values that are mostly static strings, shared names or numbers
-//! (an address is kept as an address and only written out at export), handed to a bounded
-//! queue with `try_send` when the request ends. A task batches the queue, writes each batch
+//! (an address is kept as an address and only written out at export), pushed onto a bounded
+//! [`SpanQueue`] when the request ends. A task takes the queue a batch at a time, writes each batch
 //! straight into an OTLP protobuf request ([`encode`]; no intermediate message types) and
 //! sends it over OTLP/gRPC or OTLP/HTTP ([`export`]). When the collector is slow or down the
 //! queue fills and spans are dropped and counted: traffic never waits for the collector.
@@ -30,13 +30,13 @@ pub mod sampler;
 
 use std::borrow::Cow;
 use std::net::IpAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use http::{HeaderMap, HeaderValue};
 use opentelemetry::trace::{SpanId, SpanKind, TraceFlags, TraceId};
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 pub use config::TraceConfig;
 use propagation::{Format, Parent};
@@ -57,12 +57,100 @@ pub struct TraceStats {
     pub export_failures: AtomicU64,
 }
 
+/// The finished spans waiting for export: a buffer behind a mutex held for one push, bounded
+/// (`OTEL_BSP_MAX_QUEUE_SIZE`; beyond it spans are dropped and counted). The export task is
+/// woken only when a batch is full, or by its timer — not once per span, which cost a task
+/// wake-up and poll per span with a channel.
+#[derive(Debug)]
+pub struct SpanQueue {
+    spans: Mutex<Vec<SpanRecord>>,
+    capacity: usize,
+    batch: usize,
+    ready: Notify,
+    closed: AtomicBool,
+}
+
+impl SpanQueue {
+    pub fn new(capacity: usize, batch: usize) -> SpanQueue {
+        let capacity = capacity.max(1);
+        let batch = batch.clamp(1, capacity);
+        SpanQueue {
+            spans: Mutex::new(Vec::with_capacity(batch)),
+            capacity,
+            batch,
+            ready: Notify::new(),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// Queues a span; false (and the span dropped) when the queue is full.
+    fn push(&self, record: SpanRecord) -> bool {
+        let mut q = self.spans.lock().unwrap_or_else(PoisonError::into_inner);
+        if q.len() >= self.capacity {
+            return false;
+        }
+        q.push(record);
+        let full = q.len() == self.batch;
+        drop(q);
+        if full {
+            self.ready.notify_one();
+        }
+        true
+    }
+
+    pub fn len(&self) -> usize {
+        self.spans
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn batch_size(&self) -> usize {
+        self.batch
+    }
+
+    /// Moves up to one batch, oldest first, into `out` (which is empty).
+    pub fn take(&self, out: &mut Vec<SpanRecord>) {
+        let mut q = self.spans.lock().unwrap_or_else(PoisonError::into_inner);
+        if q.len() <= self.batch {
+            // Swapped, not copied: `out`'s allocation becomes the queue's next buffer.
+            std::mem::swap(&mut *q, out);
+        } else {
+            out.extend(q.drain(..self.batch));
+        }
+    }
+
+    /// Waits until a batch is full or `deadline` passes (or the queue is closed).
+    pub async fn wait(&self, deadline: tokio::time::Instant) {
+        while self.len() < self.batch && !self.is_closed() {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => return,
+                _ = self.ready.notified() => {}
+            }
+        }
+    }
+
+    /// No more spans will come (the tracer was replaced); the task drains and ends.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.ready.notify_one();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+}
+
 /// Starts spans and queues the finished ones for export. One per configuration; a new
 /// configuration (from control) starts a new one, and the old one's task drains and ends.
 #[derive(Debug)]
 pub struct Tracer {
     sampler: Sampler,
-    queue: mpsc::Sender<SpanRecord>,
+    queue: Arc<SpanQueue>,
     stats: Arc<TraceStats>,
     /// What it was built from (to tell whether control's update changes anything).
     pub config: TraceConfig,
@@ -115,11 +203,18 @@ impl Tracer {
 
     fn queue(&self, record: SpanRecord) {
         self.stats.spans.fetch_add(1, Ordering::Relaxed);
-        if self.queue.try_send(record).is_err() {
+        if !self.queue.push(record) {
             self.stats
                 .dropped_queue_full
                 .fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        // The last span holding it has ended: nothing more will be queued.
+        self.queue.close();
     }
 }
 
@@ -336,22 +431,33 @@ impl Drop for Span {
 mod tests {
     use super::*;
 
-    fn tracer(sampler: Sampler) -> (Arc<Tracer>, mpsc::Receiver<SpanRecord>) {
-        let (tx, rx) = mpsc::channel(4);
+    fn tracer(sampler: Sampler) -> (Arc<Tracer>, Arc<SpanQueue>) {
+        let q = Arc::new(SpanQueue::new(4, 4));
         (
             Arc::new(Tracer {
                 sampler,
-                queue: tx,
+                queue: q.clone(),
                 stats: Arc::default(),
                 config: TraceConfig::default(),
             }),
-            rx,
+            q,
         )
+    }
+
+    fn next(q: &SpanQueue) -> Option<SpanRecord> {
+        let mut out = Vec::new();
+        q.take(&mut out);
+        let first = out.first().cloned();
+        // Put the rest back, in order, for the next call.
+        for r in out.into_iter().skip(1) {
+            q.push(r);
+        }
+        first
     }
 
     #[test]
     fn a_span_continues_the_callers_trace_and_names_itself_the_next_parent() {
-        let (t, mut rx) = tracer(Sampler::default());
+        let (t, rx) = tracer(Sampler::default());
         let mut h = HeaderMap::new();
         h.insert(
             "traceparent",
@@ -370,7 +476,7 @@ mod tests {
         );
         assert_eq!(sent.span_id, span.span_id);
         span.end(Some(503), None);
-        let d = rx.try_recv().expect("queued");
+        let d = next(&rx).expect("queued");
         assert_eq!(
             d.parent_span.map(|p| p.to_string()).as_deref(),
             Some("00f067aa0ba902b7")
@@ -386,7 +492,7 @@ mod tests {
 
     #[test]
     fn an_unsampled_caller_is_respected_and_a_full_queue_drops_and_counts() {
-        let (t, mut rx) = tracer(Sampler::default());
+        let (t, rx) = tracer(Sampler::default());
         let mut h = HeaderMap::new();
         h.insert(
             "traceparent",
@@ -404,7 +510,7 @@ mod tests {
         );
         assert_eq!(span.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
         span.end(Some(200), None);
-        assert!(rx.try_recv().is_err());
+        assert!(next(&rx).is_none());
         // A new trace each; the queue holds 4.
         for _ in 0..6 {
             t.start(SpanKind::Server, &HeaderMap::new())
@@ -412,7 +518,11 @@ mod tests {
         }
         assert_eq!(t.stats.spans.load(Ordering::Relaxed), 6);
         assert_eq!(t.stats.dropped_queue_full.load(Ordering::Relaxed), 2);
-        let d = rx.try_recv().expect("queued");
+        let d = next(&rx).expect("queued");
         assert_eq!(d.parent_span, None);
+        // Dropping the last handle on the tracer closes its queue (its task drains and ends).
+        assert!(!rx.is_closed());
+        drop(t);
+        assert!(rx.is_closed());
     }
 }
