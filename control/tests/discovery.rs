@@ -718,6 +718,73 @@ spec:
     );
 }
 
+/// A plugin whose module file is not there when control starts is left out, and goes out —
+/// with the module's sha256, the bytes served by GetModule — once the file is written, without
+/// the manifest being touched: inside the folder (in a subfolder made later) and outside it (in
+/// a folder made later). The periodic rescan is far away: the files are noticed as they appear.
+#[tokio::test]
+async fn a_plugin_goes_out_once_its_missing_module_is_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outside = tempfile::tempdir().expect("tempdir");
+    let stats_path = outside.path().join("later/stats.wasm");
+    std::fs::write(dir.path().join("svc.yaml"), svc_yaml("web", "10.244.0.1")).expect("write");
+    let plugins = format!(
+        "apiVersion: wasmesh.io/v1alpha1
+kind: WasmPlugin
+metadata: {{name: auth, namespace: default}}
+spec:
+  url: file://filters/auth.wasm
+---
+apiVersion: wasmesh.io/v1alpha1
+kind: WasmPlugin
+metadata: {{name: stats, namespace: default}}
+spec:
+  url: file://{}
+",
+        stats_path.display()
+    );
+    std::fs::write(dir.path().join("plugins.yaml"), plugins).expect("write");
+    let mut folder = FolderSource::new(dir.path(), Cidr::parse("10.96.0.0/12").expect("cidr"));
+    folder.resync = Duration::from_secs(600);
+    let (l, addr) = listener().await;
+    tokio::spawn(app::serve(
+        wasmesh_control::source::Source::Folder(folder),
+        l,
+        None,
+        Duration::ZERO,
+        std::future::pending(),
+    ));
+    let mut stream = watch(addr, "client").await;
+    let mut table = Table::default();
+    next_complete(&mut stream, &mut table).await;
+    assert_eq!(table.ports.len(), 1, "the rest of the folder is served");
+    assert!(table.wasm_plugins.is_empty(), "{:?}", table.wasm_plugins);
+
+    let auth = wasm("auth, written after control started");
+    std::fs::create_dir_all(dir.path().join("filters")).expect("mkdir");
+    std::fs::write(dir.path().join("filters/auth.wasm"), &auth).expect("write");
+    next_complete(&mut stream, &mut table).await;
+    assert_eq!(
+        table.wasm_plugins.keys().collect::<Vec<_>>(),
+        ["default/auth"]
+    );
+    let sha = table.wasm_plugins["default/auth"].sha256.clone();
+    assert_eq!(sha, sha256_hex(&auth));
+    assert_eq!(get_module(addr, &sha).await.expect("module").wasm, auth);
+
+    let stats = wasm("stats, in a folder made after control started");
+    std::fs::create_dir_all(stats_path.parent().expect("parent")).expect("mkdir");
+    std::fs::write(&stats_path, &stats).expect("write");
+    next_complete(&mut stream, &mut table).await;
+    assert_eq!(
+        table.wasm_plugins.keys().collect::<Vec<_>>(),
+        ["default/auth", "default/stats"]
+    );
+    let sha = table.wasm_plugins["default/stats"].sha256.clone();
+    assert_eq!(sha, sha256_hex(&stats));
+    assert_eq!(get_module(addr, &sha).await.expect("module").wasm, stats);
+}
+
 /// A module larger than gRPC's usual 4 MiB message limit is served whole.
 #[tokio::test]
 async fn a_large_module_is_served_whole() {

@@ -11,9 +11,11 @@
 //! - A WasmPlugin's module file (`spec.url`, relative paths against the manifest's folder) is
 //!   read and hashed on every scan (unless its size, mtime and inode are unchanged); a plugin
 //!   whose module cannot be read or does not match `spec.sha256` is reported like an invalid
-//!   object, and its last good version (with the module bytes it had) stays in force. Module
-//!   files inside the folder are watched with the manifests; those outside it are picked up by
-//!   the periodic rescan.
+//!   object, and its last good version (with the module bytes it had) stays in force; one never
+//!   read is left out until its module can be read. Module files inside the folder are watched
+//!   with the manifests; the folders of those outside it are watched too (for a module not
+//!   there yet, the nearest existing folder above it), whether the plugin is in force or not,
+//!   so a module written later goes out without the manifest being touched.
 //! - Changes are picked up through inotify (with a short debounce) and a slow periodic rescan as
 //!   a safety net; only changed objects are sent on.
 
@@ -29,7 +31,7 @@ use tokio::sync::mpsc;
 
 pub use parse::{Document, Outcome, default_and_validate, objects_from_manifest, parse_file};
 
-use super::wasmplugin::ModuleCache;
+use super::wasmplugin::{ModuleCache, PluginError, resolve_module_path};
 use super::{Event, EventSender, Kind, Object, ObjectKey, SourceError};
 use crate::model::Cidr;
 
@@ -86,6 +88,8 @@ pub struct Folder {
     current: BTreeMap<ObjectKey, Object>,
     /// WasmPlugin module files, by path.
     modules: ModuleCache,
+    /// Folders outside the root to watch for module files (see [`Folder::module_dirs_outside`]).
+    module_dirs: BTreeSet<PathBuf>,
     scanned: bool,
 }
 
@@ -100,6 +104,7 @@ impl Folder {
             files: BTreeMap::new(),
             current: BTreeMap::new(),
             modules: ModuleCache::new(),
+            module_dirs: BTreeSet::new(),
             scanned: false,
         }
     }
@@ -113,17 +118,12 @@ impl Folder {
         self.current.values()
     }
 
-    /// Folders outside the root that hold modules of the plugins in force (to watch them).
+    /// Folders outside the root to watch, as of the last scan: the folder of the module of
+    /// every plugin in the manifests — in force or not, so that a module that was not there
+    /// yet is picked up when it is written — or, while that folder does not exist, the
+    /// nearest one above it that does.
     pub fn module_dirs_outside(&self) -> BTreeSet<PathBuf> {
-        self.current
-            .values()
-            .filter_map(|o| match o {
-                Object::WasmPlugin(p) => p.module.as_ref(),
-                _ => None,
-            })
-            .filter(|m| !m.path.starts_with(&self.root))
-            .filter_map(|m| m.path.parent().map(Path::to_path_buf))
-            .collect()
+        self.module_dirs.clone()
     }
 
     /// Reads the folder and returns the events that bring a consumer up to date: on the first
@@ -138,6 +138,7 @@ impl Folder {
         let mut origin: HashMap<ObjectKey, (PathBuf, usize)> = HashMap::new();
         let mut new_files = BTreeMap::new();
         let mut modules_used = std::collections::HashSet::new();
+        let mut modules_named: BTreeSet<PathBuf> = BTreeSet::new();
         for path in paths {
             let old = self.files.remove(&path);
             let text = match std::fs::read_to_string(&path) {
@@ -183,6 +184,9 @@ impl Folder {
                                 Object::WasmPlugin(p) => {
                                     let mut p = p.clone();
                                     let base = path.parent();
+                                    if let Ok(m) = resolve_module_path(&p.spec.url, base) {
+                                        modules_named.insert(m);
+                                    }
                                     match p.load_module(base, &mut self.modules) {
                                         Ok(()) => {
                                             if let Some(m) = &p.module {
@@ -209,12 +213,18 @@ impl Folder {
                                                     .push(key.clone());
                                                 kept = true;
                                             }
+                                            let reason = match &e {
+                                                PluginError::Module { .. } if !kept => format!(
+                                                    "{e}; the plugin is not sent to proxies until its module can be read (control reads it again when the file changes)"
+                                                ),
+                                                _ => e.to_string(),
+                                            };
                                             report.problems.push(Problem {
                                                 file: path.clone(),
                                                 document: doc.index,
                                                 line: doc.line,
                                                 object: Some(key),
-                                                reason: e.to_string(),
+                                                reason,
                                                 kept,
                                             });
                                             continue;
@@ -278,6 +288,13 @@ impl Folder {
         }
         self.files = new_files;
         self.modules.retain(&modules_used);
+        self.module_dirs = modules_named
+            .iter()
+            .filter(|m| !m.starts_with(&self.root))
+            .filter_map(|m| m.parent())
+            .filter_map(|dir| dir.ancestors().find(|d| d.is_dir()))
+            .map(Path::to_path_buf)
+            .collect();
         self.allocate(&mut desired);
 
         if !self.scanned {
@@ -465,8 +482,11 @@ impl FolderSource {
                 reason: format!("scan task failed: {e}"),
             })?;
             folder = f;
+            // A folder watched from now on may have got its module between the scan and the
+            // watch: look again (the next scan watches no new folder, so this stops).
+            let mut again = false;
             if let Some(w) = watcher.as_mut() {
-                watch_module_dirs(w, &mut module_dirs, folder.module_dirs_outside());
+                again = watch_module_dirs(w, &mut module_dirs, folder.module_dirs_outside());
             }
             match report {
                 Ok(report) => {
@@ -494,6 +514,11 @@ impl FolderSource {
                     tracing::error!(folder = %root.display(), "{e}; keeping the last good objects")
                 }
             }
+            if again {
+                tokio::time::sleep(self.debounce).await;
+                while nrx.try_recv().is_ok() {}
+                continue;
+            }
             tokio::select! {
                 got = nrx.recv() => {
                     if got.is_none() {
@@ -511,22 +536,28 @@ impl FolderSource {
     }
 }
 
-/// Watches the folders of modules outside the root (and stops watching those no longer used).
+/// Watches the folders of modules outside the root (and stops watching those no longer
+/// named). Whether a folder is watched that was not before.
 fn watch_module_dirs(
     w: &mut notify::RecommendedWatcher,
     watched: &mut BTreeSet<PathBuf>,
     wanted: BTreeSet<PathBuf>,
-) {
+) -> bool {
     use notify::Watcher;
     for gone in watched.difference(&wanted) {
         let _ = w.unwatch(gone);
     }
+    let mut added = false;
     for dir in wanted.difference(watched) {
-        if let Err(e) = w.watch(dir, notify::RecursiveMode::NonRecursive) {
-            tracing::debug!(folder = %dir.display(), error = %e, "cannot watch a module folder; the periodic rescan will notice changes");
+        match w.watch(dir, notify::RecursiveMode::NonRecursive) {
+            Ok(()) => added = true,
+            Err(e) => {
+                tracing::debug!(folder = %dir.display(), error = %e, "cannot watch a module folder; the periodic rescan will notice changes")
+            }
         }
     }
     *watched = wanted;
+    added
 }
 
 fn watch(root: &Path, tx: mpsc::UnboundedSender<()>) -> notify::Result<notify::RecommendedWatcher> {

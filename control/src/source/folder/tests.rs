@@ -647,6 +647,7 @@ fn a_plugin_never_readable_is_left_out_and_oci_is_refused() {
     assert!(
         problems[0].contains("p.yaml:1 (document 1)")
             && problems[0].contains("auth.wasm: cannot read")
+            && problems[0].contains("not sent to proxies until its module can be read")
             && !problems[0].contains("keeping"),
         "{problems:?}"
     );
@@ -673,6 +674,47 @@ fn a_plugin_never_readable_is_left_out_and_oci_is_refused() {
         unreachable!()
     };
     assert!(objects.is_empty());
+}
+
+#[test]
+fn the_folders_of_modules_not_there_yet_are_watched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outside = tempfile::tempdir().expect("tempdir");
+    let later = outside.path().join("later/deeper/auth.wasm");
+    let here = outside.path().join("stats.wasm");
+    let stats = PLUGIN
+        .replace("name: auth", "name: stats")
+        .replace("file://filters/auth.wasm", &format!("file://{}", here.display()));
+    write(
+        dir.path(),
+        "p.yaml",
+        &format!(
+            "{}---\n{stats}---\n{PLUGIN}",
+            PLUGIN.replace("file://filters/auth.wasm", &format!("file://{}", later.display()))
+                .replace("name: auth", "name: later")
+        ),
+    );
+    let mut f = Folder::new(dir.path(), cidr());
+    let r = f.scan().expect("scan");
+    assert_eq!(r.problems.len(), 3, "{:?}", r.problems);
+    // Outside the root: the module's folder, or the nearest existing one above it. (The one
+    // inside is watched with the manifests.)
+    assert_eq!(
+        f.module_dirs_outside().into_iter().collect::<Vec<_>>(),
+        [outside.path().to_path_buf()]
+    );
+    std::fs::create_dir_all(later.parent().expect("parent")).expect("mkdir");
+    std::fs::write(&later, wasm("later")).expect("write");
+    let r = f.scan().expect("rescan");
+    assert!(
+        matches!(&r.events[..], [Event::Apply(Object::WasmPlugin(p))] if p.metadata.name.as_deref() == Some("later")),
+        "{:?}",
+        r.events
+    );
+    assert_eq!(
+        f.module_dirs_outside().into_iter().collect::<Vec<_>>(),
+        [outside.path().to_path_buf(), later.parent().expect("parent").to_path_buf()]
+    );
 }
 
 #[tokio::test]
