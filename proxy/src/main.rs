@@ -392,6 +392,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Wasm filter streams end (on_done/on_log/on_delete) when a worker goes idle, after
+        // the response went out, not in front of it.
+        .on_thread_park(wasmesh_wasm::worker_idle)
         .build()
         .context("starting the runtime")?;
     rt.block_on(async {

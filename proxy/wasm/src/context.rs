@@ -177,7 +177,9 @@ pub(crate) struct HostState {
     pub(crate) plugin: Arc<PluginMeta>,
     pub(crate) limiter: Limiter,
     pub(crate) memory: Option<Memory>,
-    pub(crate) alloc: Option<TypedFunc<u32, u32>>,
+    /// Behind an `Arc`: a hostcall clones it to call it with the store (cloning a `TypedFunc`
+    /// clones its registered type, far dearer).
+    pub(crate) alloc: Option<Arc<TypedFunc<u32, u32>>>,
     pub(crate) root_context: u32,
     pub(crate) effective: u32,
     next_context: u32,
@@ -201,6 +203,8 @@ pub(crate) struct HostState {
     pub(crate) cpu_mark: Option<std::time::Duration>,
     /// The callback used up its CPU budget.
     pub(crate) deadline_hit: bool,
+    /// Callbacks run since they were last added to the plugin's counter.
+    pub(crate) calls: u64,
 }
 
 impl HostState {
@@ -230,6 +234,7 @@ impl HostState {
             budget_ticks: 1,
             cpu_mark: None,
             deadline_hit: false,
+            calls: 0,
         }
     }
 

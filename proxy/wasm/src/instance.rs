@@ -66,6 +66,13 @@ pub(crate) struct Instance {
     cb: Callbacks,
 }
 
+impl Drop for Instance {
+    fn drop(&mut self) {
+        // Callbacks of a failed start, or of the call that faulted, count too.
+        self.publish_calls();
+    }
+}
+
 impl Instance {
     /// Instantiates and starts the module for `meta`.
     pub(crate) fn new(
@@ -94,7 +101,7 @@ impl Instance {
             .into_iter()
             .find_map(|n| instance.get_typed_func::<u32, u32>(&mut store, n).ok());
         store.data_mut().memory = memory;
-        store.data_mut().alloc = alloc;
+        store.data_mut().alloc = alloc.map(Arc::new);
 
         let mut lookup_error = None;
         macro_rules! cb {
@@ -178,18 +185,7 @@ impl Instance {
         Ok(inst)
     }
 
-    /// Runs one guest call for context `ctx` under the deadline and memory cap.
-    fn guard<R>(
-        &mut self,
-        ctx: u32,
-        f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<R>,
-    ) -> Result<R, Fault> {
-        let host = &self.store.data().host;
-        let (ticks, budget) = (host.deadline_ticks, host.config.callback_deadline);
-        self.guard_for(ticks, budget, ctx, f)
-    }
-
-    /// [`Instance::guard`] with the longer start-up deadline.
+    /// [`guard`] with the longer start-up deadline.
     fn guard_start<R>(
         &mut self,
         ctx: u32,
@@ -202,45 +198,19 @@ impl Instance {
                 .start_deadline
                 .max(host.config.callback_deadline),
         );
-        self.guard_for(ticks, budget, ctx, f)
+        guard_for(&mut self.store, ticks, budget, ctx, f)
     }
 
-    fn guard_for<R>(
-        &mut self,
-        ticks: u64,
-        budget: Duration,
-        ctx: u32,
-        f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<R>,
-    ) -> Result<R, Fault> {
-        self.store.set_epoch_deadline(ticks);
-        {
-            let s = self.store.data_mut();
+    /// Adds the callbacks run since the last time to the plugin's `calls` counter (once per
+    /// [`crate::plugin::PluginInner::run`], not once per callback: the counter is shared by
+    /// the instances of every worker).
+    pub(crate) fn publish_calls(&mut self) {
+        let s = self.store.data_mut();
+        let n = std::mem::take(&mut s.calls);
+        if n > 0 {
             s.plugin
                 .calls
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            s.budget_ticks = ticks;
-            s.budget = budget;
-            s.cpu_mark = None;
-            s.deadline_hit = false;
-        }
-        {
-            let s = self.store.data_mut();
-            s.effective = ctx;
-            s.limiter.hit = false;
-        }
-        let r = f(&mut self.store);
-        let s = self.store.data_mut();
-        s.effective = s.root_context;
-        s.call_response = None;
-        match r {
-            Ok(v) => {
-                s.flush_deferred();
-                Ok(v)
-            }
-            Err(e) => {
-                s.deferred.clear();
-                Err(classify(e, s))
-            }
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -258,8 +228,8 @@ impl Instance {
         let id = s.new_context_id();
         s.streams.insert(id, StreamCtx::new(info, mailbox));
         let root = s.root_context;
-        if let Some(f) = self.cb.on_context_create.clone() {
-            self.guard(id, |st| f.call(st, (id, root)))?;
+        if let Some(f) = &self.cb.on_context_create {
+            guard(&mut self.store, id, |st| f.call(st, (id, root)))?;
         }
         Ok(id)
     }
@@ -268,31 +238,19 @@ impl Instance {
         self.store.data_mut().streams.get_mut(&ctx)
     }
 
-    fn action(&mut self, ctx: u32, f: F3R, a: u32, eos: bool) -> Result<GuestAction, Fault> {
-        match f {
-            Some(f) => Ok(GuestAction::from_abi(
-                self.guard(ctx, |s| f.call(s, (ctx, a, u32::from(eos))))?,
-            )),
-            None => Ok(GuestAction::Continue),
-        }
-    }
-
-    fn action2(&mut self, ctx: u32, f: F2R, a: u32) -> Result<GuestAction, Fault> {
-        match f {
-            Some(f) => Ok(GuestAction::from_abi(
-                self.guard(ctx, |s| f.call(s, (ctx, a)))?,
-            )),
-            None => Ok(GuestAction::Continue),
-        }
-    }
-
     pub(crate) fn on_request_headers(
         &mut self,
         ctx: u32,
         n: usize,
         eos: bool,
     ) -> Result<GuestAction, Fault> {
-        self.action(ctx, self.cb.on_request_headers.clone(), n as u32, eos)
+        action(
+            &mut self.store,
+            &self.cb.on_request_headers,
+            ctx,
+            n as u32,
+            eos,
+        )
     }
     pub(crate) fn on_request_body(
         &mut self,
@@ -300,10 +258,16 @@ impl Instance {
         size: usize,
         eos: bool,
     ) -> Result<GuestAction, Fault> {
-        self.action(ctx, self.cb.on_request_body.clone(), size as u32, eos)
+        action(
+            &mut self.store,
+            &self.cb.on_request_body,
+            ctx,
+            size as u32,
+            eos,
+        )
     }
     pub(crate) fn on_request_trailers(&mut self, ctx: u32, n: usize) -> Result<GuestAction, Fault> {
-        self.action2(ctx, self.cb.on_request_trailers.clone(), n as u32)
+        action2(&mut self.store, &self.cb.on_request_trailers, ctx, n as u32)
     }
     pub(crate) fn on_response_headers(
         &mut self,
@@ -311,7 +275,13 @@ impl Instance {
         n: usize,
         eos: bool,
     ) -> Result<GuestAction, Fault> {
-        self.action(ctx, self.cb.on_response_headers.clone(), n as u32, eos)
+        action(
+            &mut self.store,
+            &self.cb.on_response_headers,
+            ctx,
+            n as u32,
+            eos,
+        )
     }
     pub(crate) fn on_response_body(
         &mut self,
@@ -319,14 +289,25 @@ impl Instance {
         size: usize,
         eos: bool,
     ) -> Result<GuestAction, Fault> {
-        self.action(ctx, self.cb.on_response_body.clone(), size as u32, eos)
+        action(
+            &mut self.store,
+            &self.cb.on_response_body,
+            ctx,
+            size as u32,
+            eos,
+        )
     }
     pub(crate) fn on_response_trailers(
         &mut self,
         ctx: u32,
         n: usize,
     ) -> Result<GuestAction, Fault> {
-        self.action2(ctx, self.cb.on_response_trailers.clone(), n as u32)
+        action2(
+            &mut self.store,
+            &self.cb.on_response_trailers,
+            ctx,
+            n as u32,
+        )
     }
 
     /// `on_done` → `on_log` → `on_delete`, then forgets the context and its callouts.
@@ -341,30 +322,30 @@ impl Instance {
     }
 
     fn finish_calls(&mut self, ctx: u32) -> Result<(), Fault> {
-        if let Some(f) = self.cb.on_done.clone() {
-            self.guard(ctx, |s| f.call(s, ctx))?;
+        if let Some(f) = &self.cb.on_done {
+            guard(&mut self.store, ctx, |s| f.call(s, ctx))?;
         }
-        if let Some(f) = self.cb.on_log.clone() {
-            self.guard(ctx, |s| f.call(s, ctx))?;
+        if let Some(f) = &self.cb.on_log {
+            guard(&mut self.store, ctx, |s| f.call(s, ctx))?;
         }
-        if let Some(f) = self.cb.on_delete.clone() {
-            self.guard(ctx, |s| f.call(s, ctx))?;
+        if let Some(f) = &self.cb.on_delete {
+            guard(&mut self.store, ctx, |s| f.call(s, ctx))?;
         }
         Ok(())
     }
 
     pub(crate) fn on_tick(&mut self) -> Result<(), Fault> {
         let root = self.root_context();
-        match self.cb.on_tick.clone() {
-            Some(f) => self.guard(root, |s| f.call(s, root)),
+        match &self.cb.on_tick {
+            Some(f) => guard(&mut self.store, root, |s| f.call(s, root)),
             None => Ok(()),
         }
     }
 
     pub(crate) fn on_queue_ready(&mut self, queue: u32) -> Result<(), Fault> {
         let root = self.root_context();
-        match self.cb.on_queue_ready.clone() {
-            Some(f) => self.guard(root, |s| f.call(s, (root, queue))),
+        match &self.cb.on_queue_ready {
+            Some(f) => guard(&mut self.store, root, |s| f.call(s, (root, queue))),
             None => Ok(()),
         }
     }
@@ -378,7 +359,7 @@ impl Instance {
         let Some(ctx) = self.store.data_mut().callouts.remove(&token) else {
             return Ok(());
         };
-        let Some(f) = self.cb.on_http_call_response.clone() else {
+        let Some(f) = &self.cb.on_http_call_response else {
             return Ok(());
         };
         let mut headers = Headers::plain(resp.headers);
@@ -389,7 +370,7 @@ impl Instance {
         let trailers = Headers::plain(resp.trailers);
         let n_trailers = trailers.len() as u32;
         self.store.data_mut().call_response = Some((headers, resp.body, trailers));
-        self.guard(ctx, |s| {
+        guard(&mut self.store, ctx, |s| {
             f.call(s, (ctx, token, n_headers, body_len, n_trailers))
         })
     }
@@ -402,6 +383,76 @@ impl Instance {
     /// A tick period the root context set during the last call.
     pub(crate) fn take_tick_change(&mut self) -> Option<u32> {
         self.store.data_mut().tick_change.take()
+    }
+}
+
+/// Runs one guest call for context `ctx` under the deadline and memory cap. (A free function
+/// over the store, so the callbacks can be borrowed from the instance meanwhile.)
+fn guard<R>(
+    store: &mut Store<HostState>,
+    ctx: u32,
+    f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<R>,
+) -> Result<R, Fault> {
+    let host = &store.data().host;
+    let (ticks, budget) = (host.deadline_ticks, host.config.callback_deadline);
+    guard_for(store, ticks, budget, ctx, f)
+}
+
+fn guard_for<R>(
+    store: &mut Store<HostState>,
+    ticks: u64,
+    budget: Duration,
+    ctx: u32,
+    f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<R>,
+) -> Result<R, Fault> {
+    store.set_epoch_deadline(ticks);
+    {
+        let s = store.data_mut();
+        s.calls += 1;
+        s.budget_ticks = ticks;
+        s.budget = budget;
+        s.cpu_mark = None;
+        s.deadline_hit = false;
+        s.effective = ctx;
+        s.limiter.hit = false;
+    }
+    let r = f(store);
+    let s = store.data_mut();
+    s.effective = s.root_context;
+    s.call_response = None;
+    match r {
+        Ok(v) => {
+            s.flush_deferred();
+            Ok(v)
+        }
+        Err(e) => {
+            s.deferred.clear();
+            Err(classify(e, s))
+        }
+    }
+}
+
+fn action(
+    store: &mut Store<HostState>,
+    f: &F3R,
+    ctx: u32,
+    a: u32,
+    eos: bool,
+) -> Result<GuestAction, Fault> {
+    match f {
+        Some(f) => Ok(GuestAction::from_abi(guard(store, ctx, |s| {
+            f.call(s, (ctx, a, u32::from(eos)))
+        })?)),
+        None => Ok(GuestAction::Continue),
+    }
+}
+
+fn action2(store: &mut Store<HostState>, f: &F2R, ctx: u32, a: u32) -> Result<GuestAction, Fault> {
+    match f {
+        Some(f) => Ok(GuestAction::from_abi(guard(store, ctx, |s| {
+            f.call(s, (ctx, a))
+        })?)),
+        None => Ok(GuestAction::Continue),
     }
 }
 

@@ -18,6 +18,8 @@
 //!   filters share with the proxy.
 //! - [`module`] — validation, compilation, the on-disk cache of precompiled modules.
 //! - [`body`] — [`body::FilteredBody`]: an `http_body::Body` through a chain's body steps.
+//! - `idle` — [`worker_idle`]: stream endings (`on_done`/`on_log`/`on_delete`) run when the
+//!   worker thread goes idle, after the response went out.
 //!
 //! Usage sketch (the L7 path):
 //!
@@ -46,6 +48,7 @@ pub mod config;
 mod context;
 mod headers;
 pub mod host;
+mod idle;
 pub mod instance;
 mod memory;
 pub mod metrics;
@@ -61,6 +64,7 @@ pub use callouts::{CalloutError, CalloutFailure, CalloutResponse, HttpCallouts};
 pub use chain::{ChainStream, FilterChain};
 pub use config::{FailStrategy, HostConfig, ModuleSource, NodeInfo, Phase, PluginConfig};
 pub use host::{HostError, WasmHost};
+pub use idle::worker_idle;
 pub use instance::Fault;
 pub use metrics::{DefinedMetric, HostEvent, MetricKind, Metrics, Sample};
 pub use module::sha256_hex;

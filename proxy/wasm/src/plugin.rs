@@ -313,6 +313,7 @@ impl PluginInner {
     fn install(&self, slot: usize, g: &mut SlotState, mut inst: Instance) {
         g.generation += 1;
         g.retry_after = None;
+        inst.publish_calls();
         let tick = inst.take_tick_change();
         let outgoing = inst.take_outgoing();
         g.instance = Some(inst);
@@ -353,7 +354,9 @@ impl PluginInner {
         let Some(inst) = g.instance.as_mut() else {
             return Run::Unavailable;
         };
-        match f(inst, generation) {
+        let r = f(inst, generation);
+        inst.publish_calls();
+        match r {
             Ok(v) => {
                 let tick = inst.take_tick_change();
                 let outgoing = inst.take_outgoing();

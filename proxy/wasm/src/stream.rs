@@ -512,7 +512,8 @@ impl HttpStream {
         verdict
     }
 
-    /// Ends the filter's context: `on_done`, `on_log`, `on_delete` (also done on drop).
+    /// Ends the filter's context: `on_done`, `on_log`, `on_delete` (also done on drop) —
+    /// when the thread next goes idle if it is a proxy worker, else now (see `idle`).
     pub fn finish(&mut self) {
         if std::mem::replace(&mut self.finished, true) {
             return;
@@ -520,8 +521,11 @@ impl HttpStream {
         let Some((generation, ctx)) = self.bound else {
             return;
         };
-        let _ = self.plugin.run(self.slot, Some(generation), |inst, _| {
-            inst.finish_stream(ctx)
+        crate::idle::defer(crate::idle::Ending {
+            plugin: self.plugin.clone(),
+            slot: self.slot,
+            generation,
+            ctx,
         });
     }
 }

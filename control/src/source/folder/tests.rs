@@ -682,15 +682,20 @@ fn the_folders_of_modules_not_there_yet_are_watched() {
     let outside = tempfile::tempdir().expect("tempdir");
     let later = outside.path().join("later/deeper/auth.wasm");
     let here = outside.path().join("stats.wasm");
-    let stats = PLUGIN
-        .replace("name: auth", "name: stats")
-        .replace("file://filters/auth.wasm", &format!("file://{}", here.display()));
+    let stats = PLUGIN.replace("name: auth", "name: stats").replace(
+        "file://filters/auth.wasm",
+        &format!("file://{}", here.display()),
+    );
     write(
         dir.path(),
         "p.yaml",
         &format!(
             "{}---\n{stats}---\n{PLUGIN}",
-            PLUGIN.replace("file://filters/auth.wasm", &format!("file://{}", later.display()))
+            PLUGIN
+                .replace(
+                    "file://filters/auth.wasm",
+                    &format!("file://{}", later.display())
+                )
                 .replace("name: auth", "name: later")
         ),
     );
@@ -713,7 +718,10 @@ fn the_folders_of_modules_not_there_yet_are_watched() {
     );
     assert_eq!(
         f.module_dirs_outside().into_iter().collect::<Vec<_>>(),
-        [outside.path().to_path_buf(), later.parent().expect("parent").to_path_buf()]
+        [
+            outside.path().to_path_buf(),
+            later.parent().expect("parent").to_path_buf()
+        ]
     );
 }
 
