@@ -439,6 +439,8 @@ pub struct TcpConn<'a> {
     started: Instant,
     time: Option<SystemTime>,
     moved: Transferred,
+    /// The connection's span, when TCP spans are on (`WASMESH_TRACE_TCP`) and it is sampled.
+    span: Option<crate::otel::Span>,
 }
 
 impl<'a> TcpConn<'a> {
@@ -452,6 +454,20 @@ impl<'a> TcpConn<'a> {
     ) -> Self {
         let labels = ServiceLabels { direction, service };
         state.metrics.tcp_opened.get_or_create(&labels).inc();
+        let span = state
+            .tracer
+            .load()
+            .as_ref()
+            .filter(|t| t.config.tcp_spans)
+            .map(|t| {
+                let kind = match direction {
+                    Direction::Outbound => opentelemetry::trace::SpanKind::Client,
+                    Direction::Inbound => opentelemetry::trace::SpanKind::Server,
+                };
+                // No context travels with raw TCP: each connection starts a trace.
+                t.start(kind, &HeaderMap::new())
+            })
+            .filter(crate::otel::Span::is_sampled);
         TcpConn {
             state,
             labels,
@@ -461,7 +477,42 @@ impl<'a> TcpConn<'a> {
             started: Instant::now(),
             time: state.access_log.sampled().then(SystemTime::now),
             moved: Transferred::default(),
+            span,
         }
+    }
+
+    /// Ends the connection's span with what it carried (attributes as docs/observability.md
+    /// lists them for TCP spans).
+    fn end_span(&mut self) {
+        let Some(mut s) = self.span.take() else {
+            return;
+        };
+        let (client, upstream) = (self.client, self.upstream);
+        let peer = match self.labels.direction {
+            Direction::Outbound => upstream,
+            Direction::Inbound => client,
+        };
+        let name: std::borrow::Cow<'static, str> = match &self.labels.service {
+            Some(svc) => format!("TCP {svc}").into(),
+            None => "TCP".into(),
+        };
+        s.name(name);
+        s.set("network.transport", "tcp");
+        if let Some(svc) = &self.labels.service {
+            s.set("wasmesh.destination.service", svc.clone());
+        }
+        s.set("client.address", client.ip());
+        s.set("client.port", i64::from(client.port()));
+        s.set("server.address", upstream.ip());
+        s.set("server.port", i64::from(upstream.port()));
+        s.set("network.peer.address", peer.ip());
+        s.set("network.peer.port", i64::from(peer.port()));
+        if let Some(id) = &self.peer {
+            s.set("wasmesh.peer.identity", id.clone());
+        }
+        s.set("wasmesh.sent_bytes", self.moved.sent as i64);
+        s.set("wasmesh.received_bytes", self.moved.received as i64);
+        s.end_connection(None);
     }
 
     /// The copy finished having moved this much.
@@ -480,6 +531,7 @@ impl Drop for TcpConn<'_> {
             .get_or_create(&self.labels)
             .inc_by(self.moved.received);
         m.tcp_closed.get_or_create(&self.labels).inc();
+        self.end_span();
         if let Some(time) = self.time {
             self.state.access_log.send(Line::Tcp(TcpLine {
                 time: access_log::rfc3339(time),

@@ -734,3 +734,138 @@ async fn access_logs_have_one_json_line_per_request_and_connection() {
         (OK + NO_ROUTE + CONNS) as f64
     );
 }
+
+// ---------------------------------------------------------------- TCP spans
+
+/// An OTLP/HTTP receiver (the official protobuf types): every span it gets, with its kind.
+async fn otlp_receiver() -> (
+    SocketAddr,
+    Arc<std::sync::Mutex<Vec<opentelemetry_proto::tonic::trace::v1::Span>>>,
+) {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message as _;
+    let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let spans = got.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let spans = spans.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let spans = spans.clone();
+                    async move {
+                        let body = req.into_body().collect().await?.to_bytes();
+                        if let Ok(export) = ExportTraceServiceRequest::decode(body) {
+                            let mut spans = spans.lock().expect("lock");
+                            for rs in export.resource_spans {
+                                for ss in rs.scope_spans {
+                                    spans.extend(ss.spans);
+                                }
+                            }
+                        }
+                        Ok::<_, hyper::Error>(
+                            Response::builder()
+                                .header("content-type", "application/x-protobuf")
+                                .body(Full::new(Bytes::new()))
+                                .expect("response"),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, got)
+}
+
+fn attr(s: &opentelemetry_proto::tonic::trace::v1::Span, key: &str) -> String {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    match s
+        .attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+    {
+        Some(Value::StringValue(v)) => v.clone(),
+        Some(Value::IntValue(v)) => v.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// With `WASMESH_TRACE_TCP=true`, each L4 connection is a span on each sidecar: a client span
+/// on the outbound one, a server span on the inbound one, named after the Service, with the
+/// bytes it carried and the peer's mTLS identity; HTTP has its request spans instead.
+#[tokio::test]
+async fn tcp_connections_get_a_span_each_when_asked() {
+    use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+    use wasmesh_proxy::otel::config::{Protocol, TraceConfig};
+    let p = pair(None).await;
+    let (receiver, spans) = otlp_receiver().await;
+    let env = |k: &str| match k {
+        "OTEL_EXPORTER_OTLP_ENDPOINT" => Some(format!("http://{receiver}")),
+        "OTEL_BSP_SCHEDULE_DELAY" => Some("50".to_string()),
+        "WASMESH_TRACE_TCP" => Some("true".to_string()),
+        _ => None,
+    };
+    let (cfg, warnings) = wasmesh_proxy::otel::config::resolve(&env, None, &Default::default());
+    let cfg: TraceConfig = cfg.expect("tracing on");
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert!(cfg.tcp_spans && cfg.protocol == Protocol::HttpProtobuf);
+    for state in [&p.client, &p.server] {
+        let t = wasmesh_proxy::otel::export::start(cfg.clone(), state.trace_stats.clone())
+            .expect("tracer");
+        state.tracer.store(Some(t));
+    }
+    tcp_traffic(&p).await;
+    http_traffic(&p).await;
+    let deadline = Instant::now() + WAIT;
+    let got = loop {
+        let got = spans.lock().expect("lock").clone();
+        let tcp = got.iter().filter(|s| s.name.starts_with("TCP")).count();
+        if tcp >= 2 * CONNS || Instant::now() > deadline {
+            break got;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let tcp: Vec<_> = got.iter().filter(|s| s.name.starts_with("TCP")).collect();
+    let clients: Vec<_> = tcp
+        .iter()
+        .filter(|s| s.kind == SpanKind::Client as i32)
+        .collect();
+    let servers: Vec<_> = tcp
+        .iter()
+        .filter(|s| s.kind == SpanKind::Server as i32)
+        .collect();
+    assert_eq!(
+        (clients.len(), servers.len()),
+        (CONNS, CONNS),
+        "one client and one server span per connection: {tcp:#?}"
+    );
+    for s in &clients {
+        assert_eq!(s.name, "TCP default/echo");
+        assert_eq!(attr(s, "network.transport"), "tcp");
+        assert_eq!(attr(s, "wasmesh.destination.service"), "default/echo");
+        assert_eq!(attr(s, "server.address"), "127.0.0.5");
+        assert_eq!(
+            attr(s, "wasmesh.sent_bytes"),
+            attr(s, "wasmesh.received_bytes")
+        );
+        assert!(s.end_time_unix_nano >= s.start_time_unix_nano);
+    }
+    for s in &servers {
+        assert_eq!(attr(s, "wasmesh.peer.identity"), CLIENT_ID);
+        assert_eq!(attr(s, "wasmesh.sent_bytes"), PAYLOAD.to_string());
+        assert_eq!(attr(s, "wasmesh.received_bytes"), PAYLOAD.to_string());
+    }
+    // Each connection its own trace (raw TCP carries no context).
+    let traces: std::collections::BTreeSet<_> = tcp.iter().map(|s| s.trace_id.clone()).collect();
+    assert_eq!(traces.len(), 2 * CONNS);
+    // HTTP requests have their request spans, not TCP ones.
+    assert!(
+        got.iter().any(|s| !s.name.starts_with("TCP")),
+        "HTTP spans too"
+    );
+}

@@ -10,6 +10,7 @@
 //! | timeout | `OTEL_EXPORTER_OTLP_TRACES_TIMEOUT`, `OTEL_EXPORTER_OTLP_TIMEOUT` (ms, per export) | — | 10000 ms |
 //! | sampler | `OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG` | `--trace-sampling` (parent-based ratio) | `parentbased_always_on` |
 //! | batching | `OTEL_BSP_MAX_QUEUE_SIZE`, `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`, `OTEL_BSP_SCHEDULE_DELAY`, `OTEL_BSP_EXPORT_TIMEOUT` | — | 2048, 512, 5000 ms, 30000 ms |
+//! | a span per TCP connection (L4: not HTTP) | `WASMESH_TRACE_TCP=true` | — | off |
 //! | resource | `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES` | — | `service.name` from the pod's `app.kubernetes.io/name` or `app` label, else its name; `k8s.pod.name`, `k8s.namespace.name` |
 
 use std::collections::BTreeMap;
@@ -65,6 +66,8 @@ pub struct TraceConfig {
     pub export_timeout: Duration,
     /// Resource attributes (`service.name` first).
     pub resource: Vec<(String, String)>,
+    /// A span for each proxied TCP connection (the L4 path; HTTP has its request spans).
+    pub tcp_spans: bool,
 }
 
 impl Default for TraceConfig {
@@ -79,6 +82,7 @@ impl Default for TraceConfig {
             schedule_delay: Duration::from_millis(5000),
             export_timeout: Duration::from_millis(10_000),
             resource: Vec::new(),
+            tcp_spans: false,
         }
     }
 }
@@ -232,6 +236,15 @@ pub fn resolve(
         )),
     }
 
+    match env("WASMESH_TRACE_TCP").map(|v| v.trim().to_ascii_lowercase()) {
+        None => {}
+        Some(v) if v == "true" || v == "1" => cfg.tcp_spans = true,
+        Some(v) if v == "false" || v == "0" => {}
+        Some(v) => warnings.push(format!(
+            "WASMESH_TRACE_TCP={v:?}: want true or false; no span per TCP connection"
+        )),
+    }
+
     cfg.resource = resource(
         env("OTEL_SERVICE_NAME"),
         env("OTEL_RESOURCE_ATTRIBUTES"),
@@ -340,6 +353,39 @@ mod tests {
             namespace: "shop".into(),
             labels: BTreeMap::from([("app".to_string(), "web".to_string())]),
         }
+    }
+
+    #[test]
+    fn tcp_spans_only_when_the_pod_asks() {
+        let w = workload();
+        let on = |v: &str| {
+            resolve(
+                &env(&[
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"),
+                    ("WASMESH_TRACE_TCP", v),
+                ]),
+                None,
+                &w,
+            )
+        };
+        let (c, _) = resolve(
+            &env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")]),
+            None,
+            &w,
+        );
+        assert!(!c.expect("on").tcp_spans, "off by default");
+        for yes in ["true", "TRUE", "1"] {
+            let (c, warn) = on(yes);
+            assert!(
+                c.expect("on").tcp_spans && warn.is_empty(),
+                "{yes}: {warn:?}"
+            );
+        }
+        let (c, warn) = on("false");
+        assert!(!c.expect("on").tcp_spans && warn.is_empty());
+        let (c, warn) = on("sometimes");
+        assert!(!c.expect("on").tcp_spans);
+        assert!(warn[0].contains("WASMESH_TRACE_TCP"), "{warn:?}");
     }
 
     #[test]

@@ -410,6 +410,20 @@ impl Span {
     }
 }
 
+impl Span {
+    /// Ends a TCP connection's span (no HTTP status): `error` names what failed, if anything.
+    pub fn end_connection(mut self, error: Option<&'static str>) {
+        let Some(mut r) = self.record.take() else {
+            return;
+        };
+        if let Some(e) = error {
+            r.record.attributes.push(("error.type", AttrValue::from(e)));
+            r.record.status = Status::Error(e);
+        }
+        r.finish();
+    }
+}
+
 impl Recording {
     fn finish(self: Box<Self>) {
         let Recording { tracer, mut record } = *self;

@@ -35,7 +35,7 @@ use wasmesh_benches::harness::netns::{self, Topology};
 use wasmesh_benches::harness::procfs;
 use wasmesh_benches::harness::report::Results;
 use wasmesh_benches::harness::run::{
-    self, RunDir, date, find_envoy, git_head, interrupted, is_root, modified, need, version,
+    self, RunDir, date, find_envoy, git_head, interrupted, is_root, modified, need, tool, version,
     wait_quiet, watch_signals,
 };
 
@@ -61,6 +61,12 @@ OPTIONS:
                        wasmesh pair with tracing off, at 1 % and at 100 % sampling, OTLP/gRPC to
                        a receiver in the node's namespace), phases sat,lat; every tracing pair's
                        spans checked against the receiver (--pairs, --phases still apply)
+  --wasm               the cost of a Proxy-Wasm filter: pairs wasmesh,wasmesh-wasm,envoy,envoy-wasm
+                       (filters/header-route, the same .wasm in both, on the client side's
+                       outbound path), phases sat,lat (--pairs, --phases still apply)
+  --wasm-module PATH   the filter          [default: <bin-dir>/../wasm32-wasip1/release/header_route.wasm,
+                       built by `cargo build --manifest-path filters/Cargo.toml --target wasm32-wasip1
+                       --release` with CARGO_TARGET_DIR=target]
   --rounds N           repeat every pair N times, report medians          [default 3; quick 1]
   --secs S             duration of the saturation phase                    [default 8; quick 2]
   --latency-secs S     duration of the fixed-rate latency phase            [default 10; quick 3]
@@ -73,7 +79,8 @@ OPTIONS:
   --pairs LIST         which pairs, comma-separated                        [default direct,wasmesh,envoy]
                        also: wasmesh-mtls, envoy-mtls, envoy-mtls-h2 (mTLS between the proxies,
                        one CA; -h2: HTTP/2 between the Envoys, measured with HTTP/1.1 only);
-                       wasmesh-traceN (tracing on, N % of the traces sampled, N from 1 to 100)
+                       wasmesh-traceN (tracing on, N % of the traces sampled, N from 1 to 100);
+                       wasmesh-wasm, envoy-wasm (the Wasm filter on the client side)
   --protocols LIST     h1, h2                                              [default h1,h2]
   --phases LIST        sat (requests/s at saturation), lat (latency at --rate) [default sat,lat]
   --quiet-wait S       before each phase, wait up to S seconds for the machine to be quiet
@@ -109,6 +116,7 @@ pub struct Params {
     quiet_wait: f64,
     bin_dir: Option<PathBuf>,
     envoy: Option<PathBuf>,
+    wasm_module: Option<PathBuf>,
     keep: bool,
     quick: bool,
 }
@@ -117,8 +125,11 @@ fn params(args: &[String]) -> anyhow::Result<Params> {
     let quick = args.iter().any(|a| a == "--quick");
     let mtls = args.iter().any(|a| a == "--mtls");
     let tracing = args.iter().any(|a| a == "--tracing");
-    if mtls && tracing {
-        bail!("--mtls and --tracing are two runs: pick one (or name the pairs with --pairs)");
+    let wasm = args.iter().any(|a| a == "--wasm");
+    if [mtls, tracing, wasm].iter().filter(|b| **b).count() > 1 {
+        bail!(
+            "--mtls, --tracing and --wasm are separate runs: pick one (or name the pairs with --pairs)"
+        );
     }
     let mut p = Params {
         rounds: if quick { 1 } else { 3 },
@@ -144,6 +155,13 @@ fn params(args: &[String]) -> anyhow::Result<Params> {
                 Kind::Traced { percent: 1 },
                 Kind::Traced { percent: 100 },
             ]
+        } else if wasm {
+            vec![
+                Kind::Wasmesh,
+                Kind::WasmeshWasm,
+                Kind::Envoy,
+                Kind::EnvoyWasm,
+            ]
         } else {
             vec![Kind::Direct, Kind::Wasmesh, Kind::Envoy]
         },
@@ -157,6 +175,7 @@ fn params(args: &[String]) -> anyhow::Result<Params> {
         quiet_wait: if quick { 0.0 } else { 300.0 },
         bin_dir: None,
         envoy: None,
+        wasm_module: None,
         keep: false,
         quick,
     };
@@ -174,7 +193,8 @@ fn params(args: &[String]) -> anyhow::Result<Params> {
             v.parse().with_context(|| format!("{a} needs a number"))
         };
         match a.as_str() {
-            "--quick" | "--mtls" | "--tracing" => {}
+            "--quick" | "--mtls" | "--tracing" | "--wasm" => {}
+            "--wasm-module" => p.wasm_module = Some(value()?.into()),
             "--keep" => p.keep = true,
             "--rounds" => p.rounds = number(value()?)? as usize,
             "--secs" => p.secs = number(value()?)?,
@@ -339,6 +359,23 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
     for (i, alt) in alts.iter_mut().enumerate() {
         alt.path = snapshot(&alt.path, &format!("l7-alt-{i}"))?;
     }
+    let wasm = if wants(&|k| k.wasm()) {
+        let src = p
+            .wasm_module
+            .clone()
+            .unwrap_or_else(|| bin_dir.join("../wasm32-wasip1/release/header_route.wasm"));
+        if !src.is_file() {
+            bail!(
+                "{} not found: build the filters first (`CARGO_TARGET_DIR=target cargo build \
+                 --manifest-path filters/Cargo.toml --target wasm32-wasip1 --release`) or pass \
+                 --wasm-module",
+                src.display()
+            );
+        }
+        Some((snapshot(&src, "header_route.wasm")?, src))
+    } else {
+        None
+    };
     let pki = if wants(&|k| k.mtls().is_some()) {
         Some(Pki::create(&dir.path)?)
     } else {
@@ -352,6 +389,7 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
         alts,
         pki,
         otlp: None,
+        wasm: wasm.as_ref().map(|(copy, _)| copy.clone()),
         node: String::new(),
         dir: dir.path.clone(),
     };
@@ -380,6 +418,16 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
     }
     if let Some(pki) = &tools.pki {
         header.extend(pki.describe());
+    }
+    if let Some((_, src)) = &wasm {
+        header.push(format!(
+            "wasm pairs: {} (built {}), config {}; wasmesh: WasmPlugin mode CLIENT port {}; \
+             envoy: envoy.filters.http.wasm (V8) before the router, outbound only",
+            src.display(),
+            modified(src),
+            pairs::WASM_CONFIG,
+            mesh::SERVICE_PORT,
+        ));
     }
     let traced = wants(&|k| k.tracing().is_some());
     if traced {
@@ -690,6 +738,28 @@ fn measure_pair(
             trace_check::check_off(tools.run(), &pair.client, &pair.server)?
         }
         _ => {}
+    }
+    // The Wasm pair ran its filter; the pair it is compared with did not.
+    if tools.wasm.is_some() && matches!(pair.kind, Kind::Wasmesh | Kind::WasmeshWasm) {
+        let text = tool(
+            tools.run(),
+            &pair.client.ns,
+            &["__get", "--addr", "127.0.0.1:15000", "--path", "/metrics"],
+            Duration::from_secs(30),
+        )
+        .context("reading the client sidecar's /metrics")?;
+        let calls = mtls::prom_sum(&text, "wasmesh_wasm_calls_total");
+        match pair.kind {
+            Kind::WasmeshWasm if calls < 1.0 => bail!(
+                "{name}: the client sidecar ran no Wasm callback (wasmesh_wasm_calls_total 0): \
+                 the WasmPlugin did not reach it"
+            ),
+            Kind::Wasmesh if calls > 0.0 => bail!(
+                "{name}: the client sidecar ran Wasm callbacks ({calls}): the pair the Wasm pair \
+                 is compared with must run none"
+            ),
+            _ => eprintln!("  wasm callbacks on the client sidecar: {}", calls.abs()),
+        }
     }
     if let Some(flavor) = pair.kind.mtls() {
         let pki = tools.pki.as_ref().context("no CA")?;

@@ -28,12 +28,19 @@
 //!   at N %. The load generator sends no `traceparent`, so the client sidecar starts every trace
 //!   and samples N % of them; the server sidecar follows the decision it gets in the
 //!   `traceparent` the client sidecar adds. Batching: the exporter's defaults.
+//! - `wasmesh-wasm` / `envoy-wasm`: `wasmesh` / `envoy` with the same Proxy-Wasm filter on the
+//!   client side's outbound HTTP path: `filters/header-route` (one request header and one
+//!   response header set, [`WASM_CONFIG`]), the same `.wasm` file. wasmesh gets it as a
+//!   WasmPlugin (mode CLIENT, port 80) in control's folder, written before the pair starts
+//!   (removed before any other wasmesh pair starts); Envoy as `envoy.filters.http.wasm` (V8)
+//!   before the router in the outbound HCM. The filter's cost is the difference with the pair
+//!   without it, same run.
 //! - `direct`: no rules, no proxies; the client connects to the server pod's :8080.
 //! - `--alt NAME=PATH`: another wasmesh-proxy build, run like `wasmesh`.
 
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use wasmesh_benches::harness::mesh::{
@@ -57,6 +64,10 @@ pub enum Kind {
     EnvoyMtls,
     /// The same, HTTP/2 between the Envoys and HTTP/1.1 to the app.
     EnvoyMtlsH2,
+    /// The wasmesh pair with the Wasm filter on the client side.
+    WasmeshWasm,
+    /// The Envoy pair with the same Wasm filter on the client side.
+    EnvoyWasm,
     /// The wasmesh pair with tracing on, sampling `percent` % of new traces.
     Traced {
         percent: u8,
@@ -90,10 +101,12 @@ impl Kind {
             "envoy" => Self::Envoy,
             "envoy-mtls" => Self::EnvoyMtls,
             "envoy-mtls-h2" => Self::EnvoyMtlsH2,
+            "wasmesh-wasm" => Self::WasmeshWasm,
+            "envoy-wasm" => Self::EnvoyWasm,
             other => bail!(
                 "unknown pair {other} (known: direct, wasmesh, wasmesh-mtls, wasmesh-trace1, \
-                 wasmesh-trace100 (any wasmesh-traceN, N from 1 to 100), envoy, envoy-mtls, \
-                 envoy-mtls-h2, and --alt names)"
+                 wasmesh-trace100 (any wasmesh-traceN, N from 1 to 100), wasmesh-wasm, envoy, \
+                 envoy-mtls, envoy-mtls-h2, envoy-wasm, and --alt names)"
             ),
         })
     }
@@ -106,6 +119,8 @@ impl Kind {
             Self::Envoy => "envoy".into(),
             Self::EnvoyMtls => "envoy-mtls".into(),
             Self::EnvoyMtlsH2 => "envoy-mtls-h2".into(),
+            Self::WasmeshWasm => "wasmesh-wasm".into(),
+            Self::EnvoyWasm => "envoy-wasm".into(),
             Self::Traced { percent } => format!("wasmesh-trace{percent}"),
             Self::Alt { name, .. } => name.to_string(),
         }
@@ -115,8 +130,17 @@ impl Kind {
     pub fn wasmesh(self) -> bool {
         matches!(
             self,
-            Self::Wasmesh | Self::WasmeshMtls | Self::Traced { .. } | Self::Alt { .. }
+            Self::Wasmesh
+                | Self::WasmeshMtls
+                | Self::WasmeshWasm
+                | Self::Traced { .. }
+                | Self::Alt { .. }
         )
+    }
+
+    /// Whether it runs the Wasm filter.
+    pub fn wasm(self) -> bool {
+        matches!(self, Self::WasmeshWasm | Self::EnvoyWasm)
     }
 
     /// The share of new traces it samples, when it traces.
@@ -129,7 +153,10 @@ impl Kind {
 
     /// Whether it runs Envoy.
     pub fn envoy(self) -> bool {
-        matches!(self, Self::Envoy | Self::EnvoyMtls | Self::EnvoyMtlsH2)
+        matches!(
+            self,
+            Self::Envoy | Self::EnvoyMtls | Self::EnvoyMtlsH2 | Self::EnvoyWasm
+        )
     }
 
     /// Whose proxies speak mTLS to each other, if any.
@@ -161,6 +188,8 @@ pub struct Tools {
     pub pki: Option<Pki>,
     /// The OTLP receiver's address (in the node's namespace), when the run has tracing pairs.
     pub otlp: Option<Receiver>,
+    /// The Wasm filter's module (a copy in the run folder), when the run has Wasm pairs.
+    pub wasm: Option<PathBuf>,
     /// The node's namespace (the mTLS checks probe from there).
     pub node: String,
     /// The run's folder (configs, logs); readable by UID 1337.
@@ -242,7 +271,16 @@ impl Pair {
         daemons.push(server);
         let started = match self.kind {
             Kind::Direct => Vec::new(),
-            Kind::Wasmesh | Kind::WasmeshMtls | Kind::Traced { .. } | Kind::Alt { .. } => {
+            Kind::Wasmesh
+            | Kind::WasmeshMtls
+            | Kind::WasmeshWasm
+            | Kind::Traced { .. }
+            | Kind::Alt { .. } => {
+                let wasm = match self.kind {
+                    Kind::WasmeshWasm => Some(tools.wasm.as_deref().context("no Wasm module")?),
+                    _ => None,
+                };
+                set_wasm_plugin(tools, wasm)?;
                 let (binary, env) = match self.kind {
                     Kind::Alt { index, .. } => {
                         let alt = &tools.alts[index];
@@ -271,16 +309,20 @@ impl Pair {
                     &log,
                 )?
             }
-            Kind::Envoy | Kind::EnvoyMtls | Kind::EnvoyMtlsH2 => {
+            Kind::Envoy | Kind::EnvoyMtls | Kind::EnvoyMtlsH2 | Kind::EnvoyWasm => {
                 let pki = match self.kind {
-                    Kind::Envoy => None,
+                    Kind::Envoy | Kind::EnvoyWasm => None,
                     _ => Some(tools.pki.as_ref().context("no CA")?),
                 };
                 let h2 = self.kind == Kind::EnvoyMtlsH2;
+                let wasm = match self.kind {
+                    Kind::EnvoyWasm => Some(tools.wasm.as_deref().context("no Wasm module")?),
+                    _ => None,
+                };
                 mesh::start_envoy(
                     tools.run(),
                     tools.envoy.as_ref().context("no envoy")?,
-                    (&self.client, envoy_outbound(self.server.ip, pki, h2)),
+                    (&self.client, envoy_outbound(self.server.ip, pki, h2, wasm)),
                     (&self.server, envoy_inbound(pki, h2)),
                     &log,
                 )?
@@ -312,6 +354,50 @@ impl Pair {
         probed.with_context(|| format!("{tag}: the first request did not go through"))?;
         Ok(running)
     }
+}
+
+/// The Wasm pairs' filter configuration: filters/header-route setting one request header and
+/// one response header (as `proxy/wasm/benches/added_latency.rs`).
+pub const WASM_CONFIG: &str =
+    r#"{"request": {"set": {"x-added": "1"}}, "response": {"set": {"x-served-by": "wasm"}}}"#;
+
+/// The plugin's name (wasmesh's metrics label, Envoy's root id).
+pub const WASM_PLUGIN: &str = "header-route";
+
+/// Writes the WasmPlugin for `module` into control's folder (or, without, removes it) and, when
+/// that changed anything, gives control time to send it on before sidecars start.
+fn set_wasm_plugin(tools: &Tools, module: Option<&Path>) -> anyhow::Result<()> {
+    let path = tools.dir.join("control").join("wasm.yaml");
+    let want = module.map(|m| {
+        format!(
+            "apiVersion: wasmesh.io/v1alpha1
+kind: WasmPlugin
+metadata: {{ name: {WASM_PLUGIN}, namespace: default }}
+spec:
+  url: file://{}
+  pluginConfig: {WASM_CONFIG}
+  match:
+  - mode: CLIENT
+    ports: [{{ number: {SERVICE_PORT} }}]
+",
+            m.display()
+        )
+    });
+    let have = std::fs::read_to_string(&path).ok();
+    if have == want {
+        return Ok(());
+    }
+    match &want {
+        Some(text) => {
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?
+        }
+        None => {
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?
+        }
+    }
+    // Control notices folder changes within its debounce (well under a second).
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    Ok(())
 }
 
 /// The pod environment of a tracing pair: OTLP/gRPC to `receiver`, parent-based sampling of
@@ -376,9 +462,10 @@ fn stats(pki: Option<&Pki>) -> &'static str {
     }
 }
 
-/// An HCM (codec AUTO: HTTP/1.1, or HTTP/2 from its preface) routing everything to `cluster`;
-/// indented as a filter chain's `filters:` list.
-fn hcm(stat_prefix: &str, cluster: &str) -> String {
+/// An HCM (codec AUTO: HTTP/1.1, or HTTP/2 from its preface) routing everything to `cluster`
+/// (with `wasm`, through the Wasm filter first); indented as a filter chain's `filters:` list.
+fn hcm(stat_prefix: &str, cluster: &str, wasm: Option<&Path>) -> String {
+    let wasm = wasm.map(envoy_wasm_filter).unwrap_or_default();
     format!(
         r#"      - name: envoy.filters.network.http_connection_manager
         typed_config:
@@ -394,15 +481,39 @@ fn hcm(stat_prefix: &str, cluster: &str) -> String {
               - match: {{ prefix: "/" }}
                 route: {{ cluster: {cluster}, timeout: 0s }}
           http_filters:
-          - name: envoy.filters.http.router
+{wasm}          - name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
 "#
     )
 }
 
-/// With `pki`, the cluster speaks mTLS to the server side; with `h2`, HTTP/2.
-fn envoy_outbound(server: Ipv4Addr, pki: Option<&Pki>, h2: bool) -> String {
+/// `envoy.filters.http.wasm` (V8) running `module` with [`WASM_CONFIG`], as an HCM
+/// `http_filters:` entry (before the router).
+fn envoy_wasm_filter(module: &Path) -> String {
+    format!(
+        r#"          - name: envoy.filters.http.wasm
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: {WASM_PLUGIN}
+                root_id: {WASM_PLUGIN}
+                vm_config:
+                  vm_id: {WASM_PLUGIN}
+                  runtime: envoy.wasm.runtime.v8
+                  code: {{ local: {{ filename: {} }} }}
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: {}
+"#,
+        module.display(),
+        serde_json::to_string(WASM_CONFIG).unwrap_or_default(),
+    )
+}
+
+/// With `pki`, the cluster speaks mTLS to the server side; with `h2`, HTTP/2; with `wasm`, the
+/// Wasm filter runs before the router.
+fn envoy_outbound(server: Ipv4Addr, pki: Option<&Pki>, h2: bool, wasm: Option<&Path>) -> String {
     let mut s = format!("{ENVOY_ADMIN}{}", stats(pki));
     let _ = write!(
         s,
@@ -433,7 +544,7 @@ fn envoy_outbound(server: Ipv4Addr, pki: Option<&Pki>, h2: bool) -> String {
             address:
               socket_address: {{ address: {server}, port_value: {APP_PORT} }}
 "#,
-        hcm = hcm("outbound_bench", "bench"),
+        hcm = hcm("outbound_bench", "bench", wasm),
         protocol = if h2 { UPSTREAM_H2 } else { DOWNSTREAM_PROTOCOL },
         tls = pki
             .map(|p| mtls::envoy_upstream_tls(p, 4))
@@ -465,7 +576,7 @@ fn envoy_inbound(pki: Option<&Pki>, h1_to_app: bool) -> String {
       source_address: {{ address: 127.0.0.6, port_value: 0 }}
 "#,
         stats = stats(pki),
-        hcm = hcm("inbound_bench", "inbound_app"),
+        hcm = hcm("inbound_bench", "inbound_app", None),
         tls = pki
             .map(|p| mtls::envoy_downstream_tls(p, 6))
             .unwrap_or_default(),

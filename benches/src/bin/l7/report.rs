@@ -189,6 +189,9 @@ pub fn render(header: &[String], p: &Params, r: &Results) -> String {
     {
         tracing_section(&mut s, p, r);
     }
+    if r.has("wasmesh-wasm") || r.has("envoy-wasm") {
+        wasm_section(&mut s, p, r);
+    }
 
     // Ratios and targets.
     if r.has("wasmesh") && (r.has("direct") || r.has("envoy")) {
@@ -364,6 +367,95 @@ fn mtls_section(s: &mut String, p: &Params, r: &Results) {
         );
         for n in r.notes() {
             let _ = writeln!(s, "- {n}");
+        }
+    }
+    let _ = writeln!(s);
+}
+
+/// The most wasmesh's Wasm filter may add, as a share of what the same filter adds in Envoy
+/// (the issue's target).
+const WASM_TARGET: f64 = 0.5;
+
+/// What the Wasm filter adds to each proxy: (with − without) in the same run, per protocol —
+/// latency at the fixed rate (p50, p99), proxy CPU per request, requests/s at saturation.
+fn wasm_section(s: &mut String, p: &Params, r: &Results) {
+    let rate = format!("{:.0}", p.rate);
+    let _ = writeln!(
+        s,
+        "**Wasm filter cost** (same run, same `.wasm`: the filter on the client side's outbound \
+         path; added = pair with the filter − the same pair without; ratio = wasmesh's added / \
+         Envoy's added)\n"
+    );
+    let _ = writeln!(
+        s,
+        "| protocol | measure | wasmesh | wasmesh-wasm | added | envoy | envoy-wasm | added | ratio | target | met |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let added =
+        |with: &str, without: &str, key: &str| Some(r.get(with, key)? - r.get(without, key)?);
+    for proto in &p.protocols {
+        let t = title(*proto);
+        let k = |m: &str| format!("{}.{m}", proto.name());
+        let rows = [
+            (
+                format!("p50 at {rate} req/s (µs)"),
+                k("lat.p50_us"),
+                0,
+                true,
+            ),
+            (
+                format!("p99 at {rate} req/s (µs)"),
+                k("lat.p99_us"),
+                0,
+                false,
+            ),
+            (
+                "proxy CPU-s per 100k requests".to_string(),
+                k("sat.cpu_per_100k"),
+                2,
+                false,
+            ),
+            (
+                "requests/s at saturation".to_string(),
+                k("sat.per_s"),
+                0,
+                false,
+            ),
+        ];
+        for (label, key, digits, targeted) in rows {
+            if !r.measured(&key) {
+                continue;
+            }
+            let ours = added("wasmesh-wasm", "wasmesh", &key);
+            let theirs = added("envoy-wasm", "envoy", &key);
+            let ratio = match (ours, theirs) {
+                (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+                _ => None,
+            };
+            let (target, met) = if targeted {
+                (
+                    format!("≤ {WASM_TARGET}× Envoy's"),
+                    match (ours, ratio) {
+                        (Some(a), _) if a <= 0.0 => "yes",
+                        (_, Some(v)) if v <= WASM_TARGET => "yes",
+                        (_, Some(_)) => "**no**",
+                        _ => "—",
+                    },
+                )
+            } else {
+                ("(reported)".to_string(), "—")
+            };
+            let _ = writeln!(
+                s,
+                "| {t} | {label} | {} | {} | {} | {} | {} | {} | {} | {target} | {met} |",
+                with_spread(r, "wasmesh", &key, digits),
+                with_spread(r, "wasmesh-wasm", &key, digits),
+                f(ours, digits),
+                with_spread(r, "envoy", &key, digits),
+                with_spread(r, "envoy-wasm", &key, digits),
+                f(theirs, digits),
+                x(ratio),
+            );
         }
     }
     let _ = writeln!(s);
