@@ -590,8 +590,22 @@ fn weights_of_90_and_10_hold_over_1000_requests() {
 
 #[test]
 fn a_failing_replica_is_hidden_by_a_route_with_retries() {
-    // web-v2's one replica answers 503 to everything; web-v1's two are fine. `web` selects all.
-    let files = versions(&[], &["--status", "503"]);
+    // web-v2's one replica answers 503 to everything; web-v1's two are fine. `web` selects all,
+    // balanced round-robin: the latency balancer learns to avoid the replica whose answers get
+    // retried, and could then leave it alone for all of the 100 calls (no retry to count).
+    let mut files = versions(&[], &["--status", "503"]);
+    for (name, yaml) in &mut files {
+        if *name == "web-svc.yaml" {
+            *yaml = yaml.replacen(
+                &format!("metadata: {{name: web, namespace: {NS}}}"),
+                &format!(
+                    "metadata: {{name: web, namespace: {NS}, annotations: {{wasmesh.io/balancer: round-robin}}}}"
+                ),
+                1,
+            );
+            assert!(yaml.contains("round-robin"), "{yaml}");
+        }
+    }
     let Some(mesh) = versions_mesh(
         "a_failing_replica_is_hidden_by_a_route_with_retries",
         &files,
