@@ -27,6 +27,23 @@ async fn listener() -> (TcpListener, SocketAddr) {
     (l, a)
 }
 
+/// Control serving `folder` on a fresh port (until the test ends); its address.
+async fn serve_folder(folder: FolderSource) -> SocketAddr {
+    let (l, addr) = listener().await;
+    tokio::spawn(app::serve(
+        wasmesh_control::source::Source::Folder(folder),
+        l,
+        None,
+        Duration::ZERO,
+        std::future::pending(),
+    ));
+    addr
+}
+
+fn cidr() -> Cidr {
+    Cidr::parse("10.96.0.0/12").expect("cidr")
+}
+
 async fn watch(addr: SocketAddr, pod: &str) -> Streaming<TableUpdate> {
     let mut client = DiscoveryClient::connect(format!("http://{addr}"))
         .await
@@ -104,18 +121,7 @@ async fn a_proxy_gets_a_snapshot_then_only_the_service_ports_that_changed() {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("a.yaml"), svc_yaml("alpha", "10.244.0.1")).expect("write");
     std::fs::write(dir.path().join("b.yaml"), svc_yaml("beta", "10.244.0.2")).expect("write");
-    let (l, addr) = listener().await;
-    let source = wasmesh_control::source::Source::Folder(FolderSource::new(
-        dir.path(),
-        Cidr::parse("10.96.0.0/12").expect("cidr"),
-    ));
-    tokio::spawn(app::serve(
-        source,
-        l,
-        None,
-        Duration::ZERO,
-        std::future::pending(),
-    ));
+    let addr = serve_folder(FolderSource::new(dir.path(), cidr())).await;
 
     let mut stream = watch(addr, "client-1").await;
     let mut table = Table::default();
@@ -177,18 +183,7 @@ spec:
     };
     std::fs::write(dir.path().join("svc.yaml"), two_ports).expect("write");
     std::fs::write(dir.path().join("route.yaml"), route(80, 90)).expect("write");
-    let (l, addr) = listener().await;
-    let source = wasmesh_control::source::Source::Folder(FolderSource::new(
-        dir.path(),
-        Cidr::parse("10.96.0.0/12").expect("cidr"),
-    ));
-    tokio::spawn(app::serve(
-        source,
-        l,
-        None,
-        Duration::ZERO,
-        std::future::pending(),
-    ));
+    let addr = serve_folder(FolderSource::new(dir.path(), cidr())).await;
     let mut stream = watch(addr, "client").await;
     let mut table = Table::default();
     next_complete(&mut stream, &mut table).await;
@@ -612,18 +607,7 @@ spec:
         sha256_hex(&stats)
     );
     std::fs::write(dir.path().join("plugins.yaml"), plugins).expect("write");
-    let (l, addr) = listener().await;
-    let source = wasmesh_control::source::Source::Folder(FolderSource::new(
-        dir.path(),
-        Cidr::parse("10.96.0.0/12").expect("cidr"),
-    ));
-    tokio::spawn(app::serve(
-        source,
-        l,
-        None,
-        Duration::ZERO,
-        std::future::pending(),
-    ));
+    let addr = serve_folder(FolderSource::new(dir.path(), cidr())).await;
     let mut stream = watch(addr, "client").await;
     let mut table = Table::default();
     next_complete(&mut stream, &mut table).await;
@@ -744,16 +728,9 @@ spec:
         stats_path.display()
     );
     std::fs::write(dir.path().join("plugins.yaml"), plugins).expect("write");
-    let mut folder = FolderSource::new(dir.path(), Cidr::parse("10.96.0.0/12").expect("cidr"));
+    let mut folder = FolderSource::new(dir.path(), cidr());
     folder.resync = Duration::from_secs(600);
-    let (l, addr) = listener().await;
-    tokio::spawn(app::serve(
-        wasmesh_control::source::Source::Folder(folder),
-        l,
-        None,
-        Duration::ZERO,
-        std::future::pending(),
-    ));
+    let addr = serve_folder(folder).await;
     let mut stream = watch(addr, "client").await;
     let mut table = Table::default();
     next_complete(&mut stream, &mut table).await;
@@ -797,18 +774,7 @@ async fn a_large_module_is_served_whole() {
         "apiVersion: wasmesh.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: big}\nspec: {url: big.wasm}\n",
     )
     .expect("write");
-    let (l, addr) = listener().await;
-    let source = wasmesh_control::source::Source::Folder(FolderSource::new(
-        dir.path(),
-        Cidr::parse("10.96.0.0/12").expect("cidr"),
-    ));
-    tokio::spawn(app::serve(
-        source,
-        l,
-        None,
-        Duration::ZERO,
-        std::future::pending(),
-    ));
+    let addr = serve_folder(FolderSource::new(dir.path(), cidr())).await;
     let mut stream = watch(addr, "client").await;
     let mut table = Table::default();
     next_complete(&mut stream, &mut table).await;
@@ -847,18 +813,7 @@ spec: {{mtls: strict, rules: []}}
         )
     };
     std::fs::write(dir.path().join("policies.yaml"), policies("client")).expect("write");
-    let (l, addr) = listener().await;
-    let source = wasmesh_control::source::Source::Folder(FolderSource::new(
-        dir.path(),
-        Cidr::parse("10.96.0.0/12").expect("cidr"),
-    ));
-    tokio::spawn(app::serve(
-        source,
-        l,
-        None,
-        Duration::ZERO,
-        std::future::pending(),
-    ));
+    let addr = serve_folder(FolderSource::new(dir.path(), cidr())).await;
     let mut stream = watch(addr, "client").await;
     let mut table = Table::default();
     next_complete(&mut stream, &mut table).await;

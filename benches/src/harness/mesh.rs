@@ -207,6 +207,16 @@ endpoints:
     Ok(d)
 }
 
+/// `GET 127.0.0.1:15000<path>` in `pod` (the sidecar's admin: `/metrics`, Envoy's `/stats`…).
+pub fn admin_get(run: Run<'_>, pod: &Pod, path: &str) -> anyhow::Result<String> {
+    tool(
+        run,
+        &pod.ns,
+        &["__get", "--addr", "127.0.0.1:15000", "--path", path],
+        Duration::from_secs(30),
+    )
+}
+
 /// Waits for `GET 127.0.0.1:15000/ready` in each pod (wasmesh-proxy's admin, Envoy's admin).
 pub fn wait_ready(run: Run<'_>, pods: &[&Pod], what: &str) -> anyhow::Result<()> {
     for pod in pods {

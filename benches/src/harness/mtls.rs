@@ -410,14 +410,7 @@ pub fn check_pair(
     app: App,
     pki: &Pki,
 ) -> anyhow::Result<Check> {
-    let get = |pod: &Pod, path: &str| -> anyhow::Result<String> {
-        tool(
-            run,
-            &pod.ns,
-            &["__get", "--addr", "127.0.0.1:15000", "--path", path],
-            Duration::from_secs(30),
-        )
-    };
+    let get = |pod: &Pod, path: &str| super::mesh::admin_get(run, pod, path);
     let mut check = match flavor {
         Flavor::Wasmesh => {
             let c = get(client, "/metrics")?;

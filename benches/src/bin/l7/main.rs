@@ -35,7 +35,7 @@ use wasmesh_benches::harness::netns::{self, Topology};
 use wasmesh_benches::harness::procfs;
 use wasmesh_benches::harness::report::Results;
 use wasmesh_benches::harness::run::{
-    self, RunDir, date, find_envoy, git_head, interrupted, is_root, modified, need, tool, version,
+    self, RunDir, date, find_envoy, git_head, interrupted, is_root, modified, need, version,
     wait_quiet, watch_signals,
 };
 
@@ -741,13 +741,8 @@ fn measure_pair(
     }
     // The Wasm pair ran its filter; the pair it is compared with did not.
     if tools.wasm.is_some() && matches!(pair.kind, Kind::Wasmesh | Kind::WasmeshWasm) {
-        let text = tool(
-            tools.run(),
-            &pair.client.ns,
-            &["__get", "--addr", "127.0.0.1:15000", "--path", "/metrics"],
-            Duration::from_secs(30),
-        )
-        .context("reading the client sidecar's /metrics")?;
+        let text = mesh::admin_get(tools.run(), &pair.client, "/metrics")
+            .context("reading the client sidecar's /metrics")?;
         let calls = mtls::prom_sum(&text, "wasmesh_wasm_calls_total");
         match pair.kind {
             Kind::WasmeshWasm if calls < 1.0 => bail!(

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use wasmesh_benches::harness::mesh::LOAD_CPU;
+use wasmesh_benches::harness::mesh::{self, LOAD_CPU};
 use wasmesh_benches::harness::mtls::prom_sum;
 use wasmesh_benches::harness::netns::{Daemon, Placement, Pod, command_in};
 use wasmesh_benches::harness::run::{Run, interrupted, tool};
@@ -127,13 +127,8 @@ impl Sidecar {
 }
 
 fn sidecar(run: Run<'_>, pod: &Pod) -> anyhow::Result<Sidecar> {
-    let text = tool(
-        run,
-        &pod.ns,
-        &["__get", "--addr", "127.0.0.1:15000", "--path", "/metrics"],
-        Duration::from_secs(30),
-    )
-    .with_context(|| format!("reading the sidecar's /metrics in {}", pod.ns))?;
+    let text = mesh::admin_get(run, pod, "/metrics")
+        .with_context(|| format!("reading the sidecar's /metrics in {}", pod.ns))?;
     Ok(Sidecar::parse(&text))
 }
 
