@@ -20,6 +20,9 @@ pub const PREFIX: &str = "wmb-";
 /// The bridge's address in the node namespace, where control listens.
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
 
+/// The bridge's MAC address (locally administered), fixed so it never follows its ports'.
+const BRIDGE_MAC: &str = "02:00:0a:f4:00:01";
+
 /// A pod: its namespace and address on the bridge.
 #[derive(Debug, Clone)]
 pub struct Pod {
@@ -74,7 +77,12 @@ impl Topology {
         };
         topo.add_ns(&node)?;
         let n = node.as_str();
-        ip(&["-n", n, "link", "add", "br0", "type", "bridge"])?;
+        // A fixed MAC: a bridge left to choose takes its lowest port's and changes it as pods
+        // are added, and a pod holding the old one in its ARP cache loses its packets for
+        // tens of seconds (see examples/local-mesh/src/netns.rs).
+        ip(&[
+            "-n", n, "link", "add", "br0", "address", BRIDGE_MAC, "type", "bridge",
+        ])?;
         ip(&[
             "-n",
             n,

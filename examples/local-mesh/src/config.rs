@@ -28,6 +28,11 @@ pub const PROXY_ADMIN_PORT: u16 = 15000;
 pub const PROXY_UID: u32 = 1337;
 /// The name of the bridge inside the node namespace.
 pub const BRIDGE: &str = "br0";
+/// The bridge's MAC address, set when it is made (locally administered, ending in
+/// [`NODE_IP`]). A bridge left to choose takes the lowest MAC of its ports and changes it as
+/// pods come and go; pods that had resolved the gateway to an old one lose their packets until
+/// their ARP entry is probed again (tens of seconds), see [`crate::netns`].
+pub const BRIDGE_MAC: &str = "02:00:0a:f4:00:01";
 
 /// Names we create start with this unless told otherwise.
 pub const DEFAULT_PREFIX: &str = "wm-";

@@ -5,6 +5,15 @@
 //! to the bridge; its default route is the bridge address. Nothing is created in the machine's
 //! own namespace and the node namespace does not forward, so no packet has a way out.
 //!
+//! The bridge gets a fixed MAC address ([`BRIDGE_MAC`]). Without one, Linux gives a bridge the
+//! lowest MAC of its ports and changes it whenever a port with a lower one is added (or the
+//! lowest removed). Pods starting together then race it: a pod that resolved the gateway just
+//! before a change keeps the old MAC (ARP updates within a second of the last are ignored),
+//! frames to it are not for the bridge any more and are dropped, and the pod cannot reach
+//! control, or anything, until its ARP entry is probed again. That was the local-mesh tests'
+//! "sidecar never became ready" flake: one TCP connection to control made, the next ones
+//! hanging for about 30 s.
+//!
 //! Removal kills every process still in the namespace (`ip netns pids`), deletes it, and
 //! removes its `/etc/netns/<name>` directory. [`cleanup`] does that for every namespace and
 //! directory with a prefix: the leftovers of a crash.
@@ -13,7 +22,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::config::{BRIDGE, NODE_IP, POD_PREFIX_LEN};
+use crate::config::{BRIDGE, BRIDGE_MAC, NODE_IP, POD_PREFIX_LEN};
 use crate::process::{self, RunError, Signal};
 
 /// A network namespace could not be made or changed.
@@ -62,7 +71,7 @@ pub fn add_node(netns: &str) -> Result<(), NetnsError> {
     ip_batch(
         netns,
         &format!(
-            "link set lo up\nlink add {BRIDGE} type bridge\naddr add {NODE_IP}/{POD_PREFIX_LEN} dev {BRIDGE}\nlink set {BRIDGE} up\n"
+            "link set lo up\nlink add {BRIDGE} address {BRIDGE_MAC} type bridge\naddr add {NODE_IP}/{POD_PREFIX_LEN} dev {BRIDGE}\nlink set {BRIDGE} up\n"
         ),
     )
 }

@@ -709,3 +709,90 @@ fn get_and_exec_work_like_kubectl() {
         "{out:?}"
     );
 }
+
+/// Pods starting together must not lose the gateway. The bridge would take the lowest MAC of
+/// its ports and change it as ports come; a pod that resolved the gateway just before a
+/// change then kept the old MAC (ARP updates within a second are ignored) and its packets were
+/// dropped for ~30 s: the "sidecar never got its table" flake. Here a pod connects to the
+/// node's address right after eight ports of the bridge got ever lower MACs, each connect
+/// within 2 s.
+#[test]
+fn a_pod_keeps_reaching_the_node_when_the_ports_of_the_bridge_change_their_macs() {
+    use wasmesh_local::config::NODE_IP;
+    use wasmesh_local::netns;
+    if !support::have_root("a_pod_keeps_reaching_the_node") {
+        return;
+    }
+    let prefix = format!("wmtbr{}-", std::process::id() % 1000);
+    let node = format!("{prefix}node");
+    struct Cleanup(String, String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = netns::cleanup(&self.0, &self.1);
+        }
+    }
+    let _cleanup = Cleanup(prefix.clone(), node.clone());
+    netns::add_node(&node).expect("node namespace");
+    let pod = format!("{prefix}a");
+    netns::add_pod(&node, &pod, "vetha", "10.244.0.2".parse().unwrap()).expect("pod a");
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &node, "python3", "-c"])
+        .arg(format!(
+            "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('{NODE_IP}', 8000))\ns.listen(64)\nprint('up', flush=True)\nwhile True:\n    c, _ = s.accept()\n    c.close()\n"
+        ))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("listener in the node namespace");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("listener up");
+    let connect = || {
+        Command::new("ip")
+            .args(["netns", "exec", &pod, "python3", "-c"])
+            .arg(format!(
+                "import socket\nsocket.create_connection(('{NODE_IP}', 8000), timeout=2).close()"
+            ))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("connect from the pod")
+    };
+    // Eight more pods, then their ports get ever lower MACs within a few milliseconds (one
+    // `ip -batch`), right after the pod resolved the gateway.
+    for i in 1..=8 {
+        netns::add_pod(
+            &node,
+            &format!("{prefix}b{i}"),
+            &format!("vethb{i}"),
+            format!("10.244.0.{}", 10 + i).parse().unwrap(),
+        )
+        .expect("another pod");
+    }
+    assert!(
+        connect().wait().expect("connect").success(),
+        "the pod reaches the node"
+    );
+    let batch: String = (1..=8)
+        .rev()
+        .map(|i| format!("link set vethb{i} address 02:00:00:00:00:0{i}\n"))
+        .collect();
+    let mut set = Command::new("ip")
+        .args(["-n", &node, "-batch", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("ip -batch");
+    std::io::Write::write_all(&mut set.stdin.take().expect("stdin"), batch.as_bytes())
+        .expect("write batch");
+    assert!(set.wait().expect("ip -batch").success());
+    let failed: Vec<usize> = (0..3)
+        .filter(|_| !connect().wait().expect("connect").success())
+        .collect();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        failed.is_empty(),
+        "connects {failed:?} of 3 from the pod to the node failed after the ports' MACs changed"
+    );
+}
