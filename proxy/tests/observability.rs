@@ -825,7 +825,8 @@ async fn tcp_connections_get_a_span_each_when_asked() {
     let got = loop {
         let got = spans.lock().expect("lock").clone();
         let tcp = got.iter().filter(|s| s.name.starts_with("TCP")).count();
-        if tcp >= 2 * CONNS || Instant::now() > deadline {
+        let http = got.len() - tcp;
+        if (tcp >= 2 * CONNS && http > 0) || Instant::now() > deadline {
             break got;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -867,5 +868,75 @@ async fn tcp_connections_get_a_span_each_when_asked() {
     assert!(
         got.iter().any(|s| !s.name.starts_with("TCP")),
         "HTTP spans too"
+    );
+}
+
+// ---------------------------------------------------------------- the export thread
+
+/// Batches are encoded and sent off the proxy's workers: with the only worker thread of the
+/// runtime that recorded the spans held busy (here: blocked), a full batch still reaches the
+/// collector. (Exported on a worker, it would wait for the worker, and so would the requests
+/// queued behind an encode.)
+#[test]
+fn a_full_batch_is_exported_while_the_proxys_worker_is_busy() {
+    use opentelemetry::trace::SpanKind;
+    use wasmesh_proxy::otel::config::{Protocol, TraceConfig};
+    use wasmesh_proxy::otel::sampler::Sampler;
+    use wasmesh_proxy::otel::{TraceStats, export};
+
+    // The collector on a runtime of its own.
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            addr_tx.send(otlp_receiver().await).expect("send");
+            std::future::pending::<()>().await;
+        });
+    });
+    let (collector, got) = addr_rx.recv().expect("receiver up");
+
+    // The proxy's side: one worker, which records ten spans and then never yields.
+    let worker = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let stats = Arc::new(TraceStats::default());
+    worker.block_on(async {
+        let tracer = export::start(
+            TraceConfig {
+                endpoint: format!("http://{collector}/v1/traces"),
+                protocol: Protocol::HttpProtobuf,
+                sampler: Sampler::AlwaysOn,
+                batch_size: 10,
+                // Only a full batch is sent: the timer cannot be what sends it.
+                schedule_delay: Duration::from_secs(3600),
+                ..TraceConfig::default()
+            },
+            stats.clone(),
+        )
+        .expect("tracer");
+        for _ in 0..10 {
+            tracer
+                .start(SpanKind::Server, &http::HeaderMap::new())
+                .end(Some(200), None);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let exported = || stats.exported.load(std::sync::atomic::Ordering::Relaxed);
+        while (got.lock().expect("lock").len() < 10 || exported() < 10) && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    assert_eq!(
+        got.lock().expect("lock").len(),
+        10,
+        "the collector got the batch while the worker was blocked"
+    );
+    assert_eq!(
+        stats.exported.load(std::sync::atomic::Ordering::Relaxed),
+        10
     );
 }
