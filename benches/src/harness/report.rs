@@ -96,6 +96,27 @@ impl Results {
         let (x, y) = (self.get(a, key)?, self.get(b, key)?);
         (y != 0.0).then(|| x / y)
     }
+
+    /// `a`'s value over `b`'s within each round, median over the rounds (None unless both
+    /// have a value in every round). Pairs of one round are measured one after the other, so a
+    /// machine that is slower for a while (another tenant; hypervisor steal) slows both: the
+    /// per-round ratio cancels what the ratio of the medians, taken from different rounds,
+    /// does not.
+    pub fn paired_ratio(&self, a: &str, b: &str, key: &str) -> Option<f64> {
+        let x = self.by_pair.get(a)?.get(key)?;
+        let y = self.by_pair.get(b)?.get(key)?;
+        if x.is_empty() || x.len() != y.len() || y.contains(&0.0) {
+            return None;
+        }
+        let mut r: Vec<f64> = x.iter().zip(y).map(|(x, y)| x / y).collect();
+        r.sort_by(f64::total_cmp);
+        let n = r.len();
+        Some(if n % 2 == 1 {
+            r[n / 2]
+        } else {
+            (r[n / 2 - 1] + r[n / 2]) / 2.0
+        })
+    }
 }
 
 pub fn f(v: Option<f64>, digits: usize) -> String {
@@ -125,5 +146,32 @@ pub fn pct(v: Option<f64>) -> String {
     match v {
         Some(v) => format!("{:.0} %", v * 100.0),
         None => "—".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round(r: &mut Results, pair: &str, per_s: f64) {
+        r.add(pair, BTreeMap::from([("per_s".to_string(), per_s)]));
+    }
+
+    #[test]
+    fn a_paired_ratio_follows_the_rounds_and_shrugs_off_one_slow_spell() {
+        let mut r = Results::default();
+        // b is 10 % slower than a in every round, while the machine's speed drifts; in the
+        // last round a slow spell hit b alone.
+        for (a, b) in [(100.0, 90.0), (50.0, 45.0), (80.0, 72.0), (100.0, 55.0)] {
+            round(&mut r, "a", a);
+            round(&mut r, "b", b);
+        }
+        assert!((r.paired_ratio("b", "a", "per_s").unwrap() - 0.9).abs() < 1e-9);
+        // The ratio of the medians mixes rounds: (45, 55, 72, 90) → 63.5 over
+        // (50, 80, 100, 100) → 90.
+        assert!((r.ratio("b", "a", "per_s").unwrap() - 63.5 / 90.0).abs() < 1e-9);
+        // A pair missing a round has no paired ratio.
+        round(&mut r, "a", 100.0);
+        assert_eq!(r.paired_ratio("b", "a", "per_s"), None);
     }
 }
