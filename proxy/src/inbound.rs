@@ -52,6 +52,9 @@ pub async fn serve(listener: TcpListener, inb: Arc<Inbound>) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                // An IPv4 peer on the dual-stack listener arrives as `::ffff:a.b.c.d`: logs,
+                // spans and policies want the address it has.
+                let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
                 let inb = inb.clone();
                 tokio::spawn(async move {
                     match crate::orig_dst::original_dst(&stream) {

@@ -157,6 +157,15 @@ fn unix_nanos(t: SystemTime) -> u64 {
 fn key_value(out: &mut Vec<u8>, field: u32, k: &str, v: &AttrValue) {
     let mut ip = [0u8; 48];
     // AnyValue { string_value = 1; int_value = 3 }
+    let canonical;
+    let v = match v {
+        // `::ffff:a.b.c.d` is written as the IPv4 address it is.
+        AttrValue::Ip(IpAddr::V6(a)) if a.to_ipv4_mapped().is_some() => {
+            canonical = AttrValue::Ip(IpAddr::V6(*a).to_canonical());
+            &canonical
+        }
+        v => v,
+    };
     let (value_field, text, int): (u32, &[u8], i64) = match v {
         AttrValue::Str(s) => (1, s.as_bytes(), 0),
         AttrValue::Shared(s) => (1, s.as_bytes(), 0),
@@ -422,6 +431,20 @@ mod tests {
                 .expect("decodes");
             assert_eq!(string_of(&kv.value), Value::StringValue(a.into()));
         }
+        // An IPv4 peer seen through a dual-stack socket is written as IPv4.
+        let mut out = Vec::new();
+        key_value(
+            &mut out,
+            1,
+            "k",
+            &AttrValue::Ip("::ffff:10.244.0.2".parse().expect("ip")),
+        );
+        let kv =
+            opentelemetry_proto::tonic::common::v1::KeyValue::decode(&out[2..]).expect("decodes");
+        assert_eq!(
+            string_of(&kv.value),
+            Value::StringValue("10.244.0.2".into())
+        );
     }
 
     #[test]

@@ -39,8 +39,7 @@ pub struct Parent {
 pub fn extract(headers: &HeaderMap) -> Option<Parent> {
     if let Some(p) = headers
         .get(&TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_traceparent)
+        .and_then(|v| parse_traceparent_bytes(v.as_bytes()))
     {
         return Some(p);
     }
@@ -72,36 +71,47 @@ pub fn extract(headers: &HeaderMap) -> Option<Parent> {
 
 /// `00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`; a later version may append fields.
 pub fn parse_traceparent(s: &str) -> Option<Parent> {
-    let s = s.trim();
-    let mut parts = s.split('-');
-    let version = parts.next()?;
-    let trace_id = parts.next()?;
-    let span_id = parts.next()?;
-    let flags = parts.next()?;
-    if version.len() != 2 || !is_lower_hex(version) || version == "ff" {
+    parse_traceparent_bytes(s.as_bytes())
+}
+
+/// [`parse_traceparent`] on the header's bytes, in one pass (every sampled request on the
+/// inbound side reads one).
+fn parse_traceparent_bytes(b: &[u8]) -> Option<Parent> {
+    let b = b.trim_ascii();
+    if b.len() < 55 || b[2] != b'-' || b[35] != b'-' || b[52] != b'-' {
         return None;
     }
-    // Version 00 has exactly four fields; later versions may add more.
-    if version == "00" && parts.next().is_some() {
+    let version = lower_hex(&b[..2])?;
+    if version == 0xff {
         return None;
     }
-    if trace_id.len() != 32 || span_id.len() != 16 || flags.len() != 2 {
+    // Version 00 has exactly four fields; later versions may add more, after a `-`.
+    if b.len() > 55 && (version == 0 || b[55] != b'-') {
         return None;
     }
-    if !is_lower_hex(trace_id) || !is_lower_hex(span_id) || !is_lower_hex(flags) {
+    let trace_id = lower_hex(&b[3..35])?;
+    let span_id = lower_hex(&b[36..52])?;
+    let flags = lower_hex(&b[53..55])?;
+    if trace_id == 0 || span_id == 0 {
         return None;
     }
-    let trace_id = TraceId::from_hex(trace_id).ok()?;
-    let span_id = SpanId::from_hex(span_id).ok()?;
-    if trace_id == TraceId::INVALID || span_id == SpanId::INVALID {
-        return None;
-    }
-    let flags = u8::from_str_radix(flags, 16).ok()?;
     Some(Parent {
-        trace_id,
-        span_id,
+        trace_id: TraceId::from(trace_id),
+        span_id: SpanId::from(span_id as u64),
         sampled: Some(flags & 1 == 1),
         format: Format::W3c,
+    })
+}
+
+/// Lower-case hex digits (at most 32) as a number; None on anything else.
+fn lower_hex(s: &[u8]) -> Option<u128> {
+    s.iter().try_fold(0u128, |n, &c| {
+        let digit = match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            _ => return None,
+        };
+        Some(n << 4 | u128::from(digit))
     })
 }
 
@@ -149,11 +159,6 @@ pub(crate) fn hex_into(out: &mut [u8], bytes: &[u8]) {
         o[0] = HEX[usize::from(b >> 4)];
         o[1] = HEX[usize::from(b & 0x0f)];
     }
-}
-
-fn is_lower_hex(s: &str) -> bool {
-    s.bytes()
-        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Writes the context the next hop continues: `traceparent` with `span_id` as its parent
@@ -241,6 +246,11 @@ mod tests {
         let p = parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00")
             .expect("valid");
         assert_eq!(p.sampled, Some(false));
+        // Flags other than sampled are ignored; surrounding blanks too.
+        let p = parse_traceparent(" 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-03 ")
+            .expect("valid");
+        assert_eq!(p.sampled, Some(true));
+        assert_eq!(p.span_id.to_string(), "00f067aa0ba902b7");
         // A future version with an extra field is read by its first four.
         assert!(
             parse_traceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-xyz")
@@ -255,6 +265,12 @@ mod tests {
             "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
             "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01xyz",
+            "0g-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0z",
+            "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736_00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7_01",
         ] {
             assert_eq!(parse_traceparent(bad), None, "{bad:?}");
         }
