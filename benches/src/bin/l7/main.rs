@@ -67,7 +67,8 @@ OPTIONS:
   --wasm-module PATH   the filter          [default: <bin-dir>/../wasm32-wasip1/release/header_route.wasm,
                        built by `cargo build --manifest-path filters/Cargo.toml --target wasm32-wasip1
                        --release` with CARGO_TARGET_DIR=target]
-  --rounds N           repeat every pair N times, report medians          [default 3; quick 1]
+  --rounds N           repeat every pair N times (even rounds in reverse pair order), report
+                       medians                                             [default 3; quick 1]
   --secs S             duration of the saturation phase                    [default 8; quick 2]
   --latency-secs S     duration of the fixed-rate latency phase            [default 10; quick 3]
   --rate R             requests/s of the latency phase                     [default 2000]
@@ -521,7 +522,15 @@ fn measure_all(
     results: &mut Results,
 ) -> anyhow::Result<()> {
     for round in 1..=p.rounds {
-        for kind in &p.pairs {
+        // Odd rounds in the order given, even rounds the other way round: a pair that always
+        // ran first (or last) would carry whatever that place costs (the machine settling after
+        // the previous pair's teardown), and so would the ratios paired by round.
+        let order: Vec<&Kind> = if round % 2 == 1 {
+            p.pairs.iter().collect()
+        } else {
+            p.pairs.iter().rev().collect()
+        };
+        for kind in order {
             if interrupted() {
                 bail!("interrupted");
             }
