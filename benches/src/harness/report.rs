@@ -53,17 +53,7 @@ impl Results {
 
     /// Median over the rounds.
     pub fn get(&self, pair: &str, key: &str) -> Option<f64> {
-        let mut v = self.by_pair.get(pair)?.get(key)?.clone();
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        Some(if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        })
+        median(self.by_pair.get(pair)?.get(key)?.clone())
     }
 
     /// Highest over the rounds.
@@ -105,18 +95,25 @@ impl Results {
     pub fn paired_ratio(&self, a: &str, b: &str, key: &str) -> Option<f64> {
         let x = self.by_pair.get(a)?.get(key)?;
         let y = self.by_pair.get(b)?.get(key)?;
-        if x.is_empty() || x.len() != y.len() || y.contains(&0.0) {
+        if x.len() != y.len() || y.contains(&0.0) {
             return None;
         }
-        let mut r: Vec<f64> = x.iter().zip(y).map(|(x, y)| x / y).collect();
-        r.sort_by(f64::total_cmp);
-        let n = r.len();
-        Some(if n % 2 == 1 {
-            r[n / 2]
-        } else {
-            (r[n / 2 - 1] + r[n / 2]) / 2.0
-        })
+        median(x.iter().zip(y).map(|(x, y)| x / y).collect())
     }
+}
+
+/// The middle value (the mean of the two middle ones for an even count); None when empty.
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
 }
 
 pub fn f(v: Option<f64>, digits: usize) -> String {
