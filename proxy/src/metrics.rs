@@ -607,6 +607,28 @@ impl Collector for StateCollector {
         )?;
         gauge(
             &mut encoder,
+            "wasmesh_mtls_trust_bundle_roots",
+            "CA roots in the trust bundle in use (2 while a CA rotation is under way; 0: none yet)",
+            state
+                .mesh_stats
+                .trust_bundle_roots
+                .load(Ordering::Relaxed)
+                .try_into()
+                .unwrap_or(i64::MAX),
+        )?;
+        gauge(
+            &mut encoder,
+            "wasmesh_mtls_trust_bundle_version",
+            "Control's version of the trust bundle in use (0: none yet)",
+            state
+                .mesh_stats
+                .trust_bundle_version
+                .load(Ordering::Relaxed)
+                .try_into()
+                .unwrap_or(i64::MAX),
+        )?;
+        gauge(
+            &mut encoder,
             "wasmesh_ready",
             "1 once the first table arrived (0 again while draining)",
             i64::from(state.is_ready()),

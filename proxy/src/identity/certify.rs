@@ -215,7 +215,7 @@ pub async fn run(cfg: IdentityConfig, store: Arc<IdentityStore>, stats: Arc<Mesh
                             renew_in = ?wait,
                             "identity: certificate installed"
                         );
-                        store.set(state);
+                        install(&store, &stats, state);
                         renew_at = Instant::now() + wait;
                     }
                     Err(CertifyError::Refused(status)) if status.code() == tonic::Code::Unimplemented => {
@@ -248,7 +248,7 @@ pub async fn run(cfg: IdentityConfig, store: Arc<IdentityStore>, stats: Arc<Mesh
                 match TlsState::new(current.cert.clone(), bundle.clone()) {
                     Ok(state) => {
                         tracing::info!(version = bundle.version, roots = bundle.roots.len(), "identity: trust bundle updated");
-                        store.set(state);
+                        install(&store, &stats, state);
                     }
                     Err(e) => tracing::warn!(error = %e, "identity: trust bundle unusable; keeping the previous one"),
                 }
@@ -260,6 +260,18 @@ pub async fn run(cfg: IdentityConfig, store: Arc<IdentityStore>, stats: Arc<Mesh
             }
         }
     }
+}
+
+/// Makes `state` the one new connections use, and says so on `/metrics`.
+fn install(store: &IdentityStore, stats: &MeshStats, state: TlsState) {
+    use std::sync::atomic::Ordering::Relaxed;
+    stats
+        .trust_bundle_roots
+        .store(state.bundle.roots.len() as u64, Relaxed);
+    stats
+        .trust_bundle_version
+        .store(state.bundle.version, Relaxed);
+    store.set(state);
 }
 
 /// Follows WatchTrustBundle forever, reconnecting with backoff.

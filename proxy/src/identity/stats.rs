@@ -27,6 +27,10 @@ pub struct MeshStats {
     pub authz_denied: AtomicU64,
     /// notAfter of the certificate in use, Unix seconds (0: none yet).
     pub certificate_expiry: AtomicU64,
+    /// Roots in the trust bundle in use (0: none yet): 2 during a CA rotation.
+    pub trust_bundle_roots: AtomicU64,
+    /// Control's version of the trust bundle in use (0: none yet).
+    pub trust_bundle_version: AtomicU64,
     refused: [AtomicU64; REFUSAL_REASONS.len()],
 }
 
