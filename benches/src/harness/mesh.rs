@@ -100,6 +100,7 @@ pub fn start_control(
     server_host: u8,
     port_name: &str,
     pki: Option<&Pki>,
+    extra: &[String],
 ) -> anyhow::Result<Daemon> {
     let folder = run.dir.join("control");
     std::fs::create_dir_all(&folder)?;
@@ -177,6 +178,7 @@ endpoints:
     if let Some(pki) = pki {
         args.extend(pki.control_args());
     }
+    args.extend_from_slice(extra);
     let mut cmd = command_in(
         &Placement {
             ns: &topo.node,

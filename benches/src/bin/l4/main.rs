@@ -394,6 +394,7 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
             server_host,
             "tcp",
             ca,
+            &[],
         )?)
     } else {
         None

@@ -18,6 +18,7 @@
 //! `cargo build --release -p wasmesh-proxy -p wasmesh-control -p wasmesh-benches`.
 //! See `benches/README.md`.
 
+mod interleaved;
 mod load;
 mod otlp;
 mod pairs;
@@ -61,6 +62,11 @@ OPTIONS:
                        wasmesh pair with tracing off, at 1 % and at 100 % sampling, OTLP/gRPC to
                        a receiver in the node's namespace), phases sat,lat; every tracing pair's
                        spans checked against the receiver (--pairs, --phases still apply)
+  --interleaved        with --tracing: one wasmesh pair for the whole run, its tracing switched
+                       by restarting control with mesh-wide tracing flags (off, or
+                       --trace-sampling N/100), every setting back to back in each round with
+                       short phases: the machine's slow swings cancel out of the paired ratios
+                       (phase sat; --rounds 10, --secs 4 unless given)
   --wasm               the cost of a Proxy-Wasm filter: pairs wasmesh,wasmesh-wasm,envoy,envoy-wasm
                        (filters/header-route, the same .wasm in both, on the client side's
                        outbound path), phases sat,lat (--pairs, --phases still apply)
@@ -120,12 +126,18 @@ pub struct Params {
     wasm_module: Option<PathBuf>,
     keep: bool,
     quick: bool,
+    /// `--interleaved`: one pair, its tracing switched by control (see [`interleaved`]).
+    interleaved: bool,
 }
 
 fn params(args: &[String]) -> anyhow::Result<Params> {
     let quick = args.iter().any(|a| a == "--quick");
     let mtls = args.iter().any(|a| a == "--mtls");
     let tracing = args.iter().any(|a| a == "--tracing");
+    let interleaved = args.iter().any(|a| a == "--interleaved");
+    if interleaved && !tracing {
+        bail!("--interleaved goes with --tracing");
+    }
     let wasm = args.iter().any(|a| a == "--wasm");
     if [mtls, tracing, wasm].iter().filter(|b| **b).count() > 1 {
         bail!(
@@ -133,8 +145,16 @@ fn params(args: &[String]) -> anyhow::Result<Params> {
         );
     }
     let mut p = Params {
-        rounds: if quick { 1 } else { 3 },
-        secs: if quick { 2.0 } else { 8.0 },
+        rounds: match (quick, interleaved) {
+            (true, _) => 1,
+            (false, true) => 10,
+            (false, false) => 3,
+        },
+        secs: match (quick, interleaved) {
+            (true, _) => 2.0,
+            (false, true) => 4.0,
+            (false, false) => 8.0,
+        },
         latency_secs: if quick { 3.0 } else { 10.0 },
         rate: 2000.0,
         latency_conns: 4,
@@ -168,7 +188,7 @@ fn params(args: &[String]) -> anyhow::Result<Params> {
         },
         protocols: vec![Proto::H1, Proto::H2],
         alts: Vec::new(),
-        phases: if mtls {
+        phases: if mtls || interleaved {
             vec!["sat".to_string()]
         } else {
             PHASES.iter().map(|s| s.to_string()).collect()
@@ -179,6 +199,7 @@ fn params(args: &[String]) -> anyhow::Result<Params> {
         wasm_module: None,
         keep: false,
         quick,
+        interleaved,
     };
     let mut pair_names: Option<String> = None;
     let mut it = args.iter();
@@ -194,7 +215,7 @@ fn params(args: &[String]) -> anyhow::Result<Params> {
             v.parse().with_context(|| format!("{a} needs a number"))
         };
         match a.as_str() {
-            "--quick" | "--mtls" | "--tracing" | "--wasm" => {}
+            "--quick" | "--mtls" | "--tracing" | "--wasm" | "--interleaved" => {}
             "--wasm-module" => p.wasm_module = Some(value()?.into()),
             "--keep" => p.keep = true,
             "--rounds" => p.rounds = number(value()?)? as usize,
@@ -431,7 +452,9 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
         ));
     }
     let traced = wants(&|k| k.tracing().is_some());
-    if traced {
+    if traced && p.interleaved {
+        header.push(interleaved::describe());
+    } else if traced {
         header.push(trace_check::describe(pairs::otlp_address()));
     }
     for alt in &p.alts {
@@ -468,7 +491,7 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
     let mut topo = Topology::new()?;
     tools.node = topo.node.clone();
     let (client_host, server_host) = (11, 12);
-    let _control = if p.pairs.iter().any(|k| k.wasmesh()) {
+    let mut control = if p.pairs.iter().any(|k| k.wasmesh()) {
         // The CA only when a wasmesh pair uses it: plaintext runs start control as before.
         let ca = wants(&|k| k.mtls() == Some(Flavor::Wasmesh))
             .then_some(tools.pki.as_ref())
@@ -481,6 +504,7 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
             server_host,
             "http",
             ca,
+            &[],
         )?)
     } else {
         None
@@ -496,14 +520,27 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
     let ticks = procfs::clock_ticks();
 
     let mut results = Results::default();
-    let outcome = measure_all(
-        p,
-        &tools,
-        &mut topo,
-        (client_host, server_host),
-        ticks,
-        &mut results,
-    );
+    let outcome = if p.interleaved {
+        interleaved::measure(
+            p,
+            &tools,
+            &mut topo,
+            (client_host, server_host),
+            ticks,
+            &mut results,
+            &mut control,
+        )
+    } else {
+        measure_all(
+            p,
+            &tools,
+            &mut topo,
+            (client_host, server_host),
+            ticks,
+            &mut results,
+        )
+    };
+    drop(control);
     let mut text = report::render(&header, p, &results);
     if let Err(e) = &outcome {
         text = format!("**Incomplete run** (stopped: {e:#}); rounds done so far:\n\n{text}");
@@ -725,6 +762,8 @@ fn measure_pair(
         rec.insert(format!("hwm.{role}"), mib(m.hwm));
     }
     match (pair.kind, pair.kind.tracing(), &tools.otlp) {
+        // Checked by the caller, against the counters before this step.
+        _ if p.interleaved => {}
         (_, Some(ratio), Some(receiver)) => {
             let check = trace_check::check_pair(
                 tools.run(),
@@ -732,7 +771,7 @@ fn measure_pair(
                 &pair.server,
                 &tools.node,
                 receiver,
-                &otlp_before.unwrap_or_default(),
+                (&otlp_before.unwrap_or_default(), &Default::default()),
                 ratio,
                 Duration::from_secs(45),
             )

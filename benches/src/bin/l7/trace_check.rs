@@ -120,13 +120,25 @@ impl Sidecar {
         self.dropped_queue_full + self.dropped_export_failed
     }
 
+    /// What was counted since `before` (`enabled` is now's).
+    pub fn since(&self, before: &Sidecar) -> Sidecar {
+        Sidecar {
+            enabled: self.enabled,
+            requests: self.requests - before.requests,
+            spans: self.spans - before.spans,
+            exported: self.exported - before.exported,
+            dropped_queue_full: self.dropped_queue_full - before.dropped_queue_full,
+            dropped_export_failed: self.dropped_export_failed - before.dropped_export_failed,
+        }
+    }
+
     /// Every recorded span exported or dropped: nothing left in its queue.
     pub fn flushed(&self) -> bool {
         self.spans <= self.exported + self.dropped()
     }
 }
 
-fn sidecar(run: Run<'_>, pod: &Pod) -> anyhow::Result<Sidecar> {
+pub fn sidecar(run: Run<'_>, pod: &Pod) -> anyhow::Result<Sidecar> {
     let text = mesh::admin_get(run, pod, "/metrics")
         .with_context(|| format!("reading the sidecar's /metrics in {}", pod.ns))?;
     Ok(Sidecar::parse(&text))
@@ -243,9 +255,10 @@ impl Check {
 }
 
 /// Waits until both sidecars have exported or dropped every span they recorded (the exporter
-/// sends a batch when it is full or every 5 s; at most `max`), then compares their counters with
-/// what the receiver got since `before`. Fails only when tracing is not working at all (off, or
-/// no span recorded); what does not add up is in [`Check::problems`].
+/// sends a batch when it is full or every 5 s; at most `max`), then compares what their counters
+/// grew by since `sidecars_before` (client, server; zero for fresh sidecars) with what the
+/// receiver got since `before`. Fails only when tracing is not working at all (off, or no span
+/// recorded); what does not add up is in [`Check::problems`].
 #[allow(clippy::too_many_arguments)]
 pub fn check_pair(
     run: Run<'_>,
@@ -253,7 +266,7 @@ pub fn check_pair(
     server: &Pod,
     node: &str,
     receiver: &Receiver,
-    before: &Counts,
+    (before, sidecars_before): (&Counts, &(Sidecar, Sidecar)),
     ratio: f64,
     max: Duration,
 ) -> anyhow::Result<Check> {
@@ -261,7 +274,7 @@ pub fn check_pair(
     let (c, s) = loop {
         let (c, s) = (sidecar(run, client)?, sidecar(run, server)?);
         if (c.flushed() && s.flushed()) || Instant::now() >= deadline || interrupted() {
-            break (c, s);
+            break (c.since(&sidecars_before.0), s.since(&sidecars_before.1));
         }
         std::thread::sleep(Duration::from_millis(250));
     };
@@ -424,6 +437,25 @@ wasmesh_tracing_spans_dropped_total{reason=\"export_failed\"} 6
         );
         assert!(s.flushed());
         assert!(!Sidecar::parse("wasmesh_tracing_spans_total 3\n").flushed());
+    }
+
+    #[test]
+    fn an_interleaved_step_counts_only_what_grew_during_it() {
+        // A sidecar that traced at 1 % before this step, then every request during it.
+        let before = Sidecar::parse(METRICS);
+        let after = Sidecar {
+            requests: before.requests + 500.0,
+            spans: before.spans + 500.0,
+            exported: before.exported + 500.0,
+            ..before
+        };
+        let step = after.since(&before);
+        assert_eq!(
+            (step.requests, step.spans, step.exported),
+            (500.0, 500.0, 500.0)
+        );
+        assert_eq!(step.dropped(), 0.0);
+        assert!(step.enabled && step.flushed());
     }
 
     #[test]
