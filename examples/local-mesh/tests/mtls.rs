@@ -571,10 +571,9 @@ fn a_ca_rotation_fails_no_request() {
             root.write_to_dir(&ca_dir).expect("new CA files");
             rotated = true;
         }
-        // A rotation breaks calls by refusing handshakes (a reset, at once), never by making
-        // them slow: the deadline is generous so a loaded machine's pause is not taken for
-        // one; refusals are counted below, even those failover hid from the client.
-        let calls = mesh.calls_with(NS, "client", "http://web/", 10, &["--timeout", "10s"]);
+        // A rotation breaks calls by refusing handshakes (a reset, at once), not by making
+        // them slow; refusals are counted below, even those failover hid from the client.
+        let calls = mesh.calls(NS, "client", "http://web/", 10);
         assert!(
             calls.failures.is_empty(),
             "a call failed during the rotation ({:?} after the start): {}\n{}",
