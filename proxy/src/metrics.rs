@@ -574,6 +574,11 @@ fn gauge(
     g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)
 }
 
+/// A gauge's value from an unsigned counter (saturating).
+fn gauge_value(v: &std::sync::atomic::AtomicU64) -> i64 {
+    v.load(Ordering::Relaxed).try_into().unwrap_or(i64::MAX)
+}
+
 impl Collector for StateCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let state = &self.0;
@@ -598,34 +603,19 @@ impl Collector for StateCollector {
             &mut encoder,
             "wasmesh_mtls_certificate_expiry_seconds",
             "notAfter of the workload certificate in use (Unix time; 0: none yet)",
-            state
-                .mesh_stats
-                .certificate_expiry
-                .load(Ordering::Relaxed)
-                .try_into()
-                .unwrap_or(i64::MAX),
+            gauge_value(&state.mesh_stats.certificate_expiry),
         )?;
         gauge(
             &mut encoder,
             "wasmesh_mtls_trust_bundle_roots",
             "CA roots in the trust bundle in use (2 while a CA rotation is under way; 0: none yet)",
-            state
-                .mesh_stats
-                .trust_bundle_roots
-                .load(Ordering::Relaxed)
-                .try_into()
-                .unwrap_or(i64::MAX),
+            gauge_value(&state.mesh_stats.trust_bundle_roots),
         )?;
         gauge(
             &mut encoder,
             "wasmesh_mtls_trust_bundle_version",
             "Control's version of the trust bundle in use (0: none yet)",
-            state
-                .mesh_stats
-                .trust_bundle_version
-                .load(Ordering::Relaxed)
-                .try_into()
-                .unwrap_or(i64::MAX),
+            gauge_value(&state.mesh_stats.trust_bundle_version),
         )?;
         gauge(
             &mut encoder,
