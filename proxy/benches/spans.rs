@@ -1,0 +1,132 @@
+//! What tracing costs one request on the proxy's worker, in both sidecars: the client
+//! sidecar's span (no `traceparent` from the app: a new trace), its attributes, the
+//! `traceparent` it adds, its end and queueing; then the server sidecar's span continuing it
+//! from that header, its attributes, the `traceparent` it passes to the app, its end. The same
+//! calls, with the same kinds of values, as `http/forward.rs` and `http/inbound.rs` make.
+//!
+//! Three cases: every trace sampled (two spans recorded and queued), none sampled (ids and
+//! headers only), and no tracer (the baseline: the header map work the loop does anyway).
+//! The spans go to a real export thread (`otel::export::start`) whose collector refuses the
+//! connection, so batches are dropped there after the encode: the worker's side is what is
+//! measured, as on a proxy whose export thread runs on another core.
+//!
+//! `cargo bench -p wasmesh-proxy --bench spans`. The end-to-end cost (requests/s through a
+//! sidecar pair) is `l7 --tracing` in `benches/`.
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use http::{HeaderMap, HeaderValue, Method};
+use opentelemetry::trace::SpanKind;
+use wasmesh_proxy::otel::config::Protocol;
+use wasmesh_proxy::otel::propagation::TRACEPARENT;
+use wasmesh_proxy::otel::sampler::{Root, Sampler};
+use wasmesh_proxy::otel::{TraceConfig, Tracer, export};
+
+fn tracer(sampler: Sampler) -> Arc<Tracer> {
+    let cfg = TraceConfig {
+        // Nothing listens there: each batch is encoded, its export refused, and dropped.
+        endpoint: "http://127.0.0.1:9".into(),
+        protocol: Protocol::Grpc,
+        sampler,
+        ..TraceConfig::default()
+    };
+    export::start(cfg, Arc::default()).expect("tracer")
+}
+
+/// A request's headers as an app sends them.
+fn app_headers() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(
+        "host",
+        HeaderValue::from_static("backend.demo.svc.cluster.local"),
+    );
+    h.insert("user-agent", HeaderValue::from_static("bench/1.0"));
+    h.insert("accept", HeaderValue::from_static("*/*"));
+    h
+}
+
+struct Values {
+    path: String,
+    service: Arc<str>,
+    route: Arc<str>,
+    pod: Arc<str>,
+    endpoint: IpAddr,
+    client: IpAddr,
+}
+
+/// Both sidecars' spans for one request; `headers` ends as the app's request (without
+/// `traceparent`) again.
+fn one_request(t: Option<&Arc<Tracer>>, headers: &mut HeaderMap, v: &Values) {
+    let method = Method::GET;
+    // Client sidecar (forward.rs).
+    let mut span = t.map(|t| t.start(SpanKind::Client, headers));
+    if let Some(s) = span.as_mut() {
+        s.set("http.request.method", "GET");
+        s.set_with("url.path", || v.path.clone());
+        s.set("network.protocol.version", "2");
+        s.name("GET");
+        s.set("wasmesh.destination.service", v.service.clone());
+        s.set("server.port", 80i64);
+        s.set("http.route", v.route.clone());
+        s.inject(headers);
+        s.put("network.peer.address", v.endpoint);
+        s.put("network.peer.port", 8080i64);
+        s.put("wasmesh.endpoint.pod", v.pod.clone());
+    }
+    // Server sidecar (inbound.rs), reading what the client sidecar sent.
+    let mut server = t.map(|t| t.start(SpanKind::Server, headers));
+    if let Some(s) = server.as_mut()
+        && s.is_sampled()
+    {
+        s.set("http.request.method", "GET");
+        s.set("url.path", v.path.as_str().to_string());
+        s.set("network.protocol.version", "2");
+        s.set("server.port", 8080i64);
+        s.set("client.address", v.client);
+        s.set("network.peer.address", v.client);
+        s.set("network.peer.port", 40000i64);
+        s.name(method.as_str().to_string());
+    }
+    if let Some(s) = server.as_ref() {
+        s.inject(headers);
+    }
+    black_box(&*headers);
+    if let Some(s) = server {
+        s.end(Some(200), None);
+    }
+    if let Some(s) = span {
+        s.end(Some(200), None);
+    }
+    headers.remove(&TRACEPARENT);
+}
+
+fn spans(c: &mut Criterion) {
+    let v = Values {
+        path: "/api/orders/42".into(),
+        service: Arc::from("demo/backend:80"),
+        route: Arc::from("demo/backend-route"),
+        pod: Arc::from("demo/backend-7d9f-abcde"),
+        endpoint: IpAddr::V4(Ipv4Addr::new(10, 244, 0, 12)),
+        client: IpAddr::V4(Ipv4Addr::new(10, 244, 0, 11)),
+    };
+    let mut g = c.benchmark_group("one request, both sidecars");
+    let mut headers = app_headers();
+    g.bench_function("no tracer", |b| {
+        b.iter(|| one_request(None, &mut headers, &v))
+    });
+    let all = tracer(Sampler::ParentBased(Root::AlwaysOn));
+    g.bench_function("every trace sampled (2 spans)", |b| {
+        b.iter(|| one_request(Some(&all), &mut headers, &v))
+    });
+    let none = tracer(Sampler::ParentBased(Root::AlwaysOff));
+    g.bench_function("no trace sampled", |b| {
+        b.iter(|| one_request(Some(&none), &mut headers, &v))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, spans);
+criterion_main!(benches);
