@@ -104,7 +104,7 @@ pub fn measure(
                     check.record(&mut rec);
                     results.add(&kind.name(), rec);
                 } else {
-                    // Off: not one span more (measure_pair checked the sidecars say off).
+                    // Off (both sidecars said so before the step): not one span more.
                     let (c, s) = (
                         trace_check::sidecar(tools.run(), &base.client)?,
                         trace_check::sidecar(tools.run(), &base.server)?,
