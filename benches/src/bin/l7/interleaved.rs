@@ -61,13 +61,7 @@ pub fn measure(
         mesh::init_rules(&tools.proxy, &[&base.client, &base.server])?;
         let mut running = base.start(tools, 0)?;
         for round in 1..=p.rounds {
-            // As in the default run: even rounds the other way round.
-            let order: Vec<&Kind> = if round % 2 == 1 {
-                p.pairs.iter().collect()
-            } else {
-                p.pairs.iter().rev().collect()
-            };
-            for kind in order {
+            for kind in crate::round_order(&p.pairs, round) {
                 if interrupted() {
                     bail!("interrupted");
                 }

@@ -549,6 +549,18 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
     outcome
 }
 
+/// The pairs in the order round `round` runs them: odd rounds in the order given, even rounds
+/// the other way round. A pair that always ran first (or last) would carry whatever that place
+/// costs (the machine settling after the previous pair's teardown), and so would the ratios
+/// paired by round.
+fn round_order(pairs: &[Kind], round: usize) -> Vec<&Kind> {
+    if round % 2 == 1 {
+        pairs.iter().collect()
+    } else {
+        pairs.iter().rev().collect()
+    }
+}
+
 /// Every round of every pair: fresh pods, the pair started, measured, stopped, pods removed.
 fn measure_all(
     p: &Params,
@@ -559,15 +571,7 @@ fn measure_all(
     results: &mut Results,
 ) -> anyhow::Result<()> {
     for round in 1..=p.rounds {
-        // Odd rounds in the order given, even rounds the other way round: a pair that always
-        // ran first (or last) would carry whatever that place costs (the machine settling after
-        // the previous pair's teardown), and so would the ratios paired by round.
-        let order: Vec<&Kind> = if round % 2 == 1 {
-            p.pairs.iter().collect()
-        } else {
-            p.pairs.iter().rev().collect()
-        };
-        for kind in order {
+        for kind in round_order(&p.pairs, round) {
             if interrupted() {
                 bail!("interrupted");
             }
