@@ -45,15 +45,24 @@ impl SpiffeId {
     pub fn uri(&self) -> String {
         self.to_string()
     }
+
+    /// The URI in pieces, for a writer that copies them without building a `String` (a
+    /// span's attribute).
+    pub fn uri_parts(&self) -> [&str; 6] {
+        [
+            "spiffe://",
+            &self.trust_domain,
+            "/ns/",
+            &self.namespace,
+            "/sa/",
+            &self.service_account,
+        ]
+    }
 }
 
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "spiffe://{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        )
+        self.uri_parts().iter().try_for_each(|p| f.write_str(p))
     }
 }
 

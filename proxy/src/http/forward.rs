@@ -75,7 +75,7 @@ impl Outbound {
             .map(|t| t.start(SpanKind::Client, req.headers()));
         if let Some(s) = span.as_mut() {
             set_method(s, &method);
-            s.set_with("url.path", || path.clone());
+            s.set_str("url.path", &path);
             s.set("network.protocol.version", protocol_version(version));
             s.name(method_name(&method));
         }
@@ -206,14 +206,11 @@ impl Outbound {
             && s.is_sampled()
         {
             s.set("wasmesh.destination.service", sp.label.clone());
-            s.set(
-                "server.address",
-                format!("{}.{}.svc", sp.service, sp.namespace),
-            );
+            s.set_concat("server.address", &[&sp.service, ".", &sp.namespace, ".svc"]);
             s.set("server.port", i64::from(sp.port));
             if let Some(r) = &rule {
                 s.set("http.route", r.name.clone());
-                s.name(format!("{} {}", method_name(&parts.method), r.name));
+                s.name_with_route(method_name(&parts.method), &r.name);
             }
         }
         let mut path = parts.uri.path().to_string();
@@ -631,7 +628,7 @@ pub(super) fn set_method(s: &mut Span, m: &http::Method) {
     match method_name(m) {
         "HTTP" => {
             s.set("http.request.method", "_OTHER");
-            s.set_with("http.request.method_original", || m.as_str().to_string());
+            s.set_str("http.request.method_original", m.as_str());
         }
         known => s.set("http.request.method", known),
     }
@@ -658,7 +655,7 @@ pub(super) fn filter_event(span: &mut Option<Span>, side: &'static str, verdict:
         };
         s.event(
             "wasm.request_headers",
-            vec![
+            &[
                 ("wasmesh.filter.side", side.into()),
                 ("wasmesh.filter.outcome", outcome.into()),
             ],

@@ -157,14 +157,14 @@ impl Inbound {
             && s.is_sampled()
         {
             set_method(s, req.method());
-            s.set("url.path", req.uri().path().to_string());
+            s.set_str("url.path", req.uri().path());
             s.set("network.protocol.version", protocol_version(req.version()));
             s.set("server.port", i64::from(c.dst.port()));
             s.set("client.address", c.peer.ip());
             s.set("network.peer.address", c.peer.ip());
             s.set("network.peer.port", i64::from(c.peer.port()));
             if let Some(id) = &c.identity {
-                s.set("wasmesh.peer.identity", id.to_string());
+                s.set_concat("wasmesh.peer.identity", &id.uri_parts());
             }
             s.name(method_name(req.method()));
         }

@@ -1,8 +1,13 @@
 //! Spans into OTLP protobuf bytes: an `ExportTraceServiceRequest`
 //! (`opentelemetry/proto/collector/trace/v1`) holding one `ResourceSpans` (this proxy's
-//! resource) with one `ScopeSpans` (`wasmesh-proxy`), written straight from the
-//! [`SpanRecord`]s — no intermediate message structs, no per-attribute `String`s. The buffers
-//! are kept between batches, so a batch costs no allocation once they have grown.
+//! resource) with one `ScopeSpans` (`wasmesh-proxy`).
+//!
+//! A sampled span is written as protobuf while its request runs: [`span_start`] when it starts,
+//! [`key_value`] for each attribute and [`event`] for each event as they are set, [`span_end`]
+//! when it ends — no intermediate record, no attribute list, an address or a number written
+//! where it is set. The finished span's bytes are framed as a `ScopeSpans.spans` entry
+//! ([`frame_span`]) into the export queue; the export thread only wraps a batch of them in the
+//! request's envelope ([`Encoder::request`]).
 //!
 //! Field numbers are the ones of opentelemetry-proto 1.x (`trace.proto`, `common.proto`,
 //! `resource.proto`); the tests decode the output with the official generated types.
@@ -12,14 +17,17 @@ use std::net::IpAddr;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use opentelemetry::trace::SpanKind;
+use opentelemetry::trace::{SpanId, SpanKind, TraceId};
 
-use super::{AttrValue, Event, SpanRecord, Status};
+use super::{AttrValue, Status};
 
 const VARINT: u8 = 0;
 const FIXED64: u8 = 1;
 const LEN: u8 = 2;
 const FIXED32: u8 = 5;
+
+/// `Span.attributes`.
+pub(super) const SPAN_ATTRIBUTE: u32 = 9;
 
 /// `SpanFlags`: the trace flags (sampled) and "the parent's remoteness is known" (bit 8),
 /// "the parent is remote" (bit 9).
@@ -27,16 +35,13 @@ const FLAG_SAMPLED: u32 = 0x01;
 const FLAG_HAS_IS_REMOTE: u32 = 0x100;
 const FLAG_IS_REMOTE: u32 = 0x200;
 
-/// Writes export requests for one resource; keeps its buffers between batches.
+/// Writes the envelope of export requests for one resource.
 #[derive(Debug)]
 pub struct Encoder {
     /// `Resource` message body (its attributes).
     resource: Vec<u8>,
     /// `InstrumentationScope` message body.
     scope: Vec<u8>,
-    spans: Vec<u8>,
-    span: Vec<u8>,
-    nested: Vec<u8>,
 }
 
 impl Encoder {
@@ -51,23 +56,15 @@ impl Encoder {
         Encoder {
             resource: r,
             scope: s,
-            spans: Vec::new(),
-            span: Vec::new(),
-            nested: Vec::new(),
         }
     }
 
-    /// The request's bytes; with `grpc_frame`, preceded by the gRPC message prefix
-    /// (uncompressed flag and big-endian length).
-    pub fn request(&mut self, spans: &[SpanRecord], grpc_frame: bool) -> Bytes {
-        self.spans.clear();
-        for s in spans {
-            self.span.clear();
-            span(&mut self.span, &mut self.nested, s);
-            message(&mut self.spans, 2, &self.span);
-        }
+    /// The request's bytes for `spans`, a run of `ScopeSpans.spans` entries as [`frame_span`]
+    /// wrote them; with `grpc_frame`, preceded by the gRPC message prefix (uncompressed flag
+    /// and big-endian length).
+    pub fn request(&self, spans: &[u8], grpc_frame: bool) -> Bytes {
         // ScopeSpans { scope = 1; spans = 2 }
-        let scope_spans = field_len(self.scope.len()) + self.spans.len();
+        let scope_spans = field_len(self.scope.len()) + spans.len();
         // ResourceSpans { resource = 1; scope_spans = 2 }
         let resource_spans = field_len(self.resource.len()) + field_len(scope_spans);
         // ExportTraceServiceRequest { resource_spans = 1 }
@@ -83,61 +80,112 @@ impl Encoder {
         key(&mut out, 2, LEN);
         varint(&mut out, scope_spans as u64);
         message(&mut out, 1, &self.scope);
-        out.extend_from_slice(&self.spans);
+        out.extend_from_slice(spans);
         debug_assert_eq!(out.len(), request + if grpc_frame { 5 } else { 0 });
         Bytes::from(out)
     }
 }
 
-fn span(out: &mut Vec<u8>, nested: &mut Vec<u8>, s: &SpanRecord) {
-    bytes_field(out, 1, &s.trace_id.to_bytes());
-    bytes_field(out, 2, &s.span_id.to_bytes());
-    if let Some(ts) = &s.trace_state {
-        bytes_field(out, 3, ts.as_bytes());
+/// A span's first fields, written when it starts: ids, the caller's `tracestate` as it wrote
+/// it, the parent (a remote one, when the request carried it), kind, start time.
+pub(super) fn span_start(
+    out: &mut Vec<u8>,
+    trace_id: TraceId,
+    span_id: SpanId,
+    parent: Option<SpanId>,
+    trace_state: Option<&[u8]>,
+    kind: &SpanKind,
+    start: SystemTime,
+) {
+    bytes_field(out, 1, &trace_id.to_bytes());
+    bytes_field(out, 2, &span_id.to_bytes());
+    if let Some(ts) = trace_state {
+        bytes_field(out, 3, ts);
     }
-    if let Some(p) = s.parent_span {
+    if let Some(p) = parent {
         bytes_field(out, 4, &p.to_bytes());
     }
-    string(out, 5, &s.name);
     key(out, 6, VARINT);
-    varint(out, kind(&s.kind));
-    fixed64(out, 7, unix_nanos(s.start));
-    fixed64(out, 8, unix_nanos(s.end));
-    for (k, v) in &s.attributes {
-        key_value(out, 9, k, v);
+    varint(out, kind_value(kind));
+    fixed64(out, 7, unix_nanos(start));
+}
+
+/// A span's last fields, written when it ends: its name (`name`, or `name route`), end time,
+/// status, flags.
+pub(super) fn span_end(
+    out: &mut Vec<u8>,
+    name: &str,
+    route: Option<&str>,
+    end: SystemTime,
+    status: Status,
+    remote_parent: bool,
+) {
+    match route {
+        None => string(out, 5, name),
+        Some(r) => {
+            key(out, 5, LEN);
+            varint(out, (name.len() + 1 + r.len()) as u64);
+            out.extend_from_slice(name.as_bytes());
+            out.push(b' ');
+            out.extend_from_slice(r.as_bytes());
+        }
     }
-    for e in &s.events {
-        nested.clear();
-        event(nested, e);
-        message(out, 11, nested);
-    }
-    if let Status::Error(description) = s.status {
+    fixed64(out, 8, unix_nanos(end));
+    if let Status::Error(description) = status {
         // Status { message = 2; code = 3 (STATUS_CODE_ERROR = 2) }
-        nested.clear();
-        string(nested, 2, description);
-        key(nested, 3, VARINT);
-        varint(nested, 2);
-        message(out, 15, nested);
+        nested(out, 15, |m| {
+            string(m, 2, description);
+            key(m, 3, VARINT);
+            varint(m, 2);
+        });
     }
-    let remote = if s.parent_span.is_some() {
-        FLAG_IS_REMOTE
-    } else {
-        0
-    };
+    let remote = if remote_parent { FLAG_IS_REMOTE } else { 0 };
     key(out, 16, FIXED32);
     out.extend_from_slice(&(FLAG_SAMPLED | FLAG_HAS_IS_REMOTE | remote).to_le_bytes());
 }
 
-fn event(out: &mut Vec<u8>, e: &Event) {
-    fixed64(out, 1, unix_nanos(e.time));
-    string(out, 2, e.name);
-    for (k, v) in &e.attributes {
-        key_value(out, 3, k, v);
+/// A `Span.events` entry.
+pub(super) fn event(
+    out: &mut Vec<u8>,
+    name: &str,
+    time: SystemTime,
+    attributes: &[(&'static str, AttrValue)],
+) {
+    nested(out, 11, |m| {
+        fixed64(m, 1, unix_nanos(time));
+        string(m, 2, name);
+        for (k, v) in attributes {
+            key_value(m, 3, k, v);
+        }
+    });
+}
+
+/// A finished span's bytes as a `ScopeSpans.spans` entry.
+pub(super) fn frame_span(out: &mut Vec<u8>, span: &[u8]) {
+    message(out, 2, span);
+}
+
+/// A string attribute whose value is the concatenation of `parts` (written in place: no
+/// `String` is built).
+pub(super) fn key_value_concat(out: &mut Vec<u8>, field: u32, k: &str, parts: &[&str]) {
+    let text: usize = parts.iter().map(|p| p.len()).sum();
+    // AnyValue { string_value = 1 }
+    let any = field_len(text);
+    let kv = field_len(k.len()) + field_len(any);
+    key(out, field, LEN);
+    varint(out, kv as u64);
+    string(out, 1, k);
+    key(out, 2, LEN);
+    varint(out, any as u64);
+    key(out, 1, LEN);
+    varint(out, text as u64);
+    for p in parts {
+        out.extend_from_slice(p.as_bytes());
     }
 }
 
 /// `SpanKind` enum values.
-fn kind(k: &SpanKind) -> u64 {
+fn kind_value(k: &SpanKind) -> u64 {
     match k {
         SpanKind::Internal => 1,
         SpanKind::Server => 2,
@@ -152,9 +200,26 @@ fn unix_nanos(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
+/// A length-delimited field whose body `body` writes in place: one byte is kept for the
+/// length, and the body moved only in the rare case it is 128 bytes or more.
+fn nested(out: &mut Vec<u8>, field: u32, body: impl FnOnce(&mut Vec<u8>)) {
+    key(out, field, LEN);
+    let at = out.len();
+    out.push(0);
+    body(out);
+    let n = out.len() - at - 1;
+    if n < 0x80 {
+        out[at] = n as u8;
+    } else {
+        let mut len = Vec::with_capacity(10);
+        varint(&mut len, n as u64);
+        out.splice(at..=at, len);
+    }
+}
+
 /// A `KeyValue { key = 1; value = 2 (AnyValue) }` as field `field`, lengths computed, the
 /// value written in place (an address formatted on the stack).
-fn key_value(out: &mut Vec<u8>, field: u32, k: &str, v: &AttrValue) {
+pub(super) fn key_value(out: &mut Vec<u8>, field: u32, k: &str, v: &AttrValue) {
     let mut ip = [0u8; 48];
     // AnyValue { string_value = 1; int_value = 3 }
     let canonical;
@@ -262,11 +327,9 @@ fn fixed64(out: &mut Vec<u8>, field: u32, v: u64) {
 
 #[cfg(test)]
 mod tests {
-    use std::borrow::Cow;
     use std::sync::Arc;
     use std::time::Duration;
 
-    use opentelemetry::trace::{SpanId, TraceId};
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use opentelemetry_proto::tonic::common::v1::any_value::Value;
     use opentelemetry_proto::tonic::trace::v1::span::SpanKind as ProtoKind;
@@ -275,42 +338,68 @@ mod tests {
 
     use super::*;
 
-    fn record(parent: Option<u64>, status: Status) -> SpanRecord {
+    /// A span's bytes as the request path writes them.
+    fn span_bytes(parent: Option<u64>, status: Status) -> Vec<u8> {
         let start = SystemTime::UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789);
-        SpanRecord {
-            trace_id: TraceId::from(0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736),
-            span_id: SpanId::from(0x00f0_67aa_0ba9_02b7),
-            parent_span: parent.map(SpanId::from),
-            trace_state: Some(http::HeaderValue::from_static("vendor=abc")),
-            kind: SpanKind::Client,
+        let mut b = Vec::new();
+        span_start(
+            &mut b,
+            TraceId::from(0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736),
+            SpanId::from(0x00f0_67aa_0ba9_02b7),
+            parent.map(SpanId::from),
+            Some(b"vendor=abc"),
+            &SpanKind::Client,
             start,
-            end: start + Duration::from_micros(250),
-            name: Cow::Borrowed("GET reviews"),
-            attributes: vec![
-                ("http.request.method", AttrValue::from("GET")),
-                ("url.path", AttrValue::from("/a/b?".repeat(40))),
-                ("server.port", AttrValue::Int(8080)),
-                ("http.request.resend_count", AttrValue::Int(-3)),
-                (
-                    "wasmesh.endpoint.pod",
-                    AttrValue::Shared(Arc::from("reviews-7f9-x")),
-                ),
-                (
-                    "network.peer.address",
-                    AttrValue::Ip("10.244.1.7".parse().expect("ip")),
-                ),
-                (
-                    "client.address",
-                    AttrValue::Ip("fd00::1:2".parse().expect("ip")),
-                ),
-            ],
-            events: vec![Event {
-                name: "wasm.request_headers",
-                time: start + Duration::from_micros(10),
-                attributes: vec![("wasmesh.filter.outcome", AttrValue::from("continue"))],
-            }],
-            status,
+        );
+        let attributes = [
+            ("http.request.method", AttrValue::from("GET")),
+            ("url.path", AttrValue::from("/a/b?".repeat(40))),
+            ("server.port", AttrValue::Int(8080)),
+            ("http.request.resend_count", AttrValue::Int(-3)),
+            (
+                "wasmesh.endpoint.pod",
+                AttrValue::Shared(Arc::from("reviews-7f9-x")),
+            ),
+            (
+                "network.peer.address",
+                AttrValue::Ip("10.244.1.7".parse().expect("ip")),
+            ),
+            (
+                "client.address",
+                AttrValue::Ip("fd00::1:2".parse().expect("ip")),
+            ),
+        ];
+        for (k, v) in &attributes {
+            key_value(&mut b, SPAN_ATTRIBUTE, k, v);
         }
+        key_value_concat(
+            &mut b,
+            SPAN_ATTRIBUTE,
+            "server.address",
+            &["reviews", ".", "shop", ".svc"],
+        );
+        event(
+            &mut b,
+            "wasm.request_headers",
+            start + Duration::from_micros(10),
+            &[("wasmesh.filter.outcome", AttrValue::from("continue"))],
+        );
+        // An event of 128 bytes or more: its length takes two bytes.
+        event(
+            &mut b,
+            "long",
+            start + Duration::from_micros(20),
+            &[("k", AttrValue::from("v".repeat(200)))],
+        );
+        span_end(
+            &mut b,
+            "GET",
+            Some("reviews"),
+            start + Duration::from_micros(250),
+            status,
+            parent.is_some(),
+        );
+        b
     }
 
     fn string_of(v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> Value {
@@ -319,7 +408,7 @@ mod tests {
 
     #[test]
     fn the_official_types_decode_what_we_write() {
-        let mut enc = Encoder::new(
+        let enc = Encoder::new(
             &[
                 ("service.name".into(), "reviews".into()),
                 ("k8s.pod.name".into(), "reviews-7f9-x".into()),
@@ -327,10 +416,12 @@ mod tests {
             "wasmesh-proxy",
             "0.1.0",
         );
-        let spans = vec![
-            record(Some(0x1122_3344_5566_7788), Status::Error("timeout")),
-            record(None, Status::Unset),
-        ];
+        let mut spans = Vec::new();
+        frame_span(
+            &mut spans,
+            &span_bytes(Some(0x1122_3344_5566_7788), Status::Error("timeout")),
+        );
+        frame_span(&mut spans, &span_bytes(None, Status::Unset));
         for grpc in [false, true] {
             let bytes = enc.request(&spans, grpc);
             let body = if grpc {
@@ -395,8 +486,16 @@ mod tests {
                 attr("client.address"),
                 Value::StringValue("fd00::1:2".into())
             );
-            assert_eq!(s.attributes.len(), 7);
-            assert_eq!(s.events.len(), 1);
+            assert_eq!(
+                attr("server.address"),
+                Value::StringValue("reviews.shop.svc".into())
+            );
+            assert_eq!(s.attributes.len(), 8);
+            assert_eq!(s.events.len(), 2);
+            assert_eq!(
+                string_of(&s.events[1].attributes[0].value),
+                Value::StringValue("v".repeat(200))
+            );
             assert_eq!(s.events[0].name, "wasm.request_headers");
             assert_eq!(s.events[0].time_unix_nano - s.start_time_unix_nano, 10_000);
             assert_eq!(s.events[0].attributes[0].key, "wasmesh.filter.outcome");

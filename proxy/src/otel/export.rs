@@ -20,7 +20,7 @@ use hyper_util::rt::TokioExecutor;
 
 use super::config::{Protocol, TraceConfig};
 use super::encode::Encoder;
-use super::{SpanQueue, SpanRecord, TraceStats, Tracer};
+use super::{SpanQueue, TraceStats, Tracer};
 
 const GRPC_EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
@@ -230,23 +230,21 @@ pub fn http_traces_url(endpoint: &str) -> String {
 
 async fn batches(
     transport: Transport,
-    mut encoder: Encoder,
+    encoder: Encoder,
     queue: Arc<SpanQueue>,
     delay: Duration,
     timeout: Duration,
     stats: Arc<TraceStats>,
 ) {
-    let mut batch: Vec<SpanRecord> = Vec::with_capacity(queue.batch_size());
     let mut last_warning: Option<Instant> = None;
     loop {
         queue.wait(tokio::time::Instant::now() + delay).await;
         let closed = queue.is_closed();
-        queue.take(&mut batch);
-        if !batch.is_empty() {
-            let n = batch.len() as u64;
-            let body = encoder.request(&batch, transport.grpc);
-            // The records are written out; their memory goes back before the network wait.
-            batch.clear();
+        if let Some(chunk) = queue.take() {
+            let n = chunk.spans as u64;
+            let body = encoder.request(&chunk.bytes, transport.grpc);
+            // Written out: the buffer goes back to the queue before the network wait.
+            queue.recycle(chunk.bytes);
             let outcome = tokio::time::timeout(timeout, transport.send(body)).await;
             let error = match outcome {
                 Ok(Ok(())) => None,

@@ -6,13 +6,14 @@
 //! sidecars' and the next service's form one trace.
 //!
 //! Recording costs little on the request path. An unsampled span is a few ids on the stack
-//! (no allocation but the `traceparent` value the next hop needs). A sampled span is a
-//! [`SpanRecord`]: static keys, values that are mostly static strings, shared names or numbers
-//! (an address is kept as an address and only written out at export), pushed onto a bounded
-//! [`SpanQueue`] when the request ends. A task takes the queue a batch at a time, writes each batch
-//! straight into an OTLP protobuf request ([`encode`]; no intermediate message types) and
-//! sends it over OTLP/gRPC or OTLP/HTTP ([`export`]). When the collector is slow or down the
-//! queue fills and spans are dropped and counted: traffic never waits for the collector.
+//! (no allocation but the `traceparent` value the next hop needs). A sampled span is written
+//! as OTLP protobuf while the request runs ([`encode`]): ids and start time when it starts,
+//! each attribute and event where it is set (strings copied, numbers and addresses written
+//! out there, nothing kept as a value), name, end time and status when it ends; then its bytes
+//! are copied into a bounded [`SpanQueue`] under a lock held for that copy. The export thread
+//! takes a batch's bytes, wraps them in the request's envelope and sends it over OTLP/gRPC or
+//! OTLP/HTTP ([`export`]). When the collector is slow or down the queue fills and spans are
+//! dropped and counted: traffic never waits for the collector.
 //!
 //! - [`propagation`]: reading and writing the context headers;
 //! - [`sampler`]: the specification's samplers (`OTEL_TRACES_SAMPLER`);
@@ -29,6 +30,7 @@ pub mod propagation;
 pub mod sampler;
 
 use std::borrow::Cow;
+use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -57,25 +59,46 @@ pub struct TraceStats {
     pub export_failures: AtomicU64,
 }
 
-/// The finished spans waiting for export: a buffer behind a mutex held for one push, bounded
-/// (`OTEL_BSP_MAX_QUEUE_SIZE`; beyond it spans are dropped and counted). The export task is
-/// woken only when a batch is full, or by its timer — not once per span, which cost a task
-/// wake-up and poll per span with a channel.
+/// The finished spans waiting for export, as protobuf: runs of up to one batch of spans
+/// ([`Chunk`]s) behind a mutex held for one span's copy, bounded (`OTEL_BSP_MAX_QUEUE_SIZE`;
+/// beyond it spans are dropped and counted). The export task is woken only when a batch is
+/// full, or by its timer — not once per span, which cost a task wake-up and poll per span
+/// with a channel. A chunk's buffer goes back to the queue once its request is written, so
+/// once the buffers have grown a span costs the queue no allocation.
 #[derive(Debug)]
 pub struct SpanQueue {
-    spans: Mutex<Vec<SpanRecord>>,
+    pending: Mutex<Pending>,
     capacity: usize,
     batch: usize,
     ready: Notify,
     closed: AtomicBool,
 }
 
+#[derive(Debug, Default)]
+struct Pending {
+    chunks: VecDeque<Chunk>,
+    /// Spans in `chunks`.
+    spans: usize,
+    /// Emptied buffers of exported chunks, for the next ones.
+    spare: Vec<Vec<u8>>,
+}
+
+/// Up to one batch of finished spans: `ScopeSpans.spans` entries, oldest first.
+#[derive(Debug, Default)]
+pub struct Chunk {
+    pub bytes: Vec<u8>,
+    pub spans: usize,
+}
+
+/// Buffers kept for reuse: one being filled, one being exported, one spare.
+const SPARE_CHUNKS: usize = 2;
+
 impl SpanQueue {
     pub fn new(capacity: usize, batch: usize) -> SpanQueue {
         let capacity = capacity.max(1);
         let batch = batch.clamp(1, capacity);
         SpanQueue {
-            spans: Mutex::new(Vec::with_capacity(batch)),
+            pending: Mutex::new(Pending::default()),
             capacity,
             batch,
             ready: Notify::new(),
@@ -83,26 +106,39 @@ impl SpanQueue {
         }
     }
 
-    /// Queues a span; false (and the span dropped) when the queue is full.
-    fn push(&self, record: SpanRecord) -> bool {
-        let mut q = self.spans.lock().unwrap_or_else(PoisonError::into_inner);
-        if q.len() >= self.capacity {
+    /// Queues a finished span's bytes; false (and the span dropped) when the queue is full.
+    fn push(&self, span: &[u8]) -> bool {
+        let mut p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        if p.spans >= self.capacity {
             return false;
         }
-        q.push(record);
-        let full = q.len() == self.batch;
-        drop(q);
+        let Pending { chunks, spare, .. } = &mut *p;
+        if chunks.back().is_none_or(|c| c.spans >= self.batch) {
+            chunks.push_back(Chunk {
+                bytes: spare.pop().unwrap_or_default(),
+                spans: 0,
+            });
+        }
+        let Some(chunk) = chunks.back_mut() else {
+            return false;
+        };
+        encode::frame_span(&mut chunk.bytes, span);
+        chunk.spans += 1;
+        let full = chunk.spans == self.batch;
+        p.spans += 1;
+        drop(p);
         if full {
             self.ready.notify_one();
         }
         true
     }
 
+    /// Spans waiting.
     pub fn len(&self) -> usize {
-        self.spans
+        self.pending
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .len()
+            .spans
     }
 
     pub fn is_empty(&self) -> bool {
@@ -113,14 +149,20 @@ impl SpanQueue {
         self.batch
     }
 
-    /// Moves up to one batch, oldest first, into `out` (which is empty).
-    pub fn take(&self, out: &mut Vec<SpanRecord>) {
-        let mut q = self.spans.lock().unwrap_or_else(PoisonError::into_inner);
-        if q.len() <= self.batch {
-            // Swapped, not copied: `out`'s allocation becomes the queue's next buffer.
-            std::mem::swap(&mut *q, out);
-        } else {
-            out.extend(q.drain(..self.batch));
+    /// The oldest spans, up to one batch.
+    pub fn take(&self) -> Option<Chunk> {
+        let mut p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        let chunk = p.chunks.pop_front()?;
+        p.spans -= chunk.spans;
+        Some(chunk)
+    }
+
+    /// Gives a taken chunk's buffer back once its bytes are written out.
+    pub fn recycle(&self, mut bytes: Vec<u8>) {
+        bytes.clear();
+        let mut p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        if p.spare.len() < SPARE_CHUNKS {
+            p.spare.push(bytes);
         }
     }
 
@@ -171,22 +213,28 @@ impl Tracer {
         let span_id = SpanId::from(rand::random::<u64>().max(1));
         let parent_format = parent.as_ref().map(|p: &Parent| p.format);
         let record = sampled.then(|| {
+            let mut bytes = Vec::with_capacity(SPAN_CAPACITY);
+            encode::span_start(
+                &mut bytes,
+                trace_id,
+                span_id,
+                parent_span,
+                // Passed through as the caller wrote it; the collector reads it.
+                headers
+                    .get(&propagation::TRACESTATE)
+                    .map(HeaderValue::as_bytes),
+                &kind,
+                SystemTime::now(),
+            );
             Box::new(Recording {
                 tracer: self.clone(),
-                record: SpanRecord {
-                    trace_id,
-                    span_id,
-                    parent_span,
-                    // Passed through as the caller wrote it; the collector reads it.
-                    trace_state: headers.get(&propagation::TRACESTATE).cloned(),
-                    kind: kind.clone(),
-                    start: SystemTime::now(),
-                    end: SystemTime::UNIX_EPOCH,
-                    name: Cow::Borrowed("HTTP"),
-                    attributes: Vec::with_capacity(16),
-                    events: Vec::new(),
-                    status: Status::Unset,
-                },
+                bytes,
+                client: kind == SpanKind::Client,
+                remote_parent: parent_span.is_some(),
+                name: Cow::Borrowed("HTTP"),
+                route: None,
+                replaceable: [("", 0, 0); REPLACEABLE],
+                replaceable_len: 0,
             })
         });
         Span {
@@ -201,9 +249,9 @@ impl Tracer {
         &self.stats
     }
 
-    fn queue(&self, record: SpanRecord) {
+    fn queue(&self, span: &[u8]) {
         self.stats.spans.fetch_add(1, Ordering::Relaxed);
-        if !self.queue.push(record) {
+        if !self.queue.push(span) {
             self.stats
                 .dropped_queue_full
                 .fetch_add(1, Ordering::Relaxed);
@@ -218,8 +266,13 @@ impl Drop for Tracer {
     }
 }
 
-/// An attribute's value, kept in the cheapest form the request path has it in; written out as
-/// an OTLP `AnyValue` at export.
+/// What a span's bytes are allocated with: room for the ids, a dozen attributes and the end.
+const SPAN_CAPACITY: usize = 512;
+
+/// How many attributes a span can replace ([`Span::put`]: the endpoint of each try).
+const REPLACEABLE: usize = 6;
+
+/// An attribute's value, as the request path has it; written out where it is set.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AttrValue {
     Str(Cow<'static, str>),
@@ -262,35 +315,73 @@ pub enum Status {
     Error(&'static str),
 }
 
-/// A timed event inside a span (e.g. a Wasm filter's verdict).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Event {
-    pub name: &'static str,
-    pub time: SystemTime,
-    pub attributes: Vec<(&'static str, AttrValue)>,
-}
-
-/// A sampled span as it is queued for export.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SpanRecord {
-    pub trace_id: TraceId,
-    pub span_id: SpanId,
-    /// The caller's span (a remote parent), if the request carried one.
-    pub parent_span: Option<SpanId>,
-    pub trace_state: Option<HeaderValue>,
-    pub kind: SpanKind,
-    pub start: SystemTime,
-    pub end: SystemTime,
-    pub name: Cow<'static, str>,
-    pub attributes: Vec<(&'static str, AttrValue)>,
-    pub events: Vec<Event>,
-    pub status: Status,
-}
-
+/// A sampled span being recorded.
 #[derive(Debug)]
 struct Recording {
     tracer: Arc<Tracer>,
-    record: SpanRecord,
+    /// The `Span` message so far: [`encode::span_start`]'s fields, then each attribute and
+    /// event as it was set.
+    bytes: Vec<u8>,
+    client: bool,
+    remote_parent: bool,
+    /// Written at the end: `name`, or `name route`.
+    name: Cow<'static, str>,
+    route: Option<Arc<str>>,
+    /// The attributes [`Span::put`] wrote, and where in `bytes`: key, start, end.
+    replaceable: [(&'static str, u32, u32); REPLACEABLE],
+    replaceable_len: usize,
+}
+
+impl Recording {
+    fn attribute(&mut self, key: &'static str, value: &AttrValue) {
+        encode::key_value(&mut self.bytes, encode::SPAN_ATTRIBUTE, key, value);
+    }
+
+    /// Writes `key = value`, first taking out the value an earlier `put` wrote for `key`.
+    fn replace(&mut self, key: &'static str, value: &AttrValue) {
+        let n = self.replaceable_len;
+        if let Some(i) = self.replaceable[..n].iter().position(|r| r.0 == key) {
+            let (_, start, end) = self.replaceable[i];
+            self.bytes.drain(start as usize..end as usize);
+            for r in &mut self.replaceable[..n] {
+                if r.1 > start {
+                    r.1 -= end - start;
+                    r.2 -= end - start;
+                }
+            }
+            self.replaceable[i] = self.replaceable[n - 1];
+            self.replaceable_len -= 1;
+        }
+        let start = self.bytes.len() as u32;
+        self.attribute(key, value);
+        if self.replaceable_len < REPLACEABLE {
+            self.replaceable[self.replaceable_len] = (key, start, self.bytes.len() as u32);
+            self.replaceable_len += 1;
+        } else {
+            debug_assert!(false, "more than {REPLACEABLE} replaceable attributes");
+        }
+    }
+
+    /// Writes the span's last fields and queues it.
+    fn finish(self: Box<Self>, status: Status) {
+        let Recording {
+            tracer,
+            mut bytes,
+            remote_parent,
+            name,
+            route,
+            ..
+        } = *self;
+        encode::span_end(
+            &mut bytes,
+            &name,
+            route.as_deref(),
+            SystemTime::now(),
+            status,
+            remote_parent,
+        );
+        tracer.queue(&bytes);
+    }
 }
 
 /// One request's span while it is in flight. Ended with [`Span::end`]; dropped without it
@@ -312,44 +403,57 @@ impl Span {
     /// Sets an attribute (a no-op when the span is not recorded).
     pub fn set(&mut self, key: &'static str, value: impl Into<AttrValue>) {
         if let Some(r) = self.record.as_mut() {
-            r.record.attributes.push((key, value.into()));
+            r.attribute(key, &value.into());
         }
     }
 
-    /// Sets an attribute, replacing an earlier value of the same key.
+    /// Sets a string attribute from a borrowed value, copied into the span.
+    pub fn set_str(&mut self, key: &'static str, value: &str) {
+        self.set_concat(key, &[value]);
+    }
+
+    /// Sets a string attribute to the concatenation of `parts` (no `String` is built).
+    pub fn set_concat(&mut self, key: &'static str, parts: &[&str]) {
+        if let Some(r) = self.record.as_mut() {
+            encode::key_value_concat(&mut r.bytes, encode::SPAN_ATTRIBUTE, key, parts);
+        }
+    }
+
+    /// Sets an attribute, replacing the value an earlier `put` gave the same key (the
+    /// endpoint of a retried request's last try).
     pub fn put(&mut self, key: &'static str, value: impl Into<AttrValue>) {
-        let Some(r) = self.record.as_mut() else {
-            return;
-        };
-        let value = value.into();
-        match r.record.attributes.iter_mut().find(|(k, _)| *k == key) {
-            Some(kv) => kv.1 = value,
-            None => r.record.attributes.push((key, value)),
+        if let Some(r) = self.record.as_mut() {
+            r.replace(key, &value.into());
         }
     }
 
     /// Sets an attribute whose value is costly to build only when the span is recorded.
     pub fn set_with<V: Into<AttrValue>>(&mut self, key: &'static str, value: impl FnOnce() -> V) {
         if let Some(r) = self.record.as_mut() {
-            r.record.attributes.push((key, value().into()));
+            r.attribute(key, &value().into());
         }
     }
 
-    /// The span's name (semantic conventions: `{method} {http.route}`, or `{method}`).
+    /// The span's name (semantic conventions: `{method}`).
     pub fn name(&mut self, name: impl Into<Cow<'static, str>>) {
         if let Some(r) = self.record.as_mut() {
-            r.record.name = name.into();
+            r.name = name.into();
+            r.route = None;
+        }
+    }
+
+    /// The span's name when a route matched: `{method} {http.route}`.
+    pub fn name_with_route(&mut self, method: &'static str, route: &Arc<str>) {
+        if let Some(r) = self.record.as_mut() {
+            r.name = Cow::Borrowed(method);
+            r.route = Some(route.clone());
         }
     }
 
     /// Adds an event (e.g. a Wasm filter's outcome).
-    pub fn event(&mut self, name: &'static str, attributes: Vec<(&'static str, AttrValue)>) {
+    pub fn event(&mut self, name: &'static str, attributes: &[(&'static str, AttrValue)]) {
         if let Some(r) = self.record.as_mut() {
-            r.record.events.push(Event {
-                name,
-                time: SystemTime::now(),
-                attributes,
-            });
+            encode::event(&mut r.bytes, name, SystemTime::now(), attributes);
         }
     }
 
@@ -382,18 +486,11 @@ impl Span {
         let Some(mut r) = self.record.take() else {
             return;
         };
-        let record = &mut r.record;
-        record.status = match status {
+        let mut outcome = match status {
             Some(s) => {
-                record
-                    .attributes
-                    .push(("http.response.status_code", AttrValue::Int(i64::from(s))));
+                r.attribute("http.response.status_code", &AttrValue::Int(i64::from(s)));
                 // Client spans: 4xx and 5xx are errors; server spans: only 5xx.
-                let limit = if record.kind == SpanKind::Client {
-                    400
-                } else {
-                    500
-                };
+                let limit = if r.client { 400 } else { 500 };
                 if s >= limit {
                     Status::Error("")
                 } else {
@@ -403,46 +500,44 @@ impl Span {
             None => Status::Error("no response"),
         };
         if let Some(e) = error {
-            record.attributes.push(("error.type", AttrValue::from(e)));
-            record.status = Status::Error(e);
+            r.attribute("error.type", &AttrValue::from(e));
+            outcome = Status::Error(e);
         }
-        r.finish();
+        r.finish(outcome);
     }
-}
 
-impl Span {
     /// Ends a TCP connection's span (no HTTP status): `error` names what failed, if anything.
     pub fn end_connection(mut self, error: Option<&'static str>) {
         let Some(mut r) = self.record.take() else {
             return;
         };
-        if let Some(e) = error {
-            r.record.attributes.push(("error.type", AttrValue::from(e)));
-            r.record.status = Status::Error(e);
-        }
-        r.finish();
-    }
-}
-
-impl Recording {
-    fn finish(self: Box<Self>) {
-        let Recording { tracer, mut record } = *self;
-        record.end = SystemTime::now();
-        tracer.queue(record);
+        let outcome = match error {
+            Some(e) => {
+                r.attribute("error.type", &AttrValue::from(e));
+                Status::Error(e)
+            }
+            None => Status::Unset,
+        };
+        r.finish(outcome);
     }
 }
 
 impl Drop for Span {
     fn drop(&mut self) {
-        if let Some(mut r) = self.record.take() {
-            r.record.status = Status::Error("cancelled");
-            r.finish();
+        if let Some(r) = self.record.take() {
+            r.finish(Status::Error("cancelled"));
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    use opentelemetry_proto::tonic::trace::v1::Span as ProtoSpan;
+    use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
+    use prost::Message as _;
+
     use super::*;
 
     fn tracer(sampler: Sampler) -> (Arc<Tracer>, Arc<SpanQueue>) {
@@ -458,15 +553,32 @@ mod tests {
         )
     }
 
-    fn next(q: &SpanQueue) -> Option<SpanRecord> {
-        let mut out = Vec::new();
-        q.take(&mut out);
-        let first = out.first().cloned();
-        // Put the rest back, in order, for the next call.
-        for r in out.into_iter().skip(1) {
-            q.push(r);
+    /// The spans queued, as a collector decodes them.
+    fn queued(q: &SpanQueue) -> Vec<ProtoSpan> {
+        let enc = encode::Encoder::new(&[], "test", "0");
+        let mut spans = Vec::new();
+        while let Some(chunk) = q.take() {
+            let req = ExportTraceServiceRequest::decode(enc.request(&chunk.bytes, false))
+                .expect("decodes");
+            let got: Vec<ProtoSpan> = req.resource_spans[0].scope_spans[0].spans.clone();
+            assert_eq!(got.len(), chunk.spans);
+            spans.extend(got);
+            q.recycle(chunk.bytes);
         }
-        first
+        spans
+    }
+
+    fn attr(s: &ProtoSpan, key: &str) -> Option<Value> {
+        let found: Vec<_> = s.attributes.iter().filter(|kv| kv.key == key).collect();
+        assert!(found.len() <= 1, "{key} written {} times", found.len());
+        found
+            .first()
+            .and_then(|kv| kv.value.as_ref())
+            .and_then(|v| v.value.clone())
+    }
+
+    fn text(v: &str) -> Option<Value> {
+        Some(Value::StringValue(v.into()))
     }
 
     #[test]
@@ -479,8 +591,12 @@ mod tests {
                 .parse()
                 .expect("value"),
         );
+        h.insert("tracestate", "vendor=abc".parse().expect("value"));
         let mut span = t.start(SpanKind::Client, &h);
         span.set("http.request.method", "GET");
+        span.set_str("url.path", "/orders/42");
+        span.set_concat("server.address", &["backend", ".", "demo", ".svc"]);
+        span.name_with_route("GET", &Arc::from("orders"));
         span.inject(&mut h);
         let sent = propagation::parse_traceparent(h["traceparent"].to_str().expect("ascii"))
             .expect("valid");
@@ -489,19 +605,91 @@ mod tests {
             "4bf92f3577b34da6a3ce929d0e0e4736"
         );
         assert_eq!(sent.span_id, span.span_id);
+        let id = span.span_id;
         span.end(Some(503), None);
-        let d = next(&rx).expect("queued");
+        let spans = queued(&rx);
+        let d = &spans[0];
+        assert_eq!(d.trace_id, sent.trace_id.to_bytes());
+        assert_eq!(d.span_id, id.to_bytes());
+        assert_eq!(d.parent_span_id, 0x00f0_67aa_0ba9_02b7u64.to_be_bytes());
+        assert_eq!(d.trace_state, "vendor=abc");
+        assert_eq!(d.name, "GET orders");
+        // A client span: 4xx and 5xx are errors.
         assert_eq!(
-            d.parent_span.map(|p| p.to_string()).as_deref(),
-            Some("00f067aa0ba902b7")
+            d.status.as_ref().map(|s| s.code),
+            Some(StatusCode::Error as i32)
         );
-        assert_eq!(d.status, Status::Error(""));
-        assert!(
-            d.attributes
-                .iter()
-                .any(|(k, v)| *k == "http.response.status_code" && *v == AttrValue::Int(503))
+        assert_eq!(attr(d, "http.response.status_code"), Some(Value::IntValue(503)));
+        assert_eq!(attr(d, "url.path"), text("/orders/42"));
+        assert_eq!(attr(d, "server.address"), text("backend.demo.svc"));
+        assert_eq!(attr(d, "http.request.method"), text("GET"));
+        assert!(d.end_time_unix_nano >= d.start_time_unix_nano);
+        assert!(d.start_time_unix_nano > 0);
+        // Sampled, remote parent.
+        assert_eq!(d.flags, 0x301);
+    }
+
+    #[test]
+    fn a_retry_replaces_the_endpoint_attributes_and_keeps_the_others() {
+        let (t, rx) = tracer(Sampler::AlwaysOn);
+        let mut span = t.start(SpanKind::Client, &HeaderMap::new());
+        span.set("http.request.method", "POST");
+        let first: IpAddr = "10.244.0.5".parse().expect("ip");
+        let second: IpAddr = "10.244.0.6".parse().expect("ip");
+        span.put("network.peer.address", first);
+        span.put("network.peer.port", 8080i64);
+        span.put("wasmesh.endpoint.pod", Arc::<str>::from("backend-a"));
+        span.set("server.port", 80i64);
+        // The second try, on another endpoint, a pod with a longer name.
+        span.put("network.peer.address", second);
+        span.put("network.peer.port", 8081i64);
+        span.put("wasmesh.endpoint.pod", Arc::<str>::from("backend-bbbbbbbbbb"));
+        span.put("http.request.resend_count", 1i64);
+        span.name("POST");
+        span.end(Some(200), None);
+        let spans = queued(&rx);
+        let d = &spans[0];
+        assert_eq!(attr(d, "network.peer.address"), text("10.244.0.6"));
+        assert_eq!(attr(d, "network.peer.port"), Some(Value::IntValue(8081)));
+        assert_eq!(attr(d, "wasmesh.endpoint.pod"), text("backend-bbbbbbbbbb"));
+        assert_eq!(attr(d, "http.request.resend_count"), Some(Value::IntValue(1)));
+        assert_eq!(attr(d, "http.request.method"), text("POST"));
+        assert_eq!(attr(d, "server.port"), Some(Value::IntValue(80)));
+        assert_eq!(attr(d, "http.response.status_code"), Some(Value::IntValue(200)));
+        assert_eq!(d.attributes.len(), 7);
+        assert_eq!(d.name, "POST");
+        assert!(d.status.is_none(), "2xx leaves the status unset");
+        // A root span: no parent, remoteness known and false.
+        assert!(d.parent_span_id.is_empty());
+        assert_eq!(d.flags, 0x101);
+    }
+
+    #[test]
+    fn events_and_a_cancelled_span_are_recorded() {
+        let (t, rx) = tracer(Sampler::AlwaysOn);
+        let mut span = t.start(SpanKind::Server, &HeaderMap::new());
+        span.event(
+            "wasm.request_headers",
+            &[
+                ("wasmesh.filter.side", "inbound".into()),
+                ("wasmesh.filter.outcome", "local_reply".into()),
+            ],
         );
-        assert!(d.end >= d.start);
+        // A server span: 4xx is not an error.
+        span.end(Some(404), None);
+        // Dropped without an end: the request future was cancelled.
+        drop(t.start(SpanKind::Server, &HeaderMap::new()));
+        let spans = queued(&rx);
+        assert_eq!(spans.len(), 2);
+        let e = &spans[0].events;
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].name, "wasm.request_headers");
+        assert!(e[0].time_unix_nano >= spans[0].start_time_unix_nano);
+        assert_eq!(e[0].attributes[1].key, "wasmesh.filter.outcome");
+        assert!(spans[0].status.is_none());
+        let cancelled = spans[1].status.as_ref().expect("status");
+        assert_eq!(cancelled.code, StatusCode::Error as i32);
+        assert_eq!(cancelled.message, "cancelled");
     }
 
     #[test]
@@ -524,7 +712,7 @@ mod tests {
         );
         assert_eq!(span.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
         span.end(Some(200), None);
-        assert!(next(&rx).is_none());
+        assert!(rx.is_empty());
         // A new trace each; the queue holds 4.
         for _ in 0..6 {
             t.start(SpanKind::Server, &HeaderMap::new())
@@ -532,11 +720,38 @@ mod tests {
         }
         assert_eq!(t.stats.spans.load(Ordering::Relaxed), 6);
         assert_eq!(t.stats.dropped_queue_full.load(Ordering::Relaxed), 2);
-        let d = next(&rx).expect("queued");
-        assert_eq!(d.parent_span, None);
+        assert_eq!(rx.len(), 4);
+        let spans = queued(&rx);
+        assert_eq!(spans.len(), 4);
+        assert!(spans.iter().all(|s| s.parent_span_id.is_empty()));
+        // Room again once taken.
+        t.start(SpanKind::Server, &HeaderMap::new())
+            .end(Some(200), None);
+        assert_eq!(rx.len(), 1);
         // Dropping the last handle on the tracer closes its queue (its task drains and ends).
         assert!(!rx.is_closed());
         drop(t);
         assert!(rx.is_closed());
+    }
+
+    #[test]
+    fn the_queue_hands_out_one_batch_at_a_time_oldest_first() {
+        let q = SpanQueue::new(10, 3);
+        for i in 0..7u8 {
+            q.push(&[i]);
+        }
+        let sizes: Vec<(usize, Vec<u8>)> = std::iter::from_fn(|| q.take())
+            .map(|c| (c.spans, c.bytes))
+            .collect();
+        // Each span framed as `ScopeSpans.spans` (field 2, length 1).
+        assert_eq!(
+            sizes,
+            vec![
+                (3, vec![0x12, 1, 0, 0x12, 1, 1, 0x12, 1, 2]),
+                (3, vec![0x12, 1, 3, 0x12, 1, 4, 0x12, 1, 5]),
+                (1, vec![0x12, 1, 6]),
+            ]
+        );
+        assert!(q.is_empty());
     }
 }
