@@ -45,6 +45,22 @@ fn files() -> Vec<(&'static str, String)> {
             "b-svc.yaml",
             service_for(NS, "b", "app: b", &[("http", 80, 8080, "")]),
         ),
+        // a's calls to b match a route: a's client span is named after it.
+        (
+            "b-route.yaml",
+            format!(
+                r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: b-route, namespace: {NS}}}
+spec:
+  parentRefs:
+  - {{group: "", kind: Service, name: b, port: 80}}
+  rules:
+  - backendRefs:
+    - {{name: b, port: 80}}
+"#
+            ),
+        ),
         ("client.yaml", client(NS, "client", "")),
     ]
 }
@@ -168,6 +184,13 @@ fn a_call_through_two_services_is_one_trace_with_linked_spans() {
         assert_eq!(attr(a_in, "server.port"), 8080);
         assert!(attr(a_in, "wasmesh.peer.identity").is_string(), "{a_in:#?}");
         assert_eq!(attr(b_in, "http.request.method"), "GET");
+        // a → b matched b's HTTPRoute; client → a matched none (checked above: named `GET`).
+        let route = attr(a_out, "http.route")
+            .as_str()
+            .unwrap_or_else(|| panic!("http.route is a string: {a_out:#?}"));
+        assert!(route.starts_with(&format!("{NS}/b-route")), "{a_out:#?}");
+        assert_eq!(a_out.name, format!("GET {route}"));
+        assert!(!c_out.attributes.contains_key("http.route"), "{c_out:#?}");
         // The resource names the workload.
         assert_eq!(a_in.resource["k8s.namespace.name"], NS);
         assert_eq!(a_in.resource["k8s.pod.name"], a_pod.as_str());
