@@ -90,7 +90,7 @@ pub struct Chunk {
     pub spans: usize,
 }
 
-/// Buffers kept for reuse: one being filled, one being exported, one spare.
+/// Emptied chunk buffers kept for reuse (beside the one being filled).
 const SPARE_CHUNKS: usize = 2;
 
 impl SpanQueue {
@@ -619,7 +619,10 @@ mod tests {
             d.status.as_ref().map(|s| s.code),
             Some(StatusCode::Error as i32)
         );
-        assert_eq!(attr(d, "http.response.status_code"), Some(Value::IntValue(503)));
+        assert_eq!(
+            attr(d, "http.response.status_code"),
+            Some(Value::IntValue(503))
+        );
         assert_eq!(attr(d, "url.path"), text("/orders/42"));
         assert_eq!(attr(d, "server.address"), text("backend.demo.svc"));
         assert_eq!(attr(d, "http.request.method"), text("GET"));
@@ -643,7 +646,10 @@ mod tests {
         // The second try, on another endpoint, a pod with a longer name.
         span.put("network.peer.address", second);
         span.put("network.peer.port", 8081i64);
-        span.put("wasmesh.endpoint.pod", Arc::<str>::from("backend-bbbbbbbbbb"));
+        span.put(
+            "wasmesh.endpoint.pod",
+            Arc::<str>::from("backend-bbbbbbbbbb"),
+        );
         span.put("http.request.resend_count", 1i64);
         span.name("POST");
         span.end(Some(200), None);
@@ -652,10 +658,16 @@ mod tests {
         assert_eq!(attr(d, "network.peer.address"), text("10.244.0.6"));
         assert_eq!(attr(d, "network.peer.port"), Some(Value::IntValue(8081)));
         assert_eq!(attr(d, "wasmesh.endpoint.pod"), text("backend-bbbbbbbbbb"));
-        assert_eq!(attr(d, "http.request.resend_count"), Some(Value::IntValue(1)));
+        assert_eq!(
+            attr(d, "http.request.resend_count"),
+            Some(Value::IntValue(1))
+        );
         assert_eq!(attr(d, "http.request.method"), text("POST"));
         assert_eq!(attr(d, "server.port"), Some(Value::IntValue(80)));
-        assert_eq!(attr(d, "http.response.status_code"), Some(Value::IntValue(200)));
+        assert_eq!(
+            attr(d, "http.response.status_code"),
+            Some(Value::IntValue(200))
+        );
         assert_eq!(d.attributes.len(), 7);
         assert_eq!(d.name, "POST");
         assert!(d.status.is_none(), "2xx leaves the status unset");
