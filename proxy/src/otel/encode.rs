@@ -167,20 +167,24 @@ pub(super) fn frame_span(out: &mut Vec<u8>, span: &[u8]) {
 
 /// A string attribute whose value is the concatenation of `parts` (written in place: no
 /// `String` is built).
-pub(super) fn key_value_concat(out: &mut Vec<u8>, field: u32, k: &str, parts: &[&str]) {
-    let text: usize = parts.iter().map(|p| p.len()).sum();
+pub(super) fn key_value_concat<P: AsRef<[u8]>>(
+    out: &mut Vec<u8>,
+    field: u32,
+    k: &str,
+    parts: &[P],
+) {
+    let text: usize = parts.iter().map(|p| p.as_ref().len()).sum();
     // AnyValue { string_value = 1 }
     let any = field_len(text);
-    let kv = field_len(k.len()) + field_len(any);
     key(out, field, LEN);
-    varint(out, kv as u64);
+    varint(out, (field_len(k.len()) + field_len(any)) as u64);
     string(out, 1, k);
     key(out, 2, LEN);
     varint(out, any as u64);
     key(out, 1, LEN);
     varint(out, text as u64);
     for p in parts {
-        out.extend_from_slice(p.as_bytes());
+        out.extend_from_slice(p.as_ref());
     }
 }
 
@@ -221,66 +225,59 @@ fn nested(out: &mut Vec<u8>, field: u32, body: impl FnOnce(&mut Vec<u8>)) {
 /// value written in place (an address formatted on the stack).
 pub(super) fn key_value(out: &mut Vec<u8>, field: u32, k: &str, v: &AttrValue) {
     let mut ip = [0u8; 48];
-    // AnyValue { string_value = 1; int_value = 3 }
-    let canonical;
-    let v = match v {
-        // `::ffff:a.b.c.d` is written as the IPv4 address it is.
-        AttrValue::Ip(IpAddr::V6(a)) if a.to_ipv4_mapped().is_some() => {
-            canonical = AttrValue::Ip(IpAddr::V6(*a).to_canonical());
-            &canonical
+    let text: &[u8] = match v {
+        AttrValue::Int(n) => {
+            // AnyValue { int_value = 3 }
+            let any = 1 + varint_len(*n as u64);
+            key(out, field, LEN);
+            varint(out, (field_len(k.len()) + field_len(any)) as u64);
+            string(out, 1, k);
+            key(out, 2, LEN);
+            varint(out, any as u64);
+            key(out, 3, VARINT);
+            varint(out, *n as u64);
+            return;
         }
-        v => v,
+        AttrValue::Str(s) => s.as_bytes(),
+        AttrValue::Shared(s) => s.as_bytes(),
+        // `::ffff:a.b.c.d` is written as the IPv4 address it is.
+        AttrValue::Ip(a) => ip_text(&mut ip, a.to_canonical()),
     };
-    let (value_field, text, int): (u32, &[u8], i64) = match v {
-        AttrValue::Str(s) => (1, s.as_bytes(), 0),
-        AttrValue::Shared(s) => (1, s.as_bytes(), 0),
-        AttrValue::Int(n) => (3, &[], *n),
-        AttrValue::Ip(IpAddr::V4(a)) => {
+    key_value_concat(out, field, k, &[text]);
+}
+
+/// An address's text, written into `buf`.
+fn ip_text(buf: &mut [u8; 48], a: IpAddr) -> &[u8] {
+    match a {
+        IpAddr::V4(a) => {
             // Dotted decimal by hand: the formatting machinery cost more than the rest of
             // the attribute.
             let mut n = 0;
             for (i, octet) in a.octets().into_iter().enumerate() {
                 if i > 0 {
-                    ip[n] = b'.';
+                    buf[n] = b'.';
                     n += 1;
                 }
                 if octet >= 100 {
-                    ip[n] = b'0' + octet / 100;
+                    buf[n] = b'0' + octet / 100;
                     n += 1;
                 }
                 if octet >= 10 {
-                    ip[n] = b'0' + octet / 10 % 10;
+                    buf[n] = b'0' + octet / 10 % 10;
                     n += 1;
                 }
-                ip[n] = b'0' + octet % 10;
+                buf[n] = b'0' + octet % 10;
                 n += 1;
             }
-            (1, &ip[..n], 0)
+            &buf[..n]
         }
-        AttrValue::Ip(a) => {
-            let mut w = std::io::Cursor::new(&mut ip[..]);
+        IpAddr::V6(_) => {
+            let mut w = std::io::Cursor::new(&mut buf[..]);
             // An address's text fits in 48 bytes (IPv6 with an embedded IPv4 is 45).
             let _ = write!(w, "{a}");
             let n = w.position() as usize;
-            (1, &ip[..n], 0)
+            &buf[..n]
         }
-    };
-    let any = if value_field == 3 {
-        1 + varint_len(int as u64)
-    } else {
-        field_len(text.len())
-    };
-    let kv = field_len(k.len()) + field_len(any);
-    key(out, field, LEN);
-    varint(out, kv as u64);
-    string(out, 1, k);
-    key(out, 2, LEN);
-    varint(out, any as u64);
-    if value_field == 3 {
-        key(out, 3, VARINT);
-        varint(out, int as u64);
-    } else {
-        bytes_field(out, 1, text);
     }
 }
 

@@ -145,10 +145,6 @@ impl SpanQueue {
         self.len() == 0
     }
 
-    pub fn batch_size(&self) -> usize {
-        self.batch
-    }
-
     /// The oldest spans, up to one batch.
     pub fn take(&self) -> Option<Chunk> {
         let mut p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
@@ -424,13 +420,6 @@ impl Span {
     pub fn put(&mut self, key: &'static str, value: impl Into<AttrValue>) {
         if let Some(r) = self.record.as_mut() {
             r.replace(key, &value.into());
-        }
-    }
-
-    /// Sets an attribute whose value is costly to build only when the span is recorded.
-    pub fn set_with<V: Into<AttrValue>>(&mut self, key: &'static str, value: impl FnOnce() -> V) {
-        if let Some(r) = self.record.as_mut() {
-            r.attribute(key, &value().into());
         }
     }
 
