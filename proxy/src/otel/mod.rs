@@ -30,6 +30,7 @@ pub mod propagation;
 pub mod sampler;
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -209,7 +210,7 @@ impl Tracer {
         let span_id = SpanId::from(rand::random::<u64>().max(1));
         let parent_format = parent.as_ref().map(|p: &Parent| p.format);
         let record = sampled.then(|| {
-            let mut bytes = Vec::with_capacity(SPAN_CAPACITY);
+            let mut bytes = span_buffer();
             encode::span_start(
                 &mut bytes,
                 trace_id,
@@ -264,6 +265,41 @@ impl Drop for Tracer {
 
 /// What a span's bytes are allocated with: room for the ids, a dozen attributes and the end.
 const SPAN_CAPACITY: usize = 512;
+
+/// How many emptied span buffers a thread keeps for its next spans.
+const SPARE_SPAN_BUFFERS: usize = 64;
+
+thread_local! {
+    /// The buffers of the spans this thread finished, for the next ones it starts: a sampled
+    /// span's bytes cost no allocation once the worker has recorded a few, and the buffer
+    /// is one the core wrote a moment ago.
+    static SPAN_BUFFERS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An empty buffer for a span's bytes: this thread's last spare, else a new one.
+fn span_buffer() -> Vec<u8> {
+    SPAN_BUFFERS
+        .try_with(|b| b.borrow_mut().pop())
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| Vec::with_capacity(SPAN_CAPACITY))
+}
+
+/// Keeps a finished span's buffer for this thread's next span (an outsized one, grown by
+/// many events, is freed; so is any beyond [`SPARE_SPAN_BUFFERS`]).
+fn spare_span_buffer(mut bytes: Vec<u8>) {
+    if bytes.capacity() > 4 * SPAN_CAPACITY {
+        return;
+    }
+    bytes.clear();
+    // A thread being torn down has no pool left: the buffer is freed.
+    let _ = SPAN_BUFFERS.try_with(|b| {
+        let mut b = b.borrow_mut();
+        if b.len() < SPARE_SPAN_BUFFERS {
+            b.push(bytes);
+        }
+    });
+}
 
 /// How many attributes a span can replace ([`Span::put`]: the endpoint of each try).
 const REPLACEABLE: usize = 6;
@@ -377,6 +413,7 @@ impl Recording {
             remote_parent,
         );
         tracer.queue(&bytes);
+        spare_span_buffer(bytes);
     }
 }
 
@@ -619,6 +656,39 @@ mod tests {
         assert!(d.start_time_unix_nano > 0);
         // Sampled, remote parent.
         assert_eq!(d.flags, 0x301);
+    }
+
+    #[test]
+    fn a_span_started_after_another_ended_on_the_thread_reuses_its_buffer_and_none_of_its_bytes() {
+        let (t, rx) = tracer(Sampler::AlwaysOn);
+        let mut first = t.start(SpanKind::Client, &HeaderMap::new());
+        first.set_str("url.path", "/first/a/rather/long/path");
+        first.set("server.port", 8080i64);
+        first.name("POST");
+        let spares = || SPAN_BUFFERS.with(|b| b.borrow().len());
+        let before = spares();
+        first.end(Some(200), None);
+        assert_eq!(spares(), before + 1, "the first span's buffer kept");
+        let mut second = t.start(SpanKind::Server, &HeaderMap::new());
+        assert_eq!(spares(), before, "and taken by the second");
+        second.set_str("url.path", "/b");
+        second.name("GET");
+        second.end(Some(404), None);
+        let spans = queued(&rx);
+        assert_eq!(spans.len(), 2);
+        assert_eq!(spans[0].name, "POST");
+        assert_eq!(
+            attr(&spans[0], "url.path"),
+            text("/first/a/rather/long/path")
+        );
+        assert_eq!(spans[1].name, "GET");
+        assert_eq!(attr(&spans[1], "url.path"), text("/b"));
+        assert_eq!(attr(&spans[1], "server.port"), None);
+        assert_eq!(
+            attr(&spans[1], "http.response.status_code"),
+            Some(Value::IntValue(404))
+        );
+        assert_ne!(spans[0].span_id, spans[1].span_id);
     }
 
     #[test]
