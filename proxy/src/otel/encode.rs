@@ -175,17 +175,22 @@ pub(super) fn key_value_concat<P: AsRef<[u8]>>(
 ) {
     let text: usize = parts.iter().map(|p| p.as_ref().len()).sum();
     // AnyValue { string_value = 1 }
-    let any = field_len(text);
-    key(out, field, LEN);
-    varint(out, (field_len(k.len()) + field_len(any)) as u64);
-    string(out, 1, k);
-    key(out, 2, LEN);
-    varint(out, any as u64);
+    key_value_head(out, field, k, field_len(text));
     key(out, 1, LEN);
     varint(out, text as u64);
     for p in parts {
         out.extend_from_slice(p.as_ref());
     }
+}
+
+/// A `KeyValue`'s framing and key, up to its `AnyValue` body of `any` bytes, which the
+/// caller writes next.
+fn key_value_head(out: &mut Vec<u8>, field: u32, k: &str, any: usize) {
+    key(out, field, LEN);
+    varint(out, (field_len(k.len()) + field_len(any)) as u64);
+    string(out, 1, k);
+    key(out, 2, LEN);
+    varint(out, any as u64);
 }
 
 /// `SpanKind` enum values.
@@ -228,12 +233,7 @@ pub(super) fn key_value(out: &mut Vec<u8>, field: u32, k: &str, v: &AttrValue) {
     let text: &[u8] = match v {
         AttrValue::Int(n) => {
             // AnyValue { int_value = 3 }
-            let any = 1 + varint_len(*n as u64);
-            key(out, field, LEN);
-            varint(out, (field_len(k.len()) + field_len(any)) as u64);
-            string(out, 1, k);
-            key(out, 2, LEN);
-            varint(out, any as u64);
+            key_value_head(out, field, k, 1 + varint_len(*n as u64));
             key(out, 3, VARINT);
             varint(out, *n as u64);
             return;
