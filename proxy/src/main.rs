@@ -211,6 +211,14 @@ struct RunArgs {
         value_parser = wasmesh_proxy::access_log::parse_sample
     )]
     access_log_sample: f64,
+
+    /// Worker threads that run the data path. Default: the CPUs this process may use (its
+    /// affinity mask and its cgroup's CPU quota, so a container limited to 1 CPU gets 1).
+    /// With 1 the proxy runs a single-threaded runtime: no work-stealing machinery, and
+    /// tasks woken by a request run after the ones already queued, so an HTTP/2
+    /// connection's frames from many streams leave in one write.
+    #[arg(long, env = "WASMESH_WORKERS", value_parser = clap::value_parser!(u16).range(1..))]
+    workers: Option<u16>,
 }
 
 #[derive(Debug, Args)]
@@ -390,13 +398,25 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             sample: args.access_log_sample,
         },
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let workers = args.workers.map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| n.get()),
+        usize::from,
+    );
+    let mut rt = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    let rt = rt
         .enable_all()
         // Wasm filter streams end (on_done/on_log/on_delete) when a worker goes idle, after
         // the response went out, not in front of it.
         .on_thread_park(wasmesh_wasm::worker_idle)
         .build()
         .context("starting the runtime")?;
+    tracing::info!(workers, "data path runtime");
     rt.block_on(async {
         wasmesh_proxy::run::run(cfg, shutdown_signal()).await?;
         Ok(())

@@ -68,7 +68,11 @@ fn web_mesh(test: &str, more: &[(&str, String)]) -> Option<TestMesh> {
         ("client.yaml", client(NS, "client", "")),
     ];
     files.extend(more.iter().cloned());
-    let mesh = TestMesh::up_files(test, &files)?;
+    // This mesh's sidecars run one worker: the single-threaded runtime a sidecar limited to
+    // one CPU gets. The other meshes run the default here (a worker per CPU: two).
+    let mesh = TestMesh::up_files_with(test, &files, |cfg| {
+        cfg.proxy_args = vec!["--workers".into(), "1".into()]
+    })?;
     mesh.ready_pods(NS, "web-", 3);
     mesh.ready_pods(NS, "client", 1);
     for port in [80, 81, 82, 9000] {

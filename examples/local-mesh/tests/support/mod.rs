@@ -123,8 +123,16 @@ impl TestMesh {
 
     /// [`TestMesh::up`] with owned file contents.
     pub fn up_files(test: &str, files: &[(&str, String)]) -> Option<Self> {
+        Self::up_files_with(test, files, |_| {})
+    }
+
+    pub fn up_files_with(
+        test: &str,
+        files: &[(&str, String)],
+        adjust: impl FnOnce(&mut MeshConfig),
+    ) -> Option<Self> {
         let refs: Vec<(&str, &str)> = files.iter().map(|(a, b)| (*a, b.as_str())).collect();
-        Self::up(test, &refs)
+        Self::up_with(test, &refs, adjust)
     }
 
     pub fn handle(&self) -> &MeshHandle {
