@@ -213,7 +213,8 @@ struct RunArgs {
     access_log_sample: f64,
 
     /// Worker threads that run the data path. Default: the CPUs this process may use (its
-    /// affinity mask and its cgroup's CPU quota, so a container limited to 1 CPU gets 1).
+    /// affinity mask and its cgroup's CPU quota rounded down, at least 1: a container limited
+    /// to 1 CPU, or 500m, gets 1).
     /// With 1 the proxy runs a single-threaded runtime: no work-stealing machinery, and
     /// tasks woken by a request run after the ones already queued, so an HTTP/2
     /// connection's frames from many streams leave in one write.

@@ -9,7 +9,7 @@
 //! workers do), endings are queued per thread and run when the thread is about to park: after
 //! the response went out, on the same thread (caches warm), with no task, wake-up or syscall.
 //! The queue is bounded: a thread that stays busy runs them as soon as [`MAX_QUEUED`] wait.
-//! On any other thread (no hook: a current-thread runtime, a test, no runtime) an ending runs
+//! On any other thread (no hook: a runtime built without it, a test, no runtime) an ending runs
 //! on the spot.
 
 use std::cell::{Cell, RefCell};
