@@ -100,6 +100,31 @@ impl Results {
         }
         median(x.iter().zip(y).map(|(x, y)| x / y).collect())
     }
+
+    /// [`Results::paired_ratio`] over the rounds in which `quiet` holds for both pairs'
+    /// values of `quiet_key` (the phase's hypervisor steal, say); with the number of those
+    /// rounds and of all rounds. None when no round qualifies.
+    pub fn paired_ratio_where(
+        &self,
+        (a, b): (&str, &str),
+        key: &str,
+        quiet_key: &str,
+        quiet: impl Fn(f64) -> bool,
+    ) -> Option<(f64, usize, usize)> {
+        let values = |pair: &str, k: &str| self.by_pair.get(pair)?.get(k);
+        let (x, y) = (values(a, key)?, values(b, key)?);
+        let (qx, qy) = (values(a, quiet_key)?, values(b, quiet_key)?);
+        let n = x.len();
+        if [y.len(), qx.len(), qy.len()].iter().any(|l| *l != n) || y.contains(&0.0) {
+            return None;
+        }
+        let kept: Vec<f64> = (0..n)
+            .filter(|&i| quiet(qx[i]) && quiet(qy[i]))
+            .map(|i| x[i] / y[i])
+            .collect();
+        let m = kept.len();
+        Some((median(kept)?, m, n))
+    }
 }
 
 /// The middle value (the mean of the two middle ones for an even count); None when empty.
@@ -170,5 +195,35 @@ mod tests {
         // A pair missing a round has no paired ratio.
         round(&mut r, "a", 100.0);
         assert_eq!(r.paired_ratio("b", "a", "per_s"), None);
+    }
+
+    #[test]
+    fn a_paired_ratio_over_quiet_rounds_leaves_out_a_round_either_pair_had_steal_in() {
+        let mut r = Results::default();
+        // (a, its steal, b, its steal): the second round's b, and the third round's a, ran
+        // while the hypervisor took the CPU.
+        for (a, sa, b, sb) in [
+            (100.0, 0.0, 90.0, 0.01),
+            (100.0, 0.0, 50.0, 0.30),
+            (40.0, 0.25, 90.0, 0.0),
+            (80.0, 0.01, 72.0, 0.0),
+        ] {
+            for (pair, per_s, steal) in [("a", a, sa), ("b", b, sb)] {
+                r.add(
+                    pair,
+                    BTreeMap::from([("per_s".to_string(), per_s), ("steal".to_string(), steal)]),
+                );
+            }
+        }
+        let quiet = |s: f64| s <= 0.02;
+        let (ratio, kept, all) = r
+            .paired_ratio_where(("b", "a"), "per_s", "steal", quiet)
+            .unwrap();
+        assert!((ratio - 0.9).abs() < 1e-9, "{ratio}");
+        assert_eq!((kept, all), (2, 4));
+        assert_eq!(
+            r.paired_ratio_where(("b", "a"), "per_s", "steal", |s| s < 0.0),
+            None
+        );
     }
 }

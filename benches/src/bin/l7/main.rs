@@ -834,9 +834,12 @@ fn summary(key: &str, phase: &str, rec: &BTreeMap<String, f64>) -> String {
     let cpu = g("cpu");
     match phase {
         "sat" => format!(
-            "{:.0} req/s, proxy CPU {cpu:.2} s ({:.2} s per 100k requests)",
+            "{:.0} req/s, proxy CPU {cpu:.2} s ({:.2} s per 100k requests); steal {:.0} %, \
+             other load {:.0} %",
             g("per_s"),
-            cpu / g("requests").max(1.0) * 1e5
+            cpu / g("requests").max(1.0) * 1e5,
+            g("steal") * 100.0,
+            g("other") * 100.0
         ),
         _ => format!(
             "p50 {:.0} µs, p99 {:.0} µs, proxy CPU {cpu:.2} s",
