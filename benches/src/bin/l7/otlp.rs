@@ -4,22 +4,16 @@
 //! same port, for the orchestrator's checks.
 //!
 //! It runs in the node's namespace on the load core (with the app, the load generator and
-//! control), so it must cost little there while a phase is measured: an export is only split
-//! into its `ResourceSpans` ([`ExportRaw`], slices of the request's bytes) and kept; they are
-//! decoded when the counts are asked for, after the phases ([`Tally::counts`]), or once 64 MiB
-//! wait. Decoding each export as it came cost 2 % of the load core at HTTP/2 saturation, and
-//! in that phase, whose requests travel as one batch from core to core, core 0's time adds to
-//! every batch's: tracing was charged about 2 % of requests/s that a collector on another node
-//! does not cost. A `ResourceSpans` is decoded with [`ResourceSpansCount`], a view that keeps,
-//! of each span, its kind and parent — everything else (names, attributes, events, resources)
-//! is skipped by the protobuf decoder without being built. The full types of
-//! `opentelemetry-proto` are the reference: the tests encode exports with them and check that
-//! this view counts what they hold.
+//! control), so it must cost little there: each export is decoded with [`ExportCount`], a view
+//! of `ExportTraceServiceRequest` that keeps, of each span, its kind and parent — everything
+//! else (names, attributes, events, resources) is skipped by the protobuf decoder without being
+//! built. The full types of `opentelemetry-proto` are the reference: the tests encode exports
+//! with them and check that this view counts what they hold.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -27,7 +21,6 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
-use prost::Message as _;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use wasmesh_benches::harness::run::Args;
@@ -35,14 +28,11 @@ use wasmesh_benches::harness::run::Args;
 /// The gRPC method the exporters call.
 const EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
-/// Undecoded `ResourceSpans` kept beyond this many bytes are decoded at once.
-const PENDING_LIMIT: usize = 64 << 20;
-
-/// `ExportTraceServiceRequest` with its `ResourceSpans` left as bytes.
+/// `ExportTraceServiceRequest`, down to each span's kind and parent.
 #[derive(Clone, PartialEq, prost::Message)]
-pub struct ExportRaw {
-    #[prost(bytes = "bytes", repeated, tag = "1")]
-    pub resource_spans: Vec<Bytes>,
+pub struct ExportCount {
+    #[prost(message, repeated, tag = "1")]
+    pub resource_spans: Vec<ResourceSpansCount>,
 }
 
 /// `ResourceSpans` without its resource.
@@ -98,7 +88,7 @@ impl Counts {
     }
 }
 
-/// The counters behind [`Counts`], and the exports' `ResourceSpans` not counted yet.
+/// The counters behind [`Counts`].
 #[derive(Debug, Default)]
 struct Tally {
     exports: AtomicU64,
@@ -106,49 +96,17 @@ struct Tally {
     client: AtomicU64,
     server: AtomicU64,
     server_with_parent: AtomicU64,
-    pending: Mutex<Pending>,
-}
-
-#[derive(Debug, Default)]
-struct Pending {
-    resource_spans: Vec<Bytes>,
-    bytes: usize,
 }
 
 impl Tally {
-    /// Keeps an export's `ResourceSpans` for [`Tally::counts`] to decode.
-    fn record(&self, export: ExportRaw) {
-        self.exports.fetch_add(1, Ordering::Relaxed);
-        let full = {
-            let mut p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-            p.bytes += export.resource_spans.iter().map(Bytes::len).sum::<usize>();
-            p.resource_spans.extend(export.resource_spans);
-            p.bytes >= PENDING_LIMIT
-        };
-        if full {
-            self.decode_pending();
-        }
-    }
-
-    /// Counts the kept `ResourceSpans`. One that does not decode is reported on stderr (the
-    /// receiver's log) and counts no span: the orchestrator's checks then find spans missing.
-    fn decode_pending(&self) {
-        let taken = {
-            let mut p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-            p.bytes = 0;
-            std::mem::take(&mut p.resource_spans)
-        };
-        for raw in taken {
-            match ResourceSpansCount::decode(raw) {
-                Ok(r) => self.count(&r),
-                Err(e) => eprintln!("otlp receiver: a ResourceSpans does not decode: {e}"),
-            }
-        }
-    }
-
-    fn count(&self, resource_spans: &ResourceSpansCount) {
+    fn record(&self, export: &ExportCount) {
         let (mut spans, mut client, mut server, mut with_parent) = (0, 0, 0, 0);
-        for s in resource_spans.scope_spans.iter().flat_map(|s| &s.spans) {
+        for s in export
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .flat_map(|s| &s.spans)
+        {
             spans += 1;
             match s.kind {
                 KIND_CLIENT => client += 1,
@@ -166,10 +124,10 @@ impl Tally {
         self.server.fetch_add(server, Ordering::Relaxed);
         self.server_with_parent
             .fetch_add(with_parent, Ordering::Relaxed);
+        self.exports.fetch_add(1, Ordering::Relaxed);
     }
 
     fn counts(&self) -> Counts {
-        self.decode_pending();
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Counts {
             exports: g(&self.exports),
@@ -185,13 +143,13 @@ impl Tally {
 #[derive(Clone)]
 struct Export(Arc<Tally>);
 
-impl tonic::server::UnaryService<ExportRaw> for Export {
+impl tonic::server::UnaryService<ExportCount> for Export {
     type Response = ExportTraceServiceResponse;
     type Future =
         std::future::Ready<Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status>>;
 
-    fn call(&mut self, request: tonic::Request<ExportRaw>) -> Self::Future {
-        self.0.record(request.into_inner());
+    fn call(&mut self, request: tonic::Request<ExportCount>) -> Self::Future {
+        self.0.record(request.get_ref());
         std::future::ready(Ok(tonic::Response::new(
             ExportTraceServiceResponse::default(),
         )))
@@ -260,7 +218,8 @@ async fn handle(
     };
     match (req.method(), req.uri().path()) {
         (&http::Method::POST, EXPORT) => {
-            let codec = tonic_prost::ProstCodec::<ExportTraceServiceResponse, ExportRaw>::default();
+            let codec =
+                tonic_prost::ProstCodec::<ExportTraceServiceResponse, ExportCount>::default();
             tonic::server::Grpc::new(codec)
                 .unary(Export(tally), req)
                 .await
@@ -351,10 +310,10 @@ mod tests {
                 },
             ],
         };
-        let raw = ExportRaw::decode(export.encode_to_vec().as_slice()).expect("decodes");
+        let view = ExportCount::decode(export.encode_to_vec().as_slice()).expect("decodes");
         let tally = Tally::default();
-        tally.record(raw);
-        tally.record(ExportRaw::decode(&[][..]).expect("an empty export decodes"));
+        tally.record(&view);
+        tally.record(&ExportCount::decode(&[][..]).expect("an empty export decodes"));
         assert_eq!(
             tally.counts(),
             Counts {
@@ -366,13 +325,7 @@ mod tests {
             }
         );
         // Not protobuf: an error, not a count.
-        assert!(ExportRaw::decode(&[0x0a, 0xff][..]).is_err());
-        // A ResourceSpans that does not decode counts nothing (and the export is counted).
-        tally.record(ExportRaw {
-            resource_spans: vec![Bytes::from_static(&[0x12, 0xff])],
-        });
-        let after = tally.counts();
-        assert_eq!((after.exports, after.spans), (3, 5));
+        assert!(ExportCount::decode(&[0x0a, 0xff][..]).is_err());
     }
 
     #[test]
