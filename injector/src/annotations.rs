@@ -28,6 +28,8 @@ pub const PROXY_MEMORY: &str = "wasmesh.io/proxy-memory";
 pub const PROXY_CPU_LIMIT: &str = "wasmesh.io/proxy-cpu-limit";
 /// Proxy memory limit.
 pub const PROXY_MEMORY_LIMIT: &str = "wasmesh.io/proxy-memory-limit";
+/// The proxy's worker threads (`WASMESH_WORKERS`).
+pub const PROXY_WORKERS: &str = "wasmesh.io/proxy-workers";
 /// Inbound ports that reach the app directly.
 pub const EXCLUDE_INBOUND_PORTS: &str = "traffic.wasmesh.io/exclude-inbound-ports";
 /// Outbound ports never captured.
@@ -46,7 +48,7 @@ pub const MTLS: &str = "wasmesh.io/mtls";
 pub const INJECTED: &str = "wasmesh.io/injected";
 
 /// Every annotation the injector reads, for documentation and `--help`.
-pub const READ: [&str; 13] = [
+pub const READ: [&str; 14] = [
     INJECT,
     SIDECAR_MODE,
     MTLS,
@@ -55,6 +57,7 @@ pub const READ: [&str; 13] = [
     PROXY_MEMORY,
     PROXY_CPU_LIMIT,
     PROXY_MEMORY_LIMIT,
+    PROXY_WORKERS,
     EXCLUDE_INBOUND_PORTS,
     EXCLUDE_OUTBOUND_PORTS,
     EXCLUDE_OUTBOUND_IP_RANGES,
@@ -178,6 +181,9 @@ pub struct Settings {
     pub include_inbound_ports: Option<Include>,
     /// `strict` or `permissive`, from [`MTLS`]; None: the proxy's default.
     pub inbound_mtls: Option<String>,
+    /// The proxy's worker threads: [`PROXY_WORKERS`], else [`Config::workers`] when the proxy
+    /// has no CPU limit; None: the proxy's default, the CPUs its limit allows.
+    pub workers: Option<u16>,
 }
 
 impl Settings {
@@ -205,6 +211,7 @@ impl Settings {
             .unwrap_or(config.default_mode),
         };
         let inbound_mtls = get(MTLS).and_then(|v| keep(mtls_mode(v), &mut errors));
+        let workers = get(PROXY_WORKERS).map(|v| keep(parse_workers(v), &mut errors));
         let proxy_uid = match get(PROXY_UID) {
             None => config.proxy_uid,
             Some(v) => keep(parse_uid(v), &mut errors).unwrap_or(config.proxy_uid),
@@ -238,7 +245,6 @@ impl Settings {
         Ok(Self {
             mode,
             proxy_uid,
-            resources,
             // An empty exclusion list excludes nothing: leave the flag out.
             exclude_inbound_ports: exclude_inbound_ports.filter(|v| !v.is_empty()),
             exclude_outbound_ports: exclude_outbound_ports.filter(|v| !v.is_empty()),
@@ -246,7 +252,27 @@ impl Settings {
             include_outbound_cidrs: include(include_outbound_cidrs),
             include_inbound_ports: include(include_inbound_ports),
             inbound_mtls,
+            // Without a CPU limit the proxy would start a worker per CPU of the node; with
+            // one it sizes itself by the limit (its cgroup quota).
+            workers: match workers {
+                Some(explicit) => explicit,
+                None if resources.cpu_limit.is_some() => None,
+                None => config.workers,
+            },
+            resources,
         })
+    }
+}
+
+/// 1 to 65535 worker threads, as `wasmesh-proxy run --workers` takes them.
+fn parse_workers(value: &str) -> Result<u16, AnnotationError> {
+    match value.trim().parse::<u16>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(AnnotationError::new(
+            PROXY_WORKERS,
+            value,
+            "is not a number of worker threads (a whole number from 1 to 65535)",
+        )),
     }
 }
 
@@ -540,6 +566,37 @@ mod tests {
         assert_eq!(s.exclude_inbound_ports, None);
         assert_eq!(s.include_outbound_cidrs, None);
         assert_eq!(s.inbound_mtls, None, "the proxy's default");
+    }
+
+    #[test]
+    fn workers_are_two_without_a_cpu_limit_the_limits_with_one_or_what_the_annotation_says() {
+        let config = Config::default();
+        let read = |pairs: &[(&str, &str)], config: &Config| {
+            Settings::read(Some(&map(pairs)), config).map(|s| s.workers)
+        };
+        assert_eq!(read(&[], &config), Ok(Some(2)));
+        assert_eq!(read(&[(PROXY_CPU_LIMIT, "1500m")], &config), Ok(None));
+        assert_eq!(
+            read(&[(PROXY_CPU_LIMIT, "1"), (PROXY_WORKERS, " 4 ")], &config),
+            Ok(Some(4))
+        );
+        // `--proxy-workers 0`: no default, the proxy's own (a worker per CPU).
+        let unset = Config {
+            workers: None,
+            ..Config::default()
+        };
+        assert_eq!(read(&[], &unset), Ok(None));
+        assert_eq!(read(&[(PROXY_WORKERS, "3")], &unset), Ok(Some(3)));
+        for bad in ["0", "-1", "two", "65536", "1.5", ""] {
+            let errs = read(&[(PROXY_WORKERS, bad)], &config).unwrap_err();
+            assert_eq!(
+                errs.to_string(),
+                format!(
+                    "annotation wasmesh.io/proxy-workers: {bad:?} is not a number of worker \
+                     threads (a whole number from 1 to 65535)"
+                ),
+            );
+        }
     }
 
     #[test]

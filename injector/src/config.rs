@@ -26,6 +26,11 @@ pub const SYSTEM_NAMESPACES: [&str; 3] = ["kube-system", "kube-public", "kube-no
 /// UID (and GID) the proxy runs as; the interception rules exempt its traffic.
 pub const DEFAULT_PROXY_UID: u32 = 1337;
 
+/// Worker threads of a sidecar without a CPU limit: Istio runs its sidecars with 2
+/// (`concurrency`); a worker per CPU of a large node would be dozens of threads (and their
+/// memory) per pod for one pod's traffic.
+pub const DEFAULT_WORKERS: u16 = 2;
+
 /// Audience of the projected ServiceAccount token the proxy presents to control.
 pub const DEFAULT_TOKEN_AUDIENCE: &str = "wasmesh-control";
 
@@ -105,6 +110,10 @@ pub struct Config {
     pub proxy_uid: u32,
     /// Proxy resources unless the `wasmesh.io/proxy-*` annotations say otherwise.
     pub resources: Resources,
+    /// Worker threads of a proxy without a CPU limit, unless `wasmesh.io/proxy-workers` says
+    /// otherwise (`WASMESH_WORKERS`). None: the proxy's own default, a worker per CPU of the
+    /// node. A proxy with a CPU limit sizes itself by it.
+    pub workers: Option<u16>,
     /// Audience of the projected token (control checks it).
     pub token_audience: String,
     /// `expirationSeconds` of the projected token.
@@ -131,6 +140,7 @@ impl Default for Config {
                 cpu_limit: None,
                 memory_limit: None,
             },
+            workers: Some(DEFAULT_WORKERS),
             token_audience: DEFAULT_TOKEN_AUDIENCE.to_owned(),
             token_expiration_seconds: DEFAULT_TOKEN_EXPIRATION_SECONDS,
             hold_timeout_seconds: 120,

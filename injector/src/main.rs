@@ -13,7 +13,7 @@ use tracing_subscriber::EnvFilter;
 use wasmesh_injector::annotations::Quantity;
 use wasmesh_injector::config::{
     self, Config, DEFAULT_CONTROL_ADDRESS, DEFAULT_CONTROL_NAMESPACE, DEFAULT_IMAGE,
-    DEFAULT_PROXY_UID, DEFAULT_TOKEN_AUDIENCE, Resources, SidecarMode,
+    DEFAULT_PROXY_UID, DEFAULT_TOKEN_AUDIENCE, DEFAULT_WORKERS, Resources, SidecarMode,
 };
 use wasmesh_injector::offline::{self, Outcome};
 use wasmesh_injector::server::{self, ServerConfig};
@@ -179,6 +179,11 @@ struct InjectorArgs {
     #[arg(long, env = "WASMESH_PROXY_MEMORY_LIMIT", value_name = "QUANTITY", value_parser = quantity)]
     proxy_memory_limit: Option<String>,
 
+    /// Worker threads of a proxy without a CPU limit (wasmesh.io/proxy-workers); 0 leaves it
+    /// to the proxy (a worker per CPU of the node). A proxy with a CPU limit sizes itself by it.
+    #[arg(long, env = "WASMESH_PROXY_WORKERS", value_name = "N", default_value_t = DEFAULT_WORKERS)]
+    proxy_workers: u16,
+
     /// Audience of the projected ServiceAccount token the proxy presents to control.
     #[arg(long, env = "WASMESH_TOKEN_AUDIENCE", value_name = "AUDIENCE", default_value = DEFAULT_TOKEN_AUDIENCE)]
     token_audience: String,
@@ -220,6 +225,7 @@ impl InjectorArgs {
                 cpu_limit: self.proxy_cpu_limit.as_deref().and_then(non_empty),
                 memory_limit: self.proxy_memory_limit.as_deref().and_then(non_empty),
             },
+            workers: (self.proxy_workers > 0).then_some(self.proxy_workers),
             token_audience: self.token_audience.clone(),
             ..Config::default()
         })

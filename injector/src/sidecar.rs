@@ -165,6 +165,13 @@ pub fn proxy_container(settings: &Settings, config: &Config, names: &Names) -> C
                 value: Some(mode.clone()),
                 ..EnvVar::default()
             }))
+            // `wasmesh.io/proxy-workers`, or the injector's default for a proxy without a CPU
+            // limit; absent, the proxy sizes itself by its limit.
+            .chain(settings.workers.map(|n| EnvVar {
+                name: "WASMESH_WORKERS".to_owned(),
+                value: Some(n.to_string()),
+                ..EnvVar::default()
+            }))
             .collect(),
         ),
         resources: resources(settings),

@@ -162,6 +162,7 @@ fn gke_review_gets_a_base64_patch_that_adds_the_sidecar() {
         ("SERVICE_ACCOUNT", "spec.serviceAccountName"),
         ("WASMESH_POD_LABELS_FILE", ""),
         ("WASMESH_TOKEN_FILE", ""),
+        ("WASMESH_WORKERS", ""),
     ]
     .map(|(a, b)| (a.to_owned(), b.to_owned()));
     assert_eq!(env, expected);
@@ -574,6 +575,58 @@ fn the_mtls_annotation_sets_the_sidecars_inbound_mode() {
         answer["response"]["warnings"],
         json!([
             "wasmesh: pod not injected: annotation wasmesh.io/mtls: \"strcit\" is not an mTLS mode: use \"strict\" (refuse plaintext) or \"permissive\""
+        ])
+    );
+    assert!(matches!(
+        outcome.result,
+        Verdict::Skipped(SkipReason::InvalidAnnotations(_))
+    ));
+}
+
+#[test]
+fn the_sidecar_runs_two_workers_unless_a_cpu_limit_or_the_annotation_says_otherwise() {
+    let workers_of = |annotations: Value| -> Option<String> {
+        let mut pod = pod("web");
+        pod["metadata"]["annotations"] = annotations;
+        let body = review_of(&pod, "default", false);
+        let (answer, _) = respond(&body, ENABLED);
+        let result = patched(&body, &answer);
+        as_pod(&result);
+        container(&result["spec"]["initContainers"], "wasmesh-proxy")["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .find(|e| e["name"] == "WASMESH_WORKERS")
+            .map(|e| e["value"].as_str().expect("a plain value").to_owned())
+    };
+    // No CPU limit: two workers, not one per CPU of the node.
+    assert_eq!(workers_of(json!({})).as_deref(), Some("2"));
+    // A CPU limit: the proxy sizes itself by its cgroup quota.
+    assert_eq!(
+        workers_of(json!({"wasmesh.io/proxy-cpu-limit": "1500m"})),
+        None
+    );
+    // The annotation wins over both.
+    assert_eq!(
+        workers_of(json!({"wasmesh.io/proxy-workers": "4"})).as_deref(),
+        Some("4")
+    );
+    assert_eq!(
+        workers_of(json!({"wasmesh.io/proxy-workers": "1", "wasmesh.io/proxy-cpu-limit": "2"}))
+            .as_deref(),
+        Some("1")
+    );
+    // Zero workers would be a proxy that never starts: no sidecar, and a warning.
+    let mut pod = pod("zero");
+    pod["metadata"]["annotations"] = json!({"wasmesh.io/proxy-workers": "0"});
+    let body = review_of(&pod, "default", false);
+    let (answer, outcome) = respond(&body, ENABLED);
+    assert_eq!(answer["response"]["allowed"], true);
+    assert!(patch_of(&answer).is_none());
+    assert_eq!(
+        answer["response"]["warnings"],
+        json!([
+            "wasmesh: pod not injected: annotation wasmesh.io/proxy-workers: \"0\" is not a number of worker threads (a whole number from 1 to 65535)"
         ])
     );
     assert!(matches!(
