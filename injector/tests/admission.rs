@@ -527,30 +527,48 @@ fn annotations_set_uid_resources_and_traffic_flags() {
     );
 }
 
+/// The injected proxy's variables with a plain value (not from the downward API).
+fn proxy_env_values(body: &[u8], answer: &Value) -> Vec<(String, String)> {
+    let result = patched(body, answer);
+    as_pod(&result);
+    container(&result["spec"]["initContainers"], "wasmesh-proxy")["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .filter(|e| e["value"].is_string())
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap_or_default().to_owned(),
+                e["value"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// A pod with these annotations is let through untouched, with `warning` as the only warning,
+/// and the outcome says why.
+fn assert_not_injected(annotations: Value, warning: &str) {
+    let mut pod = pod("typo");
+    pod["metadata"]["annotations"] = annotations;
+    let body = review_of(&pod, "default", false);
+    let (answer, outcome) = respond(&body, ENABLED);
+    assert_eq!(answer["response"]["allowed"], true);
+    assert!(patch_of(&answer).is_none());
+    assert_eq!(answer["response"]["warnings"], json!([warning]));
+    assert!(matches!(
+        outcome.result,
+        Verdict::Skipped(SkipReason::InvalidAnnotations(_))
+    ));
+}
+
 #[test]
 fn the_mtls_annotation_sets_the_sidecars_inbound_mode() {
-    let env_of = |answer: &Value, body: &[u8]| -> Vec<(String, String)> {
-        let result = patched(body, answer);
-        as_pod(&result);
-        container(&result["spec"]["initContainers"], "wasmesh-proxy")["env"]
-            .as_array()
-            .expect("env")
-            .iter()
-            .filter(|e| e["value"].is_string())
-            .map(|e| {
-                (
-                    e["name"].as_str().unwrap_or_default().to_owned(),
-                    e["value"].as_str().unwrap_or_default().to_owned(),
-                )
-            })
-            .collect()
-    };
     for mode in ["strict", "permissive"] {
         let mut pod = pod("vault");
         pod["metadata"]["annotations"] = json!({"wasmesh.io/mtls": mode});
         let body = review_of(&pod, "default", false);
         let (answer, _) = respond(&body, ENABLED);
-        let env = env_of(&answer, &body);
+        let env = proxy_env_values(&body, &answer);
         assert!(
             env.contains(&("WASMESH_INBOUND_MTLS".to_owned(), mode.to_owned())),
             "{env:?}"
@@ -560,27 +578,15 @@ fn the_mtls_annotation_sets_the_sidecars_inbound_mode() {
     let body = review_of(&pod("plain"), "default", false);
     let (answer, _) = respond(&body, ENABLED);
     assert!(
-        env_of(&answer, &body)
+        proxy_env_values(&body, &answer)
             .iter()
             .all(|(k, _)| k != "WASMESH_INBOUND_MTLS")
     );
     // A value that is neither: no sidecar, and a warning that says what to write.
-    let mut pod = pod("typo");
-    pod["metadata"]["annotations"] = json!({"wasmesh.io/mtls": "strcit"});
-    let body = review_of(&pod, "default", false);
-    let (answer, outcome) = respond(&body, ENABLED);
-    assert_eq!(answer["response"]["allowed"], true);
-    assert!(patch_of(&answer).is_none());
-    assert_eq!(
-        answer["response"]["warnings"],
-        json!([
-            "wasmesh: pod not injected: annotation wasmesh.io/mtls: \"strcit\" is not an mTLS mode: use \"strict\" (refuse plaintext) or \"permissive\""
-        ])
+    assert_not_injected(
+        json!({"wasmesh.io/mtls": "strcit"}),
+        "wasmesh: pod not injected: annotation wasmesh.io/mtls: \"strcit\" is not an mTLS mode: use \"strict\" (refuse plaintext) or \"permissive\"",
     );
-    assert!(matches!(
-        outcome.result,
-        Verdict::Skipped(SkipReason::InvalidAnnotations(_))
-    ));
 }
 
 #[test]
@@ -590,14 +596,9 @@ fn the_sidecar_runs_two_workers_unless_a_cpu_limit_or_the_annotation_says_otherw
         pod["metadata"]["annotations"] = annotations;
         let body = review_of(&pod, "default", false);
         let (answer, _) = respond(&body, ENABLED);
-        let result = patched(&body, &answer);
-        as_pod(&result);
-        container(&result["spec"]["initContainers"], "wasmesh-proxy")["env"]
-            .as_array()
-            .expect("env")
-            .iter()
-            .find(|e| e["name"] == "WASMESH_WORKERS")
-            .map(|e| e["value"].as_str().expect("a plain value").to_owned())
+        proxy_env_values(&body, &answer)
+            .into_iter()
+            .find_map(|(k, v)| (k == "WASMESH_WORKERS").then_some(v))
     };
     // No CPU limit: two workers, not one per CPU of the node.
     assert_eq!(workers_of(json!({})).as_deref(), Some("2"));
@@ -617,45 +618,21 @@ fn the_sidecar_runs_two_workers_unless_a_cpu_limit_or_the_annotation_says_otherw
         Some("1")
     );
     // Zero workers would be a proxy that never starts: no sidecar, and a warning.
-    let mut pod = pod("zero");
-    pod["metadata"]["annotations"] = json!({"wasmesh.io/proxy-workers": "0"});
-    let body = review_of(&pod, "default", false);
-    let (answer, outcome) = respond(&body, ENABLED);
-    assert_eq!(answer["response"]["allowed"], true);
-    assert!(patch_of(&answer).is_none());
-    assert_eq!(
-        answer["response"]["warnings"],
-        json!([
-            "wasmesh: pod not injected: annotation wasmesh.io/proxy-workers: \"0\" is not a number of worker threads (a whole number from 1 to 65535)"
-        ])
+    assert_not_injected(
+        json!({"wasmesh.io/proxy-workers": "0"}),
+        "wasmesh: pod not injected: annotation wasmesh.io/proxy-workers: \"0\" is not a number of worker threads (a whole number from 1 to 65535)",
     );
-    assert!(matches!(
-        outcome.result,
-        Verdict::Skipped(SkipReason::InvalidAnnotations(_))
-    ));
 }
 
 #[test]
 fn invalid_annotations_mean_no_injection_and_a_warning_per_value() {
-    let mut pod = pod("typo");
-    pod["metadata"]["annotations"] = json!({
-        "traffic.wasmesh.io/exclude-inbound-ports": "80,http",
-        "wasmesh.io/sidecar-mode": "sidecar"
-    });
-    let body = review_of(&pod, "default", false);
-    let (answer, outcome) = respond(&body, ENABLED);
-    assert_eq!(answer["response"]["allowed"], true);
-    assert!(patch_of(&answer).is_none());
-    assert_eq!(
-        answer["response"]["warnings"],
-        json!([
-            "wasmesh: pod not injected: annotation wasmesh.io/sidecar-mode: \"sidecar\" is not a sidecar mode: use \"native\" or \"classic\"; annotation traffic.wasmesh.io/exclude-inbound-ports: \"80,http\" has \"http\", which is not a port"
-        ])
+    assert_not_injected(
+        json!({
+            "traffic.wasmesh.io/exclude-inbound-ports": "80,http",
+            "wasmesh.io/sidecar-mode": "sidecar"
+        }),
+        "wasmesh: pod not injected: annotation wasmesh.io/sidecar-mode: \"sidecar\" is not a sidecar mode: use \"native\" or \"classic\"; annotation traffic.wasmesh.io/exclude-inbound-ports: \"80,http\" has \"http\", which is not a port",
     );
-    assert!(matches!(
-        outcome.result,
-        Verdict::Skipped(SkipReason::InvalidAnnotations(_))
-    ));
 }
 
 #[test]

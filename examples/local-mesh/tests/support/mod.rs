@@ -126,6 +126,7 @@ impl TestMesh {
         Self::up_files_with(test, files, |_| {})
     }
 
+    /// [`TestMesh::up_with`] with owned file contents.
     pub fn up_files_with(
         test: &str,
         files: &[(&str, String)],
