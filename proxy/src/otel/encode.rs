@@ -59,17 +59,19 @@ impl Encoder {
         }
     }
 
-    /// The request's bytes for `spans`, a run of `ScopeSpans.spans` entries as [`frame_span`]
-    /// wrote them; with `grpc_frame`, preceded by the gRPC message prefix (uncompressed flag
-    /// and big-endian length).
-    pub fn request(&self, spans: &[u8], grpc_frame: bool) -> Bytes {
+    /// What goes before a batch of `spans_len` bytes of `ScopeSpans.spans` entries (as
+    /// [`frame_span`] wrote them) to make the request: with `grpc_frame` the gRPC message
+    /// prefix (uncompressed flag and big-endian length), then the envelope down to the
+    /// `ScopeSpans` message the spans end. Written apart so that the batch goes out as it is,
+    /// not copied behind it (≈ 180 KB per export of 512 spans).
+    pub fn head(&self, spans_len: usize, grpc_frame: bool) -> Bytes {
         // ScopeSpans { scope = 1; spans = 2 }
-        let scope_spans = field_len(self.scope.len()) + spans.len();
+        let scope_spans = field_len(self.scope.len()) + spans_len;
         // ResourceSpans { resource = 1; scope_spans = 2 }
         let resource_spans = field_len(self.resource.len()) + field_len(scope_spans);
         // ExportTraceServiceRequest { resource_spans = 1 }
         let request = field_len(resource_spans);
-        let mut out = Vec::with_capacity(request + 5);
+        let mut out = Vec::with_capacity(request - spans_len + 5);
         if grpc_frame {
             out.push(0);
             out.extend_from_slice(&(request as u32).to_be_bytes());
@@ -80,8 +82,17 @@ impl Encoder {
         key(&mut out, 2, LEN);
         varint(&mut out, scope_spans as u64);
         message(&mut out, 1, &self.scope);
+        debug_assert_eq!(
+            out.len() + spans_len,
+            request + if grpc_frame { 5 } else { 0 }
+        );
+        Bytes::from(out)
+    }
+
+    /// The whole request for `spans` in one buffer: [`Encoder::head`] and the spans.
+    pub fn request(&self, spans: &[u8], grpc_frame: bool) -> Bytes {
+        let mut out = Vec::from(self.head(spans.len(), grpc_frame));
         out.extend_from_slice(spans);
-        debug_assert_eq!(out.len(), request + if grpc_frame { 5 } else { 0 });
         Bytes::from(out)
     }
 }

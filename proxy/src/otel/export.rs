@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use bytes::buf::{Buf, Chain};
 use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, USER_AGENT};
 use http::{Request, Uri};
 use http_body_util::{BodyExt, Full};
@@ -87,7 +88,7 @@ fn yield_to_workers() {
 
 /// Where and how a batch goes.
 struct Transport {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpConnector, Full<Chain<Bytes, Bytes>>>,
     uri: Uri,
     grpc: bool,
     headers: Vec<(HeaderName, HeaderValue)>,
@@ -152,8 +153,9 @@ impl Transport {
         })
     }
 
-    /// Sends one encoded request; Ok once the collector accepted it.
-    async fn send(&self, body: Bytes) -> Result<(), String> {
+    /// Sends one encoded request (its envelope, then its spans); Ok once the collector
+    /// accepted it.
+    async fn send(&self, body: Chain<Bytes, Bytes>) -> Result<(), String> {
         let content_type = if self.grpc {
             "application/grpc"
         } else {
@@ -242,10 +244,16 @@ async fn batches(
         let closed = queue.is_closed();
         if let Some(chunk) = queue.take() {
             let n = chunk.spans as u64;
-            let body = encoder.request(&chunk.bytes, transport.grpc);
-            // Written out: the buffer goes back to the queue before the network wait.
-            queue.recycle(chunk.bytes);
-            let outcome = tokio::time::timeout(timeout, transport.send(body)).await;
+            let spans = Bytes::from(chunk.bytes);
+            let head = encoder.head(spans.len(), transport.grpc);
+            let outcome =
+                tokio::time::timeout(timeout, transport.send(head.chain(spans.clone()))).await;
+            // Once the answer is in, the connection has written the spans and let go of them:
+            // their buffer goes back to the queue for a next chunk. (Still held after a timeout,
+            // it is freed when the connection is done with it.)
+            if let Ok(buffer) = spans.try_into_mut() {
+                queue.recycle(buffer.into());
+            }
             let error = match outcome {
                 Ok(Ok(())) => None,
                 Ok(Err(e)) => Some(e),
@@ -275,6 +283,144 @@ async fn batches(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::otel::encode;
+    use http_body_util::BodyExt;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    use opentelemetry::trace::{SpanId, SpanKind, TraceId};
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message;
+    use std::sync::Mutex;
+    use std::time::SystemTime;
+
+    /// A collector on 127.0.0.1: OTLP/gRPC over HTTP/2 (`grpc`) or OTLP/HTTP over HTTP/1.1;
+    /// every request it decodes is kept.
+    async fn collector(grpc: bool) -> (String, Arc<Mutex<Vec<ExportTraceServiceRequest>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let keep = got.clone();
+        tokio::spawn(async move {
+            let (io, _) = listener.accept().await.expect("accept");
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let keep = keep.clone();
+                async move {
+                    let body = req.into_body().collect().await?.to_bytes();
+                    let message = if grpc {
+                        assert_eq!(body[0], 0, "uncompressed");
+                        let n = u32::from_be_bytes(body[1..5].try_into().expect("4 bytes"));
+                        assert_eq!(n as usize, body.len() - 5, "the gRPC prefix's length");
+                        body.slice(5..)
+                    } else {
+                        body
+                    };
+                    let decoded = ExportTraceServiceRequest::decode(message).expect("decodes");
+                    keep.lock().expect("lock").push(decoded);
+                    let answer = http::Response::builder().status(200);
+                    let answer = if grpc {
+                        answer
+                            .header(CONTENT_TYPE, "application/grpc")
+                            .header("grpc-status", "0")
+                    } else {
+                        answer.header(CONTENT_TYPE, "application/x-protobuf")
+                    };
+                    Ok::<_, hyper::Error>(answer.body(Full::new(Bytes::new())).expect("answer"))
+                }
+            });
+            let io = TokioIo::new(io);
+            if grpc {
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(io, service)
+                    .await;
+            } else {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await;
+            }
+        });
+        (format!("http://{addr}"), got)
+    }
+
+    /// A finished span's bytes, as the request path writes them.
+    fn span(n: u64) -> Vec<u8> {
+        let mut b = Vec::new();
+        encode::span_start(
+            &mut b,
+            TraceId::from(u128::from(n)),
+            SpanId::from(n),
+            None,
+            None,
+            &SpanKind::Client,
+            SystemTime::now(),
+        );
+        encode::key_value(&mut b, encode::SPAN_ATTRIBUTE, "url.path", &"/".into());
+        encode::span_end(
+            &mut b,
+            "GET",
+            None,
+            SystemTime::now(),
+            super::super::Status::Unset,
+            false,
+        );
+        b
+    }
+
+    #[tokio::test]
+    async fn a_batch_goes_out_as_one_request_behind_its_envelope_and_its_buffer_comes_back() {
+        for protocol in [Protocol::Grpc, Protocol::HttpProtobuf] {
+            let grpc = protocol == Protocol::Grpc;
+            let (endpoint, got) = collector(grpc).await;
+            let cfg = TraceConfig {
+                endpoint: if grpc {
+                    endpoint
+                } else {
+                    http_traces_url(&endpoint)
+                },
+                protocol,
+                resource: vec![("service.name".into(), "reviews".into())],
+                ..TraceConfig::default()
+            };
+            let transport = Transport::new(&cfg).expect("transport");
+            let encoder = Encoder::new(&cfg.resource, "wasmesh-proxy", "0.1.0");
+            let queue = Arc::new(SpanQueue::new(8, 3));
+            for n in 1..=3 {
+                assert!(queue.push(&span(n)));
+            }
+            queue.close();
+            let stats = Arc::new(TraceStats::default());
+            batches(
+                transport,
+                encoder,
+                queue.clone(),
+                Duration::from_secs(5),
+                Duration::from_secs(5),
+                stats.clone(),
+            )
+            .await;
+            assert_eq!(stats.exported.load(Ordering::Relaxed), 3, "{protocol}");
+            let got = got.lock().expect("lock");
+            assert_eq!(got.len(), 1, "one request for the batch ({protocol})");
+            let rs = &got[0].resource_spans[0];
+            let resource = &rs.resource.as_ref().expect("resource").attributes[0];
+            assert_eq!(resource.key, "service.name");
+            let spans = &rs.scope_spans[0].spans;
+            let ids: Vec<Vec<u8>> = spans.iter().map(|s| s.span_id.clone()).collect();
+            let want: Vec<Vec<u8>> = (1..=3u64).map(|n| n.to_be_bytes().to_vec()).collect();
+            assert_eq!(ids, want, "the spans, in order ({protocol})");
+            assert_eq!(
+                rs.scope_spans[0].scope.as_ref().expect("scope").name,
+                "wasmesh-proxy"
+            );
+            // The connection let go of the batch once answered: its buffer is the queue's again.
+            let spare = queue.pending.lock().expect("lock").spare.len();
+            assert_eq!(
+                spare, 1,
+                "the batch's buffer back for the next ({protocol})"
+            );
+        }
+    }
 
     #[test]
     fn http_endpoints_get_the_traces_path_unless_they_have_one() {
