@@ -6,8 +6,8 @@
 //! [`key_value`] for each attribute and [`event`] for each event as they are set, [`span_end`]
 //! when it ends — no intermediate record, no attribute list, an address or a number written
 //! where it is set. The finished span's bytes are framed as a `ScopeSpans.spans` entry
-//! ([`frame_span`]) into the export queue; the export thread only wraps a batch of them in the
-//! request's envelope ([`Encoder::request`]).
+//! ([`frame_span`]) into the export queue; the export thread only writes the request's
+//! envelope to send in front of a batch of them ([`Encoder::head`]).
 //!
 //! Field numbers are the ones of opentelemetry-proto 1.x (`trace.proto`, `common.proto`,
 //! `resource.proto`); the tests decode the output with the official generated types.

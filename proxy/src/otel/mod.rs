@@ -11,7 +11,7 @@
 //! each attribute and event where it is set (strings copied, numbers and addresses written
 //! out there, nothing kept as a value), name, end time and status when it ends; then its bytes
 //! are copied into a bounded [`SpanQueue`] under a lock held for that copy. The export thread
-//! takes a batch's bytes, wraps them in the request's envelope and sends it over OTLP/gRPC or
+//! takes a batch's bytes and sends them behind the request's envelope over OTLP/gRPC or
 //! OTLP/HTTP ([`export`]). When the collector is slow or down the queue fills and spans are
 //! dropped and counted: traffic never waits for the collector.
 //!
