@@ -62,8 +62,8 @@ impl Encoder {
     /// What goes before a batch of `spans_len` bytes of `ScopeSpans.spans` entries (as
     /// [`frame_span`] wrote them) to make the request: with `grpc_frame` the gRPC message
     /// prefix (uncompressed flag and big-endian length), then the envelope down to the
-    /// `ScopeSpans` message the spans end. Written apart so that the batch goes out as it is,
-    /// not copied behind it (≈ 180 KB per export of 512 spans).
+    /// `ScopeSpans` message whose last field the spans are. Written apart so that the batch
+    /// goes out as it is, not copied behind it (≈ 180 KB per export of 512 spans).
     pub fn head(&self, spans_len: usize, grpc_frame: bool) -> Bytes {
         // ScopeSpans { scope = 1; spans = 2 }
         let scope_spans = field_len(self.scope.len()) + spans_len;

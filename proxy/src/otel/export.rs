@@ -361,7 +361,7 @@ mod tests {
             "GET",
             None,
             SystemTime::now(),
-            super::super::Status::Unset,
+            crate::otel::Status::Unset,
             false,
         );
         b
