@@ -93,12 +93,7 @@ impl Results {
     /// per-round ratio cancels what the ratio of the medians, taken from different rounds,
     /// does not.
     pub fn paired_ratio(&self, a: &str, b: &str, key: &str) -> Option<f64> {
-        let x = self.by_pair.get(a)?.get(key)?;
-        let y = self.by_pair.get(b)?.get(key)?;
-        if x.len() != y.len() || y.contains(&0.0) {
-            return None;
-        }
-        median(x.iter().zip(y).map(|(x, y)| x / y).collect())
+        median(self.round_ratios(a, b, key)?)
     }
 
     /// [`Results::paired_ratio`] over the rounds in which `quiet` holds for both pairs'
@@ -111,19 +106,34 @@ impl Results {
         quiet_key: &str,
         quiet: impl Fn(f64) -> bool,
     ) -> Option<(f64, usize, usize)> {
-        let values = |pair: &str, k: &str| self.by_pair.get(pair)?.get(k);
-        let (x, y) = (values(a, key)?, values(b, key)?);
-        let (qx, qy) = (values(a, quiet_key)?, values(b, quiet_key)?);
-        let n = x.len();
-        if [y.len(), qx.len(), qy.len()].iter().any(|l| *l != n) || y.contains(&0.0) {
+        let ratios = self.round_ratios(a, b, key)?;
+        let (qa, qb) = (
+            self.by_pair.get(a)?.get(quiet_key)?,
+            self.by_pair.get(b)?.get(quiet_key)?,
+        );
+        let n = ratios.len();
+        if qa.len() != n || qb.len() != n {
             return None;
         }
-        let kept: Vec<f64> = (0..n)
-            .filter(|&i| quiet(qx[i]) && quiet(qy[i]))
-            .map(|i| x[i] / y[i])
+        let kept: Vec<f64> = ratios
+            .into_iter()
+            .zip(qa.iter().zip(qb))
+            .filter(|(_, (qa, qb))| quiet(**qa) && quiet(**qb))
+            .map(|(ratio, _)| ratio)
             .collect();
         let m = kept.len();
         Some((median(kept)?, m, n))
+    }
+
+    /// `a`'s value over `b`'s in each round; None unless both have a value in every round
+    /// and `b`'s is never 0.
+    fn round_ratios(&self, a: &str, b: &str, key: &str) -> Option<Vec<f64>> {
+        let x = self.by_pair.get(a)?.get(key)?;
+        let y = self.by_pair.get(b)?.get(key)?;
+        if x.len() != y.len() || y.contains(&0.0) {
+            return None;
+        }
+        Some(x.iter().zip(y).map(|(x, y)| x / y).collect())
     }
 }
 

@@ -89,7 +89,9 @@ impl Encoder {
         Bytes::from(out)
     }
 
-    /// The whole request for `spans` in one buffer: [`Encoder::head`] and the spans.
+    /// The whole request for `spans` in one buffer: [`Encoder::head`] and the spans (what a
+    /// collector decodes; the export sends the two apart).
+    #[cfg(test)]
     pub fn request(&self, spans: &[u8], grpc_frame: bool) -> Bytes {
         let mut out = Vec::from(self.head(spans.len(), grpc_frame));
         out.extend_from_slice(spans);
