@@ -124,29 +124,29 @@ pub fn measure(
 }
 
 /// The settings, for the report's header.
-pub fn describe() -> String {
+pub fn describe(protocol: &str) -> String {
     format!(
         "--interleaved: ONE wasmesh pair for the whole run (no OTEL_* in its pods); each step \
          restarts control with the step's mesh-wide tracing flags (`wasmesh`: none, tracing off; \
-         `wasmesh-traceN`: --otlp-endpoint http://{} --otlp-protocol grpc --trace-sampling N/100, \
+         `wasmesh-traceN`: --otlp-endpoint http://{} --otlp-protocol {protocol} --trace-sampling N/100, \
          parent-based) and waits until both sidecars are on the new stream with tracing on or \
          off; batching at the defaults (queue 2048, batch 512, every 5 s); the load generator \
-         sends no traceparent; OTLP/gRPC receiver `l7 __otlp` in the node's namespace on core {}; \
+         sends no traceparent; OTLP receiver `l7 __otlp` in the node's namespace on core {}; \
          rows named after the setting; every traced step's spans checked against the receiver",
         pairs::otlp_address(),
         mesh::LOAD_CPU
     )
 }
 
-/// Control's mesh-wide tracing flags for a setting (none: off).
-pub fn control_args(kind: Kind) -> Vec<String> {
+/// Control's mesh-wide tracing flags for a setting (none: off), exporting over `protocol`.
+pub fn control_args(kind: Kind, protocol: &str) -> Vec<String> {
     match kind.tracing() {
         None => Vec::new(),
         Some(ratio) => vec![
             "--otlp-endpoint".into(),
             format!("http://{}", pairs::otlp_address()),
             "--otlp-protocol".into(),
-            "grpc".into(),
+            protocol.into(),
             "--trace-sampling".into(),
             ratio.to_string(),
         ],
@@ -177,7 +177,10 @@ fn switch(
         server_host,
         "http",
         None,
-        &control_args(kind),
+        &control_args(
+            kind,
+            tools.otlp.as_ref().context("no OTLP receiver")?.protocol,
+        ),
     )?);
     let want = kind.tracing().is_some();
     let deadline = Instant::now() + Duration::from_secs(30);

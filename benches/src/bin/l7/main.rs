@@ -11,8 +11,9 @@
 //! requests/s at saturation through a wasmesh pair and Envoy pairs that speak mTLS between the
 //! proxies (one CA, [`wasmesh_benches::harness::mtls`]), the plaintext pairs for reference, and
 //! a check of each mTLS pair's TLS. With `--tracing`: the wasmesh pair with OpenTelemetry
-//! tracing off, at 1 % and at 100 % sampling, exporting over OTLP/gRPC to a receiver of the
-//! bench's own ([`otlp`]), and a check that the spans arrived ([`trace_check`]).
+//! tracing off, at 1 % and at 100 % sampling, exporting over OTLP/gRPC (or, with
+//! `--otlp-protocol http/protobuf`, OTLP/HTTP) to a receiver of the bench's own ([`otlp`]), and
+//! a check that the spans arrived ([`trace_check`]).
 //!
 //! Needs root, and the binaries built first:
 //! `cargo build --release -p wasmesh-proxy -p wasmesh-control -p wasmesh-benches`.
@@ -62,6 +63,8 @@ OPTIONS:
                        wasmesh pair with tracing off, at 1 % and at 100 % sampling, OTLP/gRPC to
                        a receiver in the node's namespace), phases sat,lat; every tracing pair's
                        spans checked against the receiver (--pairs, --phases still apply)
+  --otlp-protocol P    with --tracing: what the tracing pairs export with, grpc or http/protobuf
+                       (the receiver takes both)                           [default grpc]
   --interleaved        with --tracing: one wasmesh pair for the whole run, its tracing switched
                        by restarting control with mesh-wide tracing flags (off, or
                        --trace-sampling N/100), every setting back to back in each round with
@@ -128,6 +131,8 @@ pub struct Params {
     quick: bool,
     /// `--interleaved`: one pair, its tracing switched by control (see [`interleaved`]).
     interleaved: bool,
+    /// `--otlp-protocol`: what the tracing pairs export with.
+    otlp_protocol: &'static str,
 }
 
 fn params(args: &[String]) -> anyhow::Result<Params> {
@@ -200,6 +205,7 @@ fn params(args: &[String]) -> anyhow::Result<Params> {
         keep: false,
         quick,
         interleaved,
+        otlp_protocol: "grpc",
     };
     let mut pair_names: Option<String> = None;
     let mut it = args.iter();
@@ -243,6 +249,13 @@ fn params(args: &[String]) -> anyhow::Result<Params> {
             }
             "--bin-dir" => p.bin_dir = Some(value()?.into()),
             "--envoy" => p.envoy = Some(value()?.into()),
+            "--otlp-protocol" => {
+                p.otlp_protocol = match value()?.as_str() {
+                    "grpc" => "grpc",
+                    "http/protobuf" => "http/protobuf",
+                    other => bail!("--otlp-protocol {other}: grpc or http/protobuf"),
+                }
+            }
             other => bail!("unknown argument {other}; see --help"),
         }
     }
@@ -453,9 +466,12 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
     }
     let traced = wants(&|k| k.tracing().is_some());
     if traced && p.interleaved {
-        header.push(interleaved::describe());
+        header.push(interleaved::describe(p.otlp_protocol));
     } else if traced {
-        header.push(trace_check::describe(pairs::otlp_address()));
+        header.push(trace_check::describe(
+            pairs::otlp_address(),
+            p.otlp_protocol,
+        ));
     }
     for alt in &p.alts {
         let env: Vec<String> = alt.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -511,7 +527,12 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
     };
     // The OTLP receiver, for the whole run, when a pair traces.
     let _otlp = if traced {
-        let (daemon, receiver) = Receiver::start(tools.run(), &topo.node, pairs::otlp_address())?;
+        let (daemon, receiver) = Receiver::start(
+            tools.run(),
+            &topo.node,
+            pairs::otlp_address(),
+            p.otlp_protocol,
+        )?;
         tools.otlp = Some(receiver);
         Some(daemon)
     } else {

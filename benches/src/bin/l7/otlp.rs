@@ -1,7 +1,8 @@
-//! The OTLP/gRPC receiver of the tracing pairs (`l7 __otlp`): the proxies' exporters send it
-//! their spans (`opentelemetry.proto.collector.trace.v1.TraceService/Export`), it decodes every
-//! export and counts the spans by kind, and answers `GET /count` with the counts as JSON on the
-//! same port, for the orchestrator's checks.
+//! The OTLP receiver of the tracing pairs (`l7 __otlp`): the proxies' exporters send it their
+//! spans over OTLP/gRPC (`opentelemetry.proto.collector.trace.v1.TraceService/Export`) or
+//! OTLP/HTTP (`POST /v1/traces`, `application/x-protobuf`), it decodes every export and counts
+//! the spans by kind, and answers `GET /count` with the counts as JSON on the same port, for the
+//! orchestrator's checks.
 //!
 //! It runs in the node's namespace on the load core (with the app, the load generator and
 //! control), so it must cost little there: each export is decoded with [`ExportCount`], a view
@@ -18,15 +19,22 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
+use prost::Message;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use wasmesh_benches::harness::run::Args;
 
 /// The gRPC method the exporters call.
 const EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+/// The OTLP/HTTP traces path.
+const HTTP_EXPORT: &str = "/v1/traces";
+
+/// The largest OTLP/HTTP export read (a batch of 512 spans is about 180 KB).
+const MAX_HTTP_EXPORT: usize = 16 << 20;
 
 /// `ExportTraceServiceRequest`, down to each span's kind and parent.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -176,7 +184,7 @@ pub fn main(args: &[String]) -> anyhow::Result<()> {
         })
 }
 
-/// OTLP/gRPC (HTTP/2) and `GET /count` (HTTP/1.1 or HTTP/2) on one listener.
+/// OTLP/gRPC (HTTP/2), OTLP/HTTP and `GET /count` (HTTP/1.1 or HTTP/2) on one listener.
 async fn serve(listener: TcpListener, tally: Arc<Tally>) -> anyhow::Result<()> {
     loop {
         let (stream, _) = match listener.accept().await {
@@ -224,6 +232,23 @@ async fn handle(
                 .unary(Export(tally), req)
                 .await
         }
+        (&http::Method::POST, HTTP_EXPORT) => {
+            let body = match Limited::new(req.into_body(), MAX_HTTP_EXPORT)
+                .collect()
+                .await
+            {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return plain(400, format!("reading the export: {e}\n"), "text/plain"),
+            };
+            match ExportCount::decode(body) {
+                Ok(export) => {
+                    tally.record(&export);
+                    // An empty ExportTraceServiceResponse: everything accepted.
+                    plain(200, String::new(), "application/x-protobuf")
+                }
+                Err(e) => plain(400, format!("not an export: {e}\n"), "text/plain"),
+            }
+        }
         (&http::Method::GET, "/count") => plain(
             200,
             serde_json::to_string(&tally.counts()).unwrap_or_default(),
@@ -231,7 +256,9 @@ async fn handle(
         ),
         _ => plain(
             404,
-            format!("OTLP/gRPC: POST {EXPORT}; counts: GET /count\n"),
+            format!(
+                "OTLP/gRPC: POST {EXPORT}; OTLP/HTTP: POST {HTTP_EXPORT}; counts: GET /count\n"
+            ),
             "text/plain",
         ),
     }
@@ -244,7 +271,7 @@ mod tests {
     use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
     use opentelemetry_proto::tonic::resource::v1::Resource;
     use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, span};
-    use prost::Message;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn span(kind: span::SpanKind, parent: &[u8]) -> Span {
         Span {
@@ -354,5 +381,70 @@ mod tests {
                 server_with_parent: 9,
             }
         );
+    }
+
+    /// One HTTP/1.1 exchange with the receiver: the response's status line and body.
+    async fn post(addr: SocketAddr, path: &str, body: &[u8]) -> (String, Vec<u8>) {
+        let mut c = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connects");
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: collector\r\ncontent-type: application/x-protobuf\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        c.write_all(head.as_bytes()).await.expect("writes");
+        c.write_all(body).await.expect("writes");
+        let mut answer = Vec::new();
+        c.read_to_end(&mut answer).await.expect("reads");
+        let end = answer
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("a response head");
+        let status = String::from_utf8_lossy(&answer[..end])
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        (status, answer[end + 4..].to_vec())
+    }
+
+    #[tokio::test]
+    async fn otlp_http_exports_are_counted_and_bad_ones_refused() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binds");
+        let addr = listener.local_addr().expect("address");
+        let tally = Arc::new(Tally::default());
+        let server = tokio::spawn(serve(listener, tally.clone()));
+        let export = ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                scope_spans: vec![ScopeSpans {
+                    spans: vec![
+                        span(span::SpanKind::Client, &[]),
+                        span(span::SpanKind::Server, &[1; 8]),
+                    ],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        let (status, body) = post(addr, HTTP_EXPORT, &export.encode_to_vec()).await;
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        // An empty ExportTraceServiceResponse (everything accepted) is zero bytes.
+        assert!(body.is_empty(), "{body:?}");
+        let (status, _) = post(addr, HTTP_EXPORT, &[0x0a, 0xff]).await;
+        assert!(status.starts_with("HTTP/1.1 400"), "{status}");
+        let (status, _) = post(addr, "/v1/metrics", &[]).await;
+        assert!(status.starts_with("HTTP/1.1 404"), "{status}");
+        assert_eq!(
+            tally.counts(),
+            Counts {
+                exports: 1,
+                spans: 2,
+                client: 1,
+                server: 1,
+                server_with_parent: 1,
+            }
+        );
+        server.abort();
     }
 }

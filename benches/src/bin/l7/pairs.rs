@@ -23,9 +23,9 @@
 //!   HTTP/1.1 from the inbound Envoy to the app (Istio's sidecars upgrade to HTTP/2 between
 //!   them): measured with HTTP/1.1 only — for HTTP/2 it is `envoy-mtls`.
 //! - `wasmesh-traceN` (`wasmesh-trace1`, `wasmesh-trace100`, any N from 1 to 100): `wasmesh`
-//!   with OpenTelemetry tracing on, from the pod's standard variables: OTLP/gRPC to the run's
-//!   receiver ([`crate::otlp`], in the node's namespace), the sampler `parentbased_traceidratio`
-//!   at N %. The load generator sends no `traceparent`, so the client sidecar starts every trace
+//!   with OpenTelemetry tracing on, from the pod's standard variables: OTLP/gRPC (or OTLP/HTTP,
+//!   `--otlp-protocol`) to the run's receiver ([`crate::otlp`], in the node's namespace), the
+//!   sampler `parentbased_traceidratio` at N %. The load generator sends no `traceparent`, so the client sidecar starts every trace
 //!   and samples N % of them; the server sidecar follows the decision it gets in the
 //!   `traceparent` the client sidecar adds. Batching: the exporter's defaults.
 //! - `wasmesh-wasm` / `envoy-wasm`: `wasmesh` / `envoy` with the same Proxy-Wasm filter on the
@@ -289,7 +289,7 @@ impl Pair {
                     Kind::Traced { percent } => (
                         &tools.proxy,
                         tracing_env(
-                            tools.otlp.context("no OTLP receiver")?.addr,
+                            tools.otlp.as_ref().context("no OTLP receiver")?,
                             f64::from(percent) / 100.0,
                         ),
                     ),
@@ -400,12 +400,16 @@ spec:
     Ok(())
 }
 
-/// The pod environment of a tracing pair: OTLP/gRPC to `receiver`, parent-based sampling of
-/// `ratio` of the new traces, everything else the defaults (batching included).
-pub fn tracing_env(receiver: SocketAddr, ratio: f64) -> Vec<(String, String)> {
+/// The pod environment of a tracing pair: OTLP over `protocol` (`grpc`, `http/protobuf`) to
+/// `receiver`, parent-based sampling of `ratio` of the new traces, everything else the
+/// defaults (batching included).
+pub fn tracing_env(receiver: &Receiver, ratio: f64) -> Vec<(String, String)> {
     [
-        ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{receiver}")),
-        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".to_string()),
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://{}", receiver.addr),
+        ),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", receiver.protocol.to_string()),
         (
             "OTEL_TRACES_SAMPLER",
             "parentbased_traceidratio".to_string(),

@@ -480,17 +480,18 @@ fn tracing_section(s: &mut String, p: &Params, r: &Results) {
     traced.sort_by(|a, b| a.1.total_cmp(&b.1));
     let share = |ratio: f64| format!("{} %", ratio * 100.0);
     let rate = format!("{:.0}", p.rate);
+    let protocol = p.otlp_protocol;
     let _ = writeln!(
         s,
         "**Tracing cost** (same run: `{off}` with tracing off, and with tracing on, sampling the \
          share of new traces shown — parent-based: the load generator sends no `traceparent`, so \
          the client sidecar starts every trace and decides, the server sidecar follows its \
-         decision; a client span and a server span per sampled request, exported over OTLP/gRPC \
-         to the bench's receiver in the node's namespace, on core 0 with the app and the load \
-         generator; the requests/s lost and the ratios are against `{off}` in the same run; \
-         \"paired\": the ratio within each round, median over the rounds — the pairs of a round \
-         run one after the other, so a slow spell of the machine cancels out; the target is \
-         judged on it)\n"
+         decision; a client span and a server span per sampled request, exported over OTLP \
+         ({protocol}) to the bench's receiver in the node's namespace, on core 0 with the app \
+         and the load generator; the requests/s lost and the ratios are against `{off}` in the \
+         same run; \"paired\": the ratio within each round, median over the rounds — the pairs \
+         of a round run one after the other, so a slow spell of the machine cancels out; the \
+         target is judged on it)\n"
     );
     let _ = writeln!(
         s,

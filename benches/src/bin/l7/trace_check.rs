@@ -25,11 +25,19 @@ use crate::otlp::Counts;
 pub struct Receiver {
     pub addr: SocketAddr,
     pub pid: u32,
+    /// What the tracing pairs export with (`OTEL_EXPORTER_OTLP_PROTOCOL`): `grpc` or
+    /// `http/protobuf`; the receiver takes both on the one port.
+    pub protocol: &'static str,
 }
 
 impl Receiver {
     /// Starts `l7 __otlp` in the node's namespace on the load core; returns it once it answers.
-    pub fn start(run: Run<'_>, node: &str, addr: SocketAddr) -> anyhow::Result<(Daemon, Self)> {
+    pub fn start(
+        run: Run<'_>,
+        node: &str,
+        addr: SocketAddr,
+        protocol: &'static str,
+    ) -> anyhow::Result<(Daemon, Self)> {
         let cmd = command_in(
             &Placement {
                 ns: node,
@@ -65,7 +73,14 @@ impl Receiver {
             format!("waiting for the OTLP receiver; its log:\n{}", d.log_tail())
         })?;
         let pid = d.pid();
-        Ok((d, Self { addr, pid }))
+        Ok((
+            d,
+            Self {
+                addr,
+                pid,
+                protocol,
+            },
+        ))
     }
 
     /// What it has counted so far.
@@ -370,13 +385,13 @@ pub fn problems(c: &Check) -> Vec<String> {
 }
 
 /// The sidecars' settings, for the report's header.
-pub fn describe(addr: SocketAddr) -> String {
+pub fn describe(addr: SocketAddr, protocol: &str) -> String {
     format!(
         "tracing pairs (wasmesh-traceN): the wasmesh pair with OTEL_EXPORTER_OTLP_ENDPOINT=http://{addr} \
-         OTEL_EXPORTER_OTLP_PROTOCOL=grpc OTEL_TRACES_SAMPLER=parentbased_traceidratio \
+         OTEL_EXPORTER_OTLP_PROTOCOL={protocol} OTEL_TRACES_SAMPLER=parentbased_traceidratio \
          OTEL_TRACES_SAMPLER_ARG=N/100 in both pods (batching: the defaults, queue 2048, batch 512, \
          every 5 s); the load generator sends no traceparent: the client sidecar starts every \
-         trace, the server sidecar follows its decision; OTLP/gRPC receiver `l7 __otlp` in the \
+         trace, the server sidecar follows its decision; OTLP receiver `l7 __otlp` in the \
          node's namespace on core {LOAD_CPU} (decodes every export, counts spans by kind)"
     )
 }
