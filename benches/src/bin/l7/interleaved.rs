@@ -128,11 +128,12 @@ pub fn describe(protocol: &str) -> String {
     format!(
         "--interleaved: ONE wasmesh pair for the whole run (no OTEL_* in its pods); each step \
          restarts control with the step's mesh-wide tracing flags (`wasmesh`: none, tracing off; \
-         `wasmesh-traceN`: --otlp-endpoint http://{} --otlp-protocol {protocol} --trace-sampling N/100, \
-         parent-based) and waits until both sidecars are on the new stream with tracing on or \
-         off; batching at the defaults (queue 2048, batch 512, every 5 s); the load generator \
-         sends no traceparent; OTLP receiver `l7 __otlp` in the node's namespace on core {}; \
-         rows named after the setting; every traced step's spans checked against the receiver",
+         `wasmesh-traceN`: --otlp-endpoint http://{} --otlp-protocol {protocol} \
+         --trace-sampling N/100, parent-based) and waits until both sidecars are on the new \
+         stream with tracing on or off; batching at the defaults (queue 2048, batch 512, every \
+         5 s); the load generator sends no traceparent; OTLP receiver `l7 __otlp` in the node's \
+         namespace on core {}; rows named after the setting; every traced step's spans checked \
+         against the receiver",
         pairs::otlp_address(),
         mesh::LOAD_CPU
     )

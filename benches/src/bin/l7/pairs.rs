@@ -25,9 +25,10 @@
 //! - `wasmesh-traceN` (`wasmesh-trace1`, `wasmesh-trace100`, any N from 1 to 100): `wasmesh`
 //!   with OpenTelemetry tracing on, from the pod's standard variables: OTLP/gRPC (or OTLP/HTTP,
 //!   `--otlp-protocol`) to the run's receiver ([`crate::otlp`], in the node's namespace), the
-//!   sampler `parentbased_traceidratio` at N %. The load generator sends no `traceparent`, so the client sidecar starts every trace
-//!   and samples N % of them; the server sidecar follows the decision it gets in the
-//!   `traceparent` the client sidecar adds. Batching: the exporter's defaults.
+//!   sampler `parentbased_traceidratio` at N %. The load generator sends no `traceparent`, so
+//!   the client sidecar starts every trace and samples N % of them; the server sidecar follows
+//!   the decision it gets in the `traceparent` the client sidecar adds. Batching: the exporter's
+//!   defaults.
 //! - `wasmesh-wasm` / `envoy-wasm`: `wasmesh` / `envoy` with the same Proxy-Wasm filter on the
 //!   client side's outbound HTTP path: `filters/header-route` (one request header and one
 //!   response header set, [`WASM_CONFIG`]), the same `.wasm` file. wasmesh gets it as a
