@@ -13,6 +13,9 @@
 //!   millisecond timer). Latency runs from each request's *scheduled* send time: over HTTP/1.1
 //!   a late response delays the next request on its connection and that wait counts; over
 //!   HTTP/2 every request is sent at its time on a new stream.
+//!
+//! Requests are `GET /bench` with `user-agent` and `accept` ([`Shape::Curl`]), or with only
+//! what the protocol requires (`--shape bare`, [`Shape::Bare`]).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -34,6 +37,8 @@ pub const BODY: usize = 64;
 /// The Host (HTTP/1.1) and authority (HTTP/2) of every request: the Service's name.
 const AUTHORITY: &str = "bench.default.svc.cluster.local";
 const PATH: &str = "/bench";
+/// The `user-agent` of a [`Shape::Curl`] request.
+const USER_AGENT: &str = concat!("wasmesh-bench/", env!("CARGO_PKG_VERSION"));
 
 /// HTTP/1.1 or HTTP/2 (h2c with prior knowledge).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -49,6 +54,41 @@ impl std::str::FromStr for Proto {
             "h1" => Ok(Self::H1),
             "h2" => Ok(Self::H2),
             other => Err(format!("unknown protocol {other} (h1 or h2)")),
+        }
+    }
+}
+
+/// What a request carries beside what its protocol requires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Shape {
+    /// `user-agent` and `accept: */*`, the two headers curl sends: a real client's request
+    /// always has a few (gRPC's have four).
+    Curl,
+    /// Only what the protocol requires: `Host` over HTTP/1.1, the pseudo-headers over HTTP/2
+    /// (every request of this bench before session 14). Over HTTP/2 such a request reaches
+    /// the proxy with an empty header map, where every lookup returns at once without hashing
+    /// the name — until something adds a header on the way (the tracing pairs'
+    /// `traceparent`), which then costs each later lookup its hash: a cost no real client's
+    /// requests escape, charged to tracing alone.
+    Bare,
+}
+
+impl std::str::FromStr for Shape {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "curl" => Ok(Self::Curl),
+            "bare" => Ok(Self::Bare),
+            other => Err(format!("unknown request shape {other} (curl or bare)")),
+        }
+    }
+}
+
+impl Shape {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Curl => "curl",
+            Self::Bare => "bare",
         }
     }
 }
@@ -84,6 +124,7 @@ pub fn main(cmd: &str, args: &[String]) -> anyhow::Result<()> {
         "sat" => serde_json::to_string(&rt()?.block_on(saturate(
             a.get("to")?,
             a.get("proto")?,
+            a.get("shape")?,
             a.get("conns")?,
             a.get("streams")?,
             Duration::from_secs_f64(a.get("secs")?),
@@ -91,6 +132,7 @@ pub fn main(cmd: &str, args: &[String]) -> anyhow::Result<()> {
         "lat" => serde_json::to_string(&latency(
             a.get("to")?,
             a.get("proto")?,
+            a.get("shape")?,
             a.get("rate")?,
             a.get("conns")?,
             Duration::from_secs_f64(a.get("secs")?),
@@ -181,11 +223,17 @@ async fn connect(to: SocketAddr, proto: Proto) -> anyhow::Result<Sender> {
     })
 }
 
-fn request(proto: Proto) -> Request<ReqBody> {
+fn request(proto: Proto, shape: Shape) -> Request<ReqBody> {
     let b = Request::get(PATH);
-    match proto {
+    let b = match proto {
         Proto::H1 => b.header(http::header::HOST, AUTHORITY),
         Proto::H2 => b.uri(format!("http://{AUTHORITY}{PATH}")),
+    };
+    match shape {
+        Shape::Curl => b
+            .header(http::header::USER_AGENT, USER_AGENT)
+            .header(http::header::ACCEPT, "*/*"),
+        Shape::Bare => b,
     }
     .body(Empty::new())
     .expect("a valid request")
@@ -193,17 +241,17 @@ fn request(proto: Proto) -> Request<ReqBody> {
 
 /// One request and its whole response; Err says what went wrong (the proxy's
 /// `x-wasmesh-error` when it answered itself).
-async fn one(tx: &Sender, proto: Proto) -> Result<(), String> {
+async fn one(tx: &Sender, proto: Proto, shape: Shape) -> Result<(), String> {
     let resp = match tx {
         Sender::H1(m) => {
             let mut tx = m.lock().await;
             tx.ready().await.map_err(|e| e.to_string())?;
-            tx.send_request(request(proto)).await
+            tx.send_request(request(proto, shape)).await
         }
         Sender::H2(tx) => {
             let mut tx = tx.clone();
             tx.ready().await.map_err(|e| e.to_string())?;
-            tx.send_request(request(proto)).await
+            tx.send_request(request(proto, shape)).await
         }
     }
     .map_err(|e| e.to_string())?;
@@ -234,7 +282,7 @@ async fn probe(to: SocketAddr, max: Duration) -> anyhow::Result<()> {
     while Instant::now() < deadline {
         let attempt = async {
             let tx = connect(to, Proto::H1).await.map_err(|e| format!("{e:#}"))?;
-            one(&tx, Proto::H1).await
+            one(&tx, Proto::H1, Shape::Curl).await
         };
         match tokio::time::timeout(Duration::from_secs(2), attempt).await {
             Ok(Ok(())) => return Ok(()),
@@ -266,6 +314,7 @@ pub struct SatResult {
 async fn saturate(
     to: SocketAddr,
     proto: Proto,
+    shape: Shape,
     conns: usize,
     streams: usize,
     secs: Duration,
@@ -288,7 +337,8 @@ async fn saturate(
             tasks.spawn(async move {
                 let (mut done, mut errors, mut first_error) = (0u64, 0u64, None);
                 while Instant::now() < stop {
-                    match tokio::time::timeout(Duration::from_secs(5), one(&tx, proto)).await {
+                    match tokio::time::timeout(Duration::from_secs(5), one(&tx, proto, shape)).await
+                    {
                         Ok(Ok(())) => done += 1,
                         Ok(Err(e)) => {
                             errors += 1;
@@ -360,6 +410,7 @@ type Samples = Arc<Mutex<Vec<(f64, f64, f64)>>>;
 fn latency(
     to: SocketAddr,
     proto: Proto,
+    shape: Shape,
     rate: f64,
     conns: usize,
     secs: Duration,
@@ -416,9 +467,10 @@ fn latency(
                     let (tx, samples, errors) = (tx.clone(), samples.clone(), errors.clone());
                     let send = async move {
                         let sent = Instant::now();
-                        let r = tokio::time::timeout(Duration::from_secs(5), one(&tx, proto))
-                            .await
-                            .unwrap_or_else(|_| Err("no response within 5 s".into()));
+                        let r =
+                            tokio::time::timeout(Duration::from_secs(5), one(&tx, proto, shape))
+                                .await
+                                .unwrap_or_else(|_| Err("no response within 5 s".into()));
                         let done = Instant::now();
                         match r {
                             Ok(()) if scheduled >= measure_from => {
@@ -479,4 +531,72 @@ fn latency(
         first_error,
         client_cpu_s: own_cpu(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An app that answers like [`serve`]'s and keeps the regular headers of each request.
+    async fn recording_app() -> (SocketAddr, Arc<Mutex<Vec<Vec<String>>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binds");
+        let addr = listener.local_addr().expect("address");
+        let seen: Arc<Mutex<Vec<Vec<String>>>> = Arc::default();
+        let record = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let record = record.clone();
+                tokio::spawn(async move {
+                    let svc =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let names = req
+                                .headers()
+                                .iter()
+                                .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or("?")))
+                                .collect();
+                            record.lock().expect("lock").push(names);
+                            async {
+                                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(vec![
+                                    b'x';
+                                    BODY
+                                ]))))
+                            }
+                        });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    #[tokio::test]
+    async fn requests_carry_what_their_shape_says() {
+        let (addr, seen) = recording_app().await;
+        let ua = format!("user-agent: {USER_AGENT}");
+        for proto in [Proto::H1, Proto::H2] {
+            for shape in [Shape::Curl, Shape::Bare] {
+                let tx = connect(addr, proto).await.expect("connects");
+                one(&tx, proto, shape)
+                    .await
+                    .expect("a 200 with the whole body");
+                let mut got = seen
+                    .lock()
+                    .expect("lock")
+                    .pop()
+                    .expect("the app saw the request");
+                got.sort();
+                let mut want = match shape {
+                    Shape::Curl => vec!["accept: */*".to_string(), ua.clone()],
+                    Shape::Bare => vec![],
+                };
+                if proto == Proto::H1 {
+                    want.push(format!("host: {AUTHORITY}"));
+                    want.sort();
+                }
+                assert_eq!(got, want, "{proto:?} {shape:?}");
+            }
+        }
+    }
 }

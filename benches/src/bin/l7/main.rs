@@ -41,7 +41,7 @@ use wasmesh_benches::harness::run::{
     wait_quiet, watch_signals,
 };
 
-use crate::load::Proto;
+use crate::load::{Proto, Shape};
 use crate::otlp::Counts;
 use crate::pairs::{Kind, Pair, Running, Tools};
 use crate::trace_check::Receiver;
@@ -95,6 +95,9 @@ OPTIONS:
   --phases LIST        sat (requests/s at saturation), lat (latency at --rate) [default sat,lat]
   --quiet-wait S       before each phase, wait up to S seconds for the machine to be quiet
                        (both cores < 15 % busy)                            [default 300; quick 0]
+  --bare-requests      requests carry only what the protocol requires (Host over HTTP/1.1, the
+                       pseudo-headers over HTTP/2), as before session 14; by default they also
+                       carry user-agent and accept: */*, like curl's
   --alt NAME=PATH[,KEY=VALUE...]
                        an experiment build of wasmesh-proxy, run like `wasmesh` (with these
                        environment variables) as the pair NAME; name it in --pairs
@@ -133,6 +136,8 @@ pub struct Params {
     interleaved: bool,
     /// `--otlp-protocol`: what the tracing pairs export with.
     otlp_protocol: &'static str,
+    /// What the load's requests carry (`--bare-requests`: only what the protocol requires).
+    shape: Shape,
 }
 
 fn params(args: &[String]) -> anyhow::Result<Params> {
@@ -206,6 +211,7 @@ fn params(args: &[String]) -> anyhow::Result<Params> {
         quick,
         interleaved,
         otlp_protocol: "grpc",
+        shape: Shape::Curl,
     };
     let mut pair_names: Option<String> = None;
     let mut it = args.iter();
@@ -224,6 +230,7 @@ fn params(args: &[String]) -> anyhow::Result<Params> {
             "--quick" | "--mtls" | "--tracing" | "--wasm" | "--interleaved" => {}
             "--wasm-module" => p.wasm_module = Some(value()?.into()),
             "--keep" => p.keep = true,
+            "--bare-requests" => p.shape = Shape::Bare,
             "--rounds" => p.rounds = number(value()?)? as usize,
             "--secs" => p.secs = number(value()?)?,
             "--latency-secs" => p.latency_secs = number(value()?)?,
@@ -486,8 +493,8 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
     header.push(format!("kernel: {}", version(Path::new("uname"), "-r")));
     header.push(format!(
         "settings: {}rounds {}, saturation {} s (HTTP/1.1: {} connections; HTTP/2: {} connections × \
-         {} streams), latency {} s at {} req/s over {} connections; {}-byte responses; proxies on \
-         core {PROXY_CPU}, app + load + control on core {LOAD_CPU}",
+         {} streams), latency {} s at {} req/s over {} connections; requests {}; {}-byte responses; \
+         proxies on core {PROXY_CPU}, app + load + control on core {LOAD_CPU}",
         if p.quick { "--quick, " } else { "" },
         p.rounds,
         p.secs,
@@ -497,6 +504,10 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
         p.latency_secs,
         p.rate,
         p.latency_conns,
+        match p.shape {
+            Shape::Curl => "with user-agent and accept",
+            Shape::Bare => "bare (--bare-requests)",
+        },
         load::BODY,
     ));
     for h in &header {
@@ -676,6 +687,8 @@ fn measure_pair(
             target.clone(),
             "--proto".into(),
             pr.into(),
+            "--shape".into(),
+            p.shape.name().into(),
             "--conns".into(),
             conns.to_string(),
             "--streams".into(),
@@ -689,6 +702,8 @@ fn measure_pair(
             target.clone(),
             "--proto".into(),
             pr.into(),
+            "--shape".into(),
+            p.shape.name().into(),
             "--rate".into(),
             p.rate.to_string(),
             "--conns".into(),
