@@ -15,7 +15,8 @@
 //!   HTTP/2 every request is sent at its time on a new stream.
 //!
 //! Requests are `GET /bench` with `user-agent` and `accept` ([`Shape::Curl`]), or with only
-//! what the protocol requires (`--shape bare`, [`Shape::Bare`]).
+//! what the protocol requires ([`Shape::Bare`]: the orchestrator's `--bare-requests`, passed
+//! to the tools as `--shape bare`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
