@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -90,6 +90,14 @@ impl Shape {
         match self {
             Self::Curl => "curl",
             Self::Bare => "bare",
+        }
+    }
+
+    /// For the report's settings line.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Curl => "with user-agent and accept",
+            Self::Bare => "bare (--bare-requests)",
         }
     }
 }
@@ -231,9 +239,13 @@ fn request(proto: Proto, shape: Shape) -> Request<ReqBody> {
         Proto::H2 => b.uri(format!("http://{AUTHORITY}{PATH}")),
     };
     match shape {
+        // Static values: the load generator neither checks nor copies them per request.
         Shape::Curl => b
-            .header(http::header::USER_AGENT, USER_AGENT)
-            .header(http::header::ACCEPT, "*/*"),
+            .header(
+                http::header::USER_AGENT,
+                HeaderValue::from_static(USER_AGENT),
+            )
+            .header(http::header::ACCEPT, HeaderValue::from_static("*/*")),
         Shape::Bare => b,
     }
     .body(Empty::new())

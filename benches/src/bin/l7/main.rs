@@ -504,10 +504,7 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
         p.latency_secs,
         p.rate,
         p.latency_conns,
-        match p.shape {
-            Shape::Curl => "with user-agent and accept",
-            Shape::Bare => "bare (--bare-requests)",
-        },
+        p.shape.describe(),
         load::BODY,
     ));
     for h in &header {
