@@ -422,6 +422,58 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_batch_of_many_frames_arrives_whole_over_either_transport() {
+        // ≈ 250 KB: over gRPC, sixteen DATA frames of 16 KB; over HTTP/1.1 one large body.
+        const SPANS: u64 = 3000;
+        for protocol in [Protocol::Grpc, Protocol::HttpProtobuf] {
+            let grpc = protocol == Protocol::Grpc;
+            let (endpoint, got) = collector(grpc).await;
+            let cfg = TraceConfig {
+                endpoint: if grpc {
+                    endpoint
+                } else {
+                    http_traces_url(&endpoint)
+                },
+                protocol,
+                ..TraceConfig::default()
+            };
+            let transport = Transport::new(&cfg).expect("transport");
+            let encoder = Encoder::new(&cfg.resource, "wasmesh-proxy", "0.1.0");
+            let queue = Arc::new(SpanQueue::new(SPANS as usize, SPANS as usize));
+            for n in 1..=SPANS {
+                assert!(queue.push(&span(n)));
+            }
+            queue.close();
+            let stats = Arc::new(TraceStats::default());
+            tokio::time::timeout(
+                Duration::from_secs(20),
+                batches(
+                    transport,
+                    encoder,
+                    queue,
+                    Duration::from_secs(5),
+                    Duration::from_secs(10),
+                    stats.clone(),
+                ),
+            )
+            .await
+            .expect("the export ends");
+            assert_eq!(stats.exported.load(Ordering::Relaxed), SPANS, "{protocol}");
+            let got = got.lock().expect("lock");
+            assert_eq!(got.len(), 1, "one request ({protocol})");
+            let spans = &got[0].resource_spans[0].scope_spans[0].spans;
+            assert_eq!(spans.len() as u64, SPANS, "{protocol}");
+            assert!(
+                spans
+                    .iter()
+                    .zip(1..)
+                    .all(|(s, n): (_, u64)| s.span_id == n.to_be_bytes()),
+                "every span, in order ({protocol})"
+            );
+        }
+    }
+
     #[test]
     fn http_endpoints_get_the_traces_path_unless_they_have_one() {
         assert_eq!(
