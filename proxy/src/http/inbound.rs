@@ -89,7 +89,8 @@ pub async fn serve_inbound<IO>(
     let svc = service_fn(move |req| {
         let inb = inb.clone();
         let c = c.clone();
-        async move { Ok::<_, Infallible>(inb.to_app(req, &c).await) }
+        // Boxed, as on the outbound side (`http/server.rs`).
+        Box::pin(async move { Ok::<_, Infallible>(inb.to_app(req, &c).await) })
     });
     let io = TokioIo::new(Prefixed::new(prefix, io));
     let result = match protocol {

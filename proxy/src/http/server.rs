@@ -40,7 +40,10 @@ pub async fn serve_outbound(
     }
     let svc = service_fn(move |req| {
         let out = out.clone();
-        async move { Ok::<_, Infallible>(out.forward(req, c).await) }
+        // Boxed: over HTTP/2 hyper moves each request's future into a task of its own, and
+        // tokio copies a task's whole stage when it is spawned and when it ends — a pointer
+        // rather than the request's state machine (about 900 bytes).
+        Box::pin(async move { Ok::<_, Infallible>(out.forward(req, c).await) })
     });
     let io = TokioIo::new(Prefixed::new(prefix, client));
     let result = match protocol {
