@@ -424,7 +424,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_of_many_frames_arrives_whole_over_either_transport() {
-        // ≈ 250 KB: over gRPC, sixteen DATA frames of 16 KB; over HTTP/1.1 one large body.
+        // ≈ 230 KB: over gRPC more than a dozen DATA frames of 16 KB; over HTTP/1.1 one body.
         const SPANS: u64 = 3000;
         for protocol in [Protocol::Grpc, Protocol::HttpProtobuf] {
             let grpc = protocol == Protocol::Grpc;
