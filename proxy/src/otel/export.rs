@@ -367,23 +367,30 @@ mod tests {
         b
     }
 
+    /// The transport and the encoder the export thread builds, for a collector at `endpoint`
+    /// (a base URL: OTLP/HTTP posts to its traces path) and a workload named `service`.
+    fn exporter(protocol: Protocol, endpoint: String, service: &str) -> (Transport, Encoder) {
+        let cfg = TraceConfig {
+            endpoint: if protocol == Protocol::Grpc {
+                endpoint
+            } else {
+                http_traces_url(&endpoint)
+            },
+            protocol,
+            resource: vec![("service.name".into(), service.into())],
+            ..TraceConfig::default()
+        };
+        let transport = Transport::new(&cfg).expect("transport");
+        let encoder = Encoder::new(&cfg.resource, "wasmesh-proxy", "0.1.0");
+        (transport, encoder)
+    }
+
     #[tokio::test]
     async fn a_batch_goes_out_as_one_request_behind_its_envelope_and_its_buffer_comes_back() {
         for protocol in [Protocol::Grpc, Protocol::HttpProtobuf] {
             let grpc = protocol == Protocol::Grpc;
             let (endpoint, got) = collector(grpc).await;
-            let cfg = TraceConfig {
-                endpoint: if grpc {
-                    endpoint
-                } else {
-                    http_traces_url(&endpoint)
-                },
-                protocol,
-                resource: vec![("service.name".into(), "reviews".into())],
-                ..TraceConfig::default()
-            };
-            let transport = Transport::new(&cfg).expect("transport");
-            let encoder = Encoder::new(&cfg.resource, "wasmesh-proxy", "0.1.0");
+            let (transport, encoder) = exporter(protocol, endpoint, "reviews");
             let queue = Arc::new(SpanQueue::new(8, 3));
             for n in 1..=3 {
                 assert!(queue.push(&span(n)));
@@ -429,17 +436,7 @@ mod tests {
         for protocol in [Protocol::Grpc, Protocol::HttpProtobuf] {
             let grpc = protocol == Protocol::Grpc;
             let (endpoint, got) = collector(grpc).await;
-            let cfg = TraceConfig {
-                endpoint: if grpc {
-                    endpoint
-                } else {
-                    http_traces_url(&endpoint)
-                },
-                protocol,
-                ..TraceConfig::default()
-            };
-            let transport = Transport::new(&cfg).expect("transport");
-            let encoder = Encoder::new(&cfg.resource, "wasmesh-proxy", "0.1.0");
+            let (transport, encoder) = exporter(protocol, endpoint, "reviews");
             let queue = Arc::new(SpanQueue::new(SPANS as usize, SPANS as usize));
             for n in 1..=SPANS {
                 assert!(queue.push(&span(n)));
