@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use wasmesh_benches::harness::mesh;
-use wasmesh_benches::harness::mtls::prom_sum;
+use wasmesh_benches::harness::mtls::{Flavor, prom_sum};
 use wasmesh_benches::harness::netns::{Daemon, Pod, Topology};
 use wasmesh_benches::harness::report::Results;
 use wasmesh_benches::harness::run::interrupted;
@@ -71,8 +71,8 @@ pub fn measure(
                     .with_context(|| format!("switching the pair to {}", kind.name()))?;
                 let otlp_before = receiver.counts(tools.run(), &tools.node)?;
                 let sidecars_before = (
-                    trace_check::sidecar(tools.run(), &base.client)?,
-                    trace_check::sidecar(tools.run(), &base.server)?,
+                    trace_check::sidecar(tools.run(), Flavor::Wasmesh, &base.client)?,
+                    trace_check::sidecar(tools.run(), Flavor::Wasmesh, &base.server)?,
                 );
                 let pair = Pair {
                     kind: *kind,
@@ -82,6 +82,7 @@ pub fn measure(
                 if let Some(ratio) = kind.tracing() {
                     let check = trace_check::check_pair(
                         tools.run(),
+                        Flavor::Wasmesh,
                         &base.client,
                         &base.server,
                         &tools.node,
@@ -100,8 +101,8 @@ pub fn measure(
                 } else {
                     // Off (both sidecars said so before the step): not one span more.
                     let (c, s) = (
-                        trace_check::sidecar(tools.run(), &base.client)?,
-                        trace_check::sidecar(tools.run(), &base.server)?,
+                        trace_check::sidecar(tools.run(), Flavor::Wasmesh, &base.client)?,
+                        trace_check::sidecar(tools.run(), Flavor::Wasmesh, &base.server)?,
                     );
                     let recorded =
                         c.since(&sidecars_before.0).spans + s.since(&sidecars_before.1).spans;

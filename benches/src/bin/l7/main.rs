@@ -59,10 +59,11 @@ OPTIONS:
   --quick              short phases, one round (a smoke test; figures are rough)
   --mtls               HTTP requests/s through mTLS pairs: pairs direct,wasmesh,envoy,wasmesh-mtls,
                        envoy-mtls,envoy-mtls-h2, phase sat (--pairs, --phases still apply)
-  --tracing            the cost of tracing: pairs wasmesh,wasmesh-trace1,wasmesh-trace100 (the
-                       wasmesh pair with tracing off, at 1 % and at 100 % sampling, OTLP/gRPC to
-                       a receiver in the node's namespace), phases sat,lat; every tracing pair's
-                       spans checked against the receiver (--pairs, --phases still apply)
+  --tracing            the cost of tracing: pairs wasmesh,wasmesh-trace1,wasmesh-trace100,envoy,
+                       envoy-trace1,envoy-trace100 (each pair with tracing off, at 1 % and at
+                       100 % sampling, OTLP/gRPC to a receiver in the node's namespace), phases
+                       sat,lat; every tracing pair's spans checked against the receiver (--pairs,
+                       --phases still apply)
   --otlp-protocol P    with --tracing: what the tracing pairs export with, grpc or http/protobuf
                        (the receiver takes both)                           [default grpc]
   --interleaved        with --tracing: one wasmesh pair for the whole run, its tracing switched
@@ -89,7 +90,8 @@ OPTIONS:
   --pairs LIST         which pairs, comma-separated                        [default direct,wasmesh,envoy]
                        also: wasmesh-mtls, envoy-mtls, envoy-mtls-h2 (mTLS between the proxies,
                        one CA; -h2: HTTP/2 between the Envoys, measured with HTTP/1.1 only);
-                       wasmesh-traceN (tracing on, N % of the traces sampled, N from 1 to 100);
+                       wasmesh-traceN, envoy-traceN (tracing on, N % of the traces sampled, N
+                       from 1 to 100);
                        wasmesh-wasm, envoy-wasm (the Wasm filter on the client side)
   --protocols LIST     h1, h2                                              [default h1,h2]
   --phases LIST        sat (requests/s at saturation), lat (latency at --rate) [default sat,lat]
@@ -180,11 +182,20 @@ fn params(args: &[String]) -> anyhow::Result<Params> {
                 Kind::EnvoyMtls,
                 Kind::EnvoyMtlsH2,
             ]
+        } else if tracing && interleaved {
+            vec![
+                Kind::Wasmesh,
+                Kind::Traced { percent: 1 },
+                Kind::Traced { percent: 100 },
+            ]
         } else if tracing {
             vec![
                 Kind::Wasmesh,
                 Kind::Traced { percent: 1 },
                 Kind::Traced { percent: 100 },
+                Kind::Envoy,
+                Kind::EnvoyTraced { percent: 1 },
+                Kind::EnvoyTraced { percent: 100 },
             ]
         } else if wasm {
             vec![
@@ -475,10 +486,18 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
     if traced && p.interleaved {
         header.push(interleaved::describe(p.otlp_protocol));
     } else if traced {
-        header.push(trace_check::describe(
-            pairs::otlp_address(),
-            p.otlp_protocol,
-        ));
+        if wants(&|k| matches!(k, Kind::Traced { .. })) {
+            header.push(trace_check::describe(
+                pairs::otlp_address(),
+                p.otlp_protocol,
+            ));
+        }
+        if wants(&|k| matches!(k, Kind::EnvoyTraced { .. })) {
+            header.push(trace_check::describe_envoy(
+                pairs::otlp_address(),
+                p.otlp_protocol,
+            ));
+        }
     }
     for alt in &p.alts {
         let env: Vec<String> = alt.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -804,6 +823,7 @@ fn measure_pair(
         (_, Some(ratio), Some(receiver)) => {
             let check = trace_check::check_pair(
                 tools.run(),
+                pair.kind.flavor(),
                 &pair.client,
                 &pair.server,
                 &tools.node,

@@ -11,7 +11,7 @@
 //!   outbound listener with the original_dst listener filter, a filter chain matching
 //!   10.96.0.10:80 → HCM (codec AUTO) → router → a STATIC cluster at the server pod's :8080;
 //!   inbound listener with original_dst → HCM → router → an ORIGINAL_DST cluster bound to
-//!   127.0.0.6. Both clusters speak upstream what the client spoke downstream
+//!   127.0.0.6; the listeners' `traffic_direction` OUTBOUND and INBOUND. Both clusters speak upstream what the client spoke downstream
 //!   (`use_downstream_protocol_config`). No access log; stats off (`reject_all`).
 //! - `wasmesh-mtls`: `wasmesh` with mTLS between the sidecars (certificates from control as the
 //!   CA, [`wasmesh_benches::harness::mtls`]); the client side carries HTTP/1.1 requests over one
@@ -29,6 +29,14 @@
 //!   the client sidecar starts every trace and samples N % of them; the server sidecar follows
 //!   the decision it gets in the `traceparent` the client sidecar adds. Batching: the exporter's
 //!   defaults.
+//! - `envoy-traceN` (`envoy-trace1`, `envoy-trace100`): `envoy` with its OpenTelemetry tracer
+//!   (`envoy.tracers.opentelemetry`) in both HCMs, exporting over OTLP/gRPC (or OTLP/HTTP,
+//!   `--otlp-protocol`) to the same receiver through a STATIC cluster `otlp`, `random_sampling`
+//!   N %: the client Envoy samples N % of the new traces, the server Envoy follows the
+//!   `traceparent` it gets. Span kinds from the listeners' `traffic_direction` (client span on
+//!   the outbound side, server span on the inbound side, as Istio sets them). Batching: Envoy's
+//!   defaults (an export every 5 spans or every 5 s, per worker). Stats: only the tracing
+//!   counters and `downstream_rq_total` the span check reads.
 //! - `wasmesh-wasm` / `envoy-wasm`: `wasmesh` / `envoy` with the same Proxy-Wasm filter on the
 //!   client side's outbound HTTP path: `filters/header-route` (one request header and one
 //!   response header set, [`WASM_CONFIG`]), the same `.wasm` file. wasmesh gets it as a
@@ -73,6 +81,10 @@ pub enum Kind {
     Traced {
         percent: u8,
     },
+    /// The Envoy pair with its OpenTelemetry tracer on, sampling `percent` % of new traces.
+    EnvoyTraced {
+        percent: u8,
+    },
     /// Another `wasmesh-proxy` build (`--alt`): the `index`th of [`Tools::alts`].
     Alt {
         index: usize,
@@ -87,13 +99,14 @@ impl Kind {
             let name: &'static str = Box::leak(name.to_string().into_boxed_str());
             return Ok(Self::Alt { index, name });
         }
-        if let Some(n) = name.strip_prefix("wasmesh-trace") {
-            return match n.parse::<u8>() {
-                Ok(percent @ 1..=100) => Ok(Self::Traced { percent }),
-                _ => {
-                    bail!("pair {name}: wasmesh-traceN samples N % of the traces, N from 1 to 100")
-                }
-            };
+        for (prefix, envoy) in [("wasmesh-trace", false), ("envoy-trace", true)] {
+            if let Some(n) = name.strip_prefix(prefix) {
+                return match (n.parse::<u8>(), envoy) {
+                    (Ok(percent @ 1..=100), false) => Ok(Self::Traced { percent }),
+                    (Ok(percent @ 1..=100), true) => Ok(Self::EnvoyTraced { percent }),
+                    _ => bail!("pair {name}: {prefix}N samples N % of the traces, N from 1 to 100"),
+                };
+            }
         }
         Ok(match name {
             "direct" => Self::Direct,
@@ -107,7 +120,8 @@ impl Kind {
             other => bail!(
                 "unknown pair {other} (known: direct, wasmesh, wasmesh-mtls, wasmesh-trace1, \
                  wasmesh-trace100 (any wasmesh-traceN, N from 1 to 100), wasmesh-wasm, envoy, \
-                 envoy-mtls, envoy-mtls-h2, envoy-wasm, and --alt names)"
+                 envoy-mtls, envoy-mtls-h2, envoy-trace1, envoy-trace100 (any envoy-traceN), \
+                 envoy-wasm, and --alt names)"
             ),
         })
     }
@@ -123,6 +137,7 @@ impl Kind {
             Self::WasmeshWasm => "wasmesh-wasm".into(),
             Self::EnvoyWasm => "envoy-wasm".into(),
             Self::Traced { percent } => format!("wasmesh-trace{percent}"),
+            Self::EnvoyTraced { percent } => format!("envoy-trace{percent}"),
             Self::Alt { name, .. } => name.to_string(),
         }
     }
@@ -147,8 +162,19 @@ impl Kind {
     /// The share of new traces it samples, when it traces.
     pub fn tracing(self) -> Option<f64> {
         match self {
-            Self::Traced { percent } => Some(f64::from(percent) / 100.0),
+            Self::Traced { percent } | Self::EnvoyTraced { percent } => {
+                Some(f64::from(percent) / 100.0)
+            }
             _ => None,
+        }
+    }
+
+    /// The pair a tracing pair is compared with: the same proxies with tracing off.
+    pub fn untraced(self) -> Self {
+        match self {
+            Self::Traced { .. } => Self::Wasmesh,
+            Self::EnvoyTraced { .. } => Self::Envoy,
+            other => other,
         }
     }
 
@@ -156,8 +182,21 @@ impl Kind {
     pub fn envoy(self) -> bool {
         matches!(
             self,
-            Self::Envoy | Self::EnvoyMtls | Self::EnvoyMtlsH2 | Self::EnvoyWasm
+            Self::Envoy
+                | Self::EnvoyMtls
+                | Self::EnvoyMtlsH2
+                | Self::EnvoyWasm
+                | Self::EnvoyTraced { .. }
         )
+    }
+
+    /// Whose proxies it runs.
+    pub fn flavor(self) -> Flavor {
+        if self.envoy() {
+            Flavor::Envoy
+        } else {
+            Flavor::Wasmesh
+        }
     }
 
     /// Whose proxies speak mTLS to each other, if any.
@@ -310,21 +349,43 @@ impl Pair {
                     &log,
                 )?
             }
-            Kind::Envoy | Kind::EnvoyMtls | Kind::EnvoyMtlsH2 | Kind::EnvoyWasm => {
+            Kind::Envoy
+            | Kind::EnvoyMtls
+            | Kind::EnvoyMtlsH2
+            | Kind::EnvoyWasm
+            | Kind::EnvoyTraced { .. } => {
                 let pki = match self.kind {
-                    Kind::Envoy | Kind::EnvoyWasm => None,
-                    _ => Some(tools.pki.as_ref().context("no CA")?),
+                    Kind::EnvoyMtls | Kind::EnvoyMtlsH2 => {
+                        Some(tools.pki.as_ref().context("no CA")?)
+                    }
+                    _ => None,
                 };
                 let h2 = self.kind == Kind::EnvoyMtlsH2;
                 let wasm = match self.kind {
                     Kind::EnvoyWasm => Some(tools.wasm.as_deref().context("no Wasm module")?),
                     _ => None,
                 };
+                let tracer = |service| -> anyhow::Result<_> {
+                    Ok(match self.kind {
+                        Kind::EnvoyTraced { percent } => Some(EnvoyTracer {
+                            receiver: tools.otlp.as_ref().context("no OTLP receiver")?,
+                            percent,
+                            service,
+                        }),
+                        _ => None,
+                    })
+                };
                 mesh::start_envoy(
                     tools.run(),
                     tools.envoy.as_ref().context("no envoy")?,
-                    (&self.client, envoy_outbound(self.server.ip, pki, h2, wasm)),
-                    (&self.server, envoy_inbound(pki, h2)),
+                    (
+                        &self.client,
+                        envoy_outbound(self.server.ip, pki, h2, wasm, tracer("client")?.as_ref()),
+                    ),
+                    (
+                        &self.server,
+                        envoy_inbound(pki, h2, tracer("server")?.as_ref()),
+                    ),
                     &log,
                 )?
             }
@@ -459,25 +520,102 @@ const UPSTREAM_H1: &str = r#"    typed_extension_protocol_options:
           http_protocol_options: {}
 "#;
 
-/// Stats off, or (mTLS pairs) only the TLS stats the checks read.
-fn stats(pki: Option<&Pki>) -> &'static str {
-    match pki {
-        Some(_) => mtls::ENVOY_SSL_STATS_ONLY,
-        None => ENVOY_STATS,
+/// Stats off; or (mTLS pairs) only the TLS stats the checks read; or (tracing pairs) only the
+/// tracing counters and the request count of the HCM `stat_prefix` that the span check reads.
+fn stats(pki: Option<&Pki>, tracer: Option<&EnvoyTracer<'_>>, stat_prefix: &str) -> String {
+    match (pki, tracer) {
+        (Some(_), _) => mtls::ENVOY_SSL_STATS_ONLY.to_string(),
+        (None, Some(_)) => format!(
+            r#"stats_config:
+  stats_matcher:
+    inclusion_list:
+      patterns:
+      - prefix: "tracing.opentelemetry."
+      - prefix: "http.{stat_prefix}.tracing."
+      - exact: "http.{stat_prefix}.downstream_rq_total"
+"#
+        ),
+        (None, None) => ENVOY_STATS.to_string(),
+    }
+}
+
+/// A tracing Envoy's OpenTelemetry tracer: where it exports, what it samples, its
+/// `service.name`.
+#[derive(Debug, Clone, Copy)]
+pub struct EnvoyTracer<'a> {
+    pub receiver: &'a Receiver,
+    pub percent: u8,
+    pub service: &'static str,
+}
+
+impl EnvoyTracer<'_> {
+    /// The HCM's `tracing:` (indented for [`hcm`]): the OpenTelemetry tracer exporting to the
+    /// `otlp` cluster, over OTLP/gRPC or OTLP/HTTP as the receiver was started for.
+    fn hcm_tracing(&self) -> String {
+        let exporter = match self.receiver.protocol {
+            "http/protobuf" => format!(
+                "                http_service:\n                  http_uri: {{ uri: \"http://{}/v1/traces\", cluster: otlp, timeout: 1s }}\n",
+                self.receiver.addr
+            ),
+            _ => "                grpc_service:\n                  envoy_grpc: { cluster_name: otlp }\n                  timeout: 1s\n".to_string(),
+        };
+        format!(
+            r#"          tracing:
+            random_sampling: {{ value: {percent} }}
+            provider:
+              name: envoy.tracers.opentelemetry
+              typed_config:
+                "@type": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig
+{exporter}                service_name: {service}
+"#,
+            percent = self.percent,
+            service = self.service,
+        )
+    }
+
+    /// The `otlp` cluster (a `clusters:` entry): the receiver, over HTTP/2 for gRPC, HTTP/1.1
+    /// for OTLP/HTTP.
+    fn cluster(&self) -> String {
+        let protocol = match self.receiver.protocol {
+            "http/protobuf" => UPSTREAM_H1,
+            _ => UPSTREAM_H2,
+        };
+        format!(
+            r#"  - name: otlp
+    type: STATIC
+    connect_timeout: 1s
+{protocol}    load_assignment:
+      cluster_name: otlp
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: {}, port_value: {} }}
+"#,
+            self.receiver.addr.ip(),
+            self.receiver.addr.port(),
+        )
     }
 }
 
 /// An HCM (codec AUTO: HTTP/1.1, or HTTP/2 from its preface) routing everything to `cluster`
-/// (with `wasm`, through the Wasm filter first); indented as a filter chain's `filters:` list.
-fn hcm(stat_prefix: &str, cluster: &str, wasm: Option<&Path>) -> String {
+/// (with `wasm`, through the Wasm filter first; with `tracer`, tracing); indented as a filter
+/// chain's `filters:` list.
+fn hcm(
+    stat_prefix: &str,
+    cluster: &str,
+    wasm: Option<&Path>,
+    tracer: Option<&EnvoyTracer<'_>>,
+) -> String {
     let wasm = wasm.map(envoy_wasm_filter).unwrap_or_default();
+    let tracing = tracer.map(EnvoyTracer::hcm_tracing).unwrap_or_default();
     format!(
         r#"      - name: envoy.filters.network.http_connection_manager
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: {stat_prefix}
           codec_type: AUTO
-          route_config:
+{tracing}          route_config:
             name: {cluster}
             virtual_hosts:
             - name: {cluster}
@@ -517,14 +655,22 @@ fn envoy_wasm_filter(module: &Path) -> String {
 }
 
 /// With `pki`, the cluster speaks mTLS to the server side; with `h2`, HTTP/2; with `wasm`, the
-/// Wasm filter runs before the router.
-fn envoy_outbound(server: Ipv4Addr, pki: Option<&Pki>, h2: bool, wasm: Option<&Path>) -> String {
-    let mut s = format!("{ENVOY_ADMIN}{}", stats(pki));
+/// Wasm filter runs before the router; with `tracer`, the HCM traces.
+fn envoy_outbound(
+    server: Ipv4Addr,
+    pki: Option<&Pki>,
+    h2: bool,
+    wasm: Option<&Path>,
+    tracer: Option<&EnvoyTracer<'_>>,
+) -> String {
+    const PREFIX: &str = "outbound_bench";
+    let mut s = format!("{ENVOY_ADMIN}{}", stats(pki, tracer, PREFIX));
     let _ = write!(
         s,
         r#"static_resources:
   listeners:
   - name: outbound
+    traffic_direction: OUTBOUND
     address:
       socket_address: {{ address: 127.0.0.1, port_value: 15001 }}
     listener_filters:
@@ -548,22 +694,26 @@ fn envoy_outbound(server: Ipv4Addr, pki: Option<&Pki>, h2: bool, wasm: Option<&P
         - endpoint:
             address:
               socket_address: {{ address: {server}, port_value: {APP_PORT} }}
-"#,
-        hcm = hcm("outbound_bench", "bench", wasm),
+{otlp}"#,
+        hcm = hcm(PREFIX, "bench", wasm, tracer),
         protocol = if h2 { UPSTREAM_H2 } else { DOWNSTREAM_PROTOCOL },
         tls = pki
             .map(|p| mtls::envoy_upstream_tls(p, 4))
             .unwrap_or_default(),
+        otlp = tracer.map(EnvoyTracer::cluster).unwrap_or_default(),
     );
     s
 }
 
-/// With `pki`, the listener requires mTLS; with `h1_to_app`, the app gets HTTP/1.1.
-fn envoy_inbound(pki: Option<&Pki>, h1_to_app: bool) -> String {
+/// With `pki`, the listener requires mTLS; with `h1_to_app`, the app gets HTTP/1.1; with
+/// `tracer`, the HCM traces.
+fn envoy_inbound(pki: Option<&Pki>, h1_to_app: bool, tracer: Option<&EnvoyTracer<'_>>) -> String {
+    const PREFIX: &str = "inbound_bench";
     format!(
         r#"{ENVOY_ADMIN}{stats}static_resources:
   listeners:
   - name: inbound
+    traffic_direction: INBOUND
     address:
       socket_address: {{ address: 0.0.0.0, port_value: 15006 }}
     listener_filters:
@@ -579,9 +729,9 @@ fn envoy_inbound(pki: Option<&Pki>, h1_to_app: bool) -> String {
     lb_policy: CLUSTER_PROVIDED
 {protocol}    upstream_bind_config:
       source_address: {{ address: 127.0.0.6, port_value: 0 }}
-"#,
-        stats = stats(pki),
-        hcm = hcm("inbound_bench", "inbound_app", None),
+{otlp}"#,
+        stats = stats(pki, tracer, PREFIX),
+        hcm = hcm(PREFIX, "inbound_app", None, tracer),
         tls = pki
             .map(|p| mtls::envoy_downstream_tls(p, 6))
             .unwrap_or_default(),
@@ -590,5 +740,109 @@ fn envoy_inbound(pki: Option<&Pki>, h1_to_app: bool) -> String {
         } else {
             DOWNSTREAM_PROTOCOL
         },
+        otlp = tracer.map(EnvoyTracer::cluster).unwrap_or_default(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Envoy accepts every configuration the Envoy pairs run (`--mode validate`: the config
+    /// parsed, every extension found, the clusters built), the tracing pairs' for both export
+    /// protocols included; and a tracing pair's Envoys send their spans to the run's receiver.
+    #[test]
+    fn envoy_accepts_every_config_the_envoy_pairs_run() {
+        let envoy = run::find_envoy(None).expect("envoy (`.ci/run` installs it)");
+        let dir =
+            std::env::temp_dir().join(format!("wasmesh-l7-envoy-configs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pki = Pki::create(&dir).unwrap();
+        let server = Ipv4Addr::new(10, 244, 0, 12);
+        let receivers = ["grpc", "http/protobuf"].map(|protocol| Receiver {
+            addr: otlp_address(),
+            pid: 0,
+            protocol,
+        });
+        let tracers: Vec<_> = receivers
+            .iter()
+            .map(|receiver| {
+                [
+                    EnvoyTracer {
+                        receiver,
+                        percent: 1,
+                        service: "client",
+                    },
+                    EnvoyTracer {
+                        receiver,
+                        percent: 1,
+                        service: "server",
+                    },
+                ]
+            })
+            .collect();
+        let mut configs = vec![
+            ("plain-out", envoy_outbound(server, None, false, None, None)),
+            ("plain-in", envoy_inbound(None, false, None)),
+            (
+                "mtls-out",
+                envoy_outbound(server, Some(&pki), false, None, None),
+            ),
+            ("mtls-in", envoy_inbound(Some(&pki), false, None)),
+            (
+                "mtls-h2-out",
+                envoy_outbound(server, Some(&pki), true, None, None),
+            ),
+            ("mtls-h2-in", envoy_inbound(Some(&pki), true, None)),
+        ];
+        for (i, [client, server_side]) in tracers.iter().enumerate() {
+            let out = envoy_outbound(server, None, false, None, Some(client));
+            let inb = envoy_inbound(None, false, Some(server_side));
+            for text in [&out, &inb] {
+                let protocol = client.receiver.protocol;
+                let want = match protocol {
+                    "grpc" => "envoy_grpc: { cluster_name: otlp }".to_string(),
+                    _ => format!("uri: \"http://{}/v1/traces\"", otlp_address()),
+                };
+                assert!(text.contains(&want), "{protocol}: no {want} in\n{text}");
+                assert!(
+                    text.contains("socket_address: { address: 10.244.0.1, port_value: 4317 }"),
+                    "{text}"
+                );
+                assert!(text.contains("random_sampling: { value: 1 }"), "{text}");
+            }
+            configs.push((
+                if i == 0 {
+                    "trace-grpc-out"
+                } else {
+                    "trace-http-out"
+                },
+                out,
+            ));
+            configs.push((
+                if i == 0 {
+                    "trace-grpc-in"
+                } else {
+                    "trace-http-in"
+                },
+                inb,
+            ));
+        }
+        for (name, text) in &configs {
+            let path = dir.join(format!("{name}.yaml"));
+            std::fs::write(&path, text).unwrap();
+            let out = std::process::Command::new(&envoy)
+                .args(["--mode", "validate", "-l", "error", "-c"])
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "envoy rejects the {name} config: {}{}\n{text}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

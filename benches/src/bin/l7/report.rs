@@ -9,6 +9,7 @@ use wasmesh_benches::harness::report::{Results, f, pct, with_spread, x};
 
 use crate::Params;
 use crate::load::Proto;
+use crate::pairs::Kind;
 
 fn title(proto: Proto) -> &'static str {
     match proto {
@@ -468,48 +469,61 @@ const TRACING_TARGET: f64 = 0.10;
 /// quiet in the report's second target row.
 const QUIET_STEAL: f64 = 0.02;
 
-/// The tracing pairs against `wasmesh` with tracing off (the issue's target: tracing every
-/// request costs < 10 % of the requests/s), and the checks of their spans.
+/// The pair a tracing pair is compared with: the same proxies with tracing off.
+fn untraced(p: &Params, pair: &str) -> String {
+    Kind::parse(pair, &p.alts).map_or_else(|_| pair.to_string(), |k| k.untraced().name())
+}
+
+/// The tracing pairs against the same pairs with tracing off (the issue's target: tracing
+/// every request costs wasmesh < 10 % of the requests/s; Envoy's, the rival's, reported beside
+/// it), and the checks of their spans.
 fn tracing_section(s: &mut String, p: &Params, r: &Results) {
-    let off = "wasmesh";
     let mut traced: Vec<(String, f64)> = r
         .pairs()
         .iter()
         .filter_map(|pair| Some((pair.clone(), r.get(pair, "trace.ratio")?)))
         .collect();
-    traced.sort_by(|a, b| a.1.total_cmp(&b.1));
+    // wasmesh's first, then Envoy's; each by its sampled share.
+    traced.sort_by(|a, b| {
+        (untraced(p, &a.0) != "wasmesh")
+            .cmp(&(untraced(p, &b.0) != "wasmesh"))
+            .then(a.1.total_cmp(&b.1))
+    });
     let share = |ratio: f64| format!("{} %", ratio * 100.0);
     let rate = format!("{:.0}", p.rate);
     let protocol = p.otlp_protocol;
     let _ = writeln!(
         s,
-        "**Tracing cost** (same run: `{off}` with tracing off, and with tracing on, sampling the \
-         share of new traces shown — parent-based: the load generator sends no `traceparent`, so \
-         the client sidecar starts every trace and decides, the server sidecar follows its \
-         decision; a client span and a server span per sampled request, exported over OTLP \
-         ({protocol}) to the bench's receiver in the node's namespace, on core 0 with the app \
-         and the load generator; the requests/s lost and the ratios are against `{off}` in the \
-         same run; \"paired\": the ratio within each round, median over the rounds — the pairs \
-         of a round run one after the other, so a slow spell of the machine cancels out; the \
-         target is judged on it)\n"
+        "**Tracing cost** (same run: each proxy pair with tracing off — `wasmesh`, `envoy` — \
+         and with tracing on, sampling the share of new traces shown — parent-based: the load \
+         generator sends no `traceparent`, so the client side starts every trace and decides, \
+         the server side follows its decision; a client span and a server span per sampled \
+         request, exported over OTLP ({protocol}) to the bench's receiver in the node's \
+         namespace, on core 0 with the app and the load generator; the requests/s lost and the \
+         ratios are against the same proxies with tracing off in the same run; \"paired\": the \
+         ratio within each round, median over the rounds — the pairs of a round run one after \
+         the other, so a slow spell of the machine cancels out; the target is judged on it)\n"
     );
     let _ = writeln!(
         s,
         "| protocol | pair | sampled | req/s at saturation | × tracing off | × tracing off, paired | requests/s lost (paired) | proxy CPU-s per 100k requests | × tracing off, paired | p50 / p99 at {rate} req/s (µs) | p99 × tracing off | receiver CPU at saturation (share of a core) |"
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|");
-    let rows: Vec<(String, Option<f64>)> = std::iter::once((off.to_string(), None))
-        .chain(
-            traced
-                .iter()
-                .map(|(pair, ratio)| (pair.clone(), Some(*ratio))),
-        )
-        .collect();
+    // Each untraced pair the run has, followed by its tracing pairs.
+    let mut rows: Vec<(String, Option<f64>)> = Vec::new();
+    for (pair, ratio) in &traced {
+        let off = untraced(p, pair);
+        if r.has(&off) && !rows.iter().any(|(row, _)| *row == off) {
+            rows.push((off, None));
+        }
+        rows.push((pair.clone(), Some(*ratio)));
+    }
     for proto in &p.protocols {
         let k = |m: &str| format!("{}.{m}", proto.name());
         for (pair, ratio) in &rows {
-            let vs_off = |key: &str| ratio.and(r.ratio(pair, off, key));
-            let paired = |key: &str| ratio.and(r.paired_ratio(pair, off, key));
+            let off = untraced(p, pair);
+            let vs_off = |key: &str| ratio.and(r.ratio(pair, &off, key));
+            let paired = |key: &str| ratio.and(r.paired_ratio(pair, &off, key));
             let receiver = ratio.and_then(|_| {
                 Some(r.get(pair, &k("sat.otlp_cpu"))? / r.get(pair, &k("sat.secs"))?)
             });
@@ -532,23 +546,28 @@ fn tracing_section(s: &mut String, p: &Params, r: &Results) {
         }
     }
 
-    // The target, per sampling share.
+    // The target, per tracing pair; judged on wasmesh's pair that samples everything.
     let _ = writeln!(s);
     let mut head = String::from("| measure |");
     let mut rule = String::from("|---|");
-    for (_, ratio) in &traced {
-        let _ = write!(head, " {} sampled |", share(*ratio));
+    for (pair, ratio) in &traced {
+        let _ = write!(head, " {pair} ({} sampled) |", share(*ratio));
         rule.push_str("---|");
     }
     let _ = writeln!(s, "{head} target | met |\n{rule}---|---|");
     for proto in &p.protocols {
         let t = title(*proto);
         let k = |m: &str| format!("{}.{m}", proto.name());
-        let lost = |pair: &str| r.paired_ratio(pair, off, &k("sat.per_s")).map(|v| 1.0 - v);
+        let lost = |pair: &str| {
+            r.paired_ratio(pair, &untraced(p, pair), &k("sat.per_s"))
+                .map(|v| 1.0 - v)
+        };
         if r.measured(&k("sat.per_s")) {
             let cells: Vec<String> = traced.iter().map(|(pair, _)| pct(lost(pair))).collect();
-            // The target is stated for tracing every request.
-            let all = traced.iter().find(|(_, ratio)| *ratio >= 1.0);
+            // The target is stated for wasmesh tracing every request.
+            let all = traced
+                .iter()
+                .find(|(pair, ratio)| *ratio >= 1.0 && untraced(p, pair) == "wasmesh");
             let met = match all.and_then(|(pair, _)| lost(pair)) {
                 Some(v) if v < TRACING_TARGET => "yes",
                 Some(_) => "**no**",
@@ -556,7 +575,7 @@ fn tracing_section(s: &mut String, p: &Params, r: &Results) {
             };
             let _ = writeln!(
                 s,
-                "| {t} requests/s lost to tracing (paired) | {} | 100 % sampled: < {:.0} % | {met} |",
+                "| {t} requests/s lost to tracing (paired) | {} | wasmesh, 100 % sampled: < {:.0} % | {met} |",
                 cells.join(" | "),
                 TRACING_TARGET * 100.0
             );
@@ -565,9 +584,12 @@ fn tracing_section(s: &mut String, p: &Params, r: &Results) {
             let quiet: Vec<String> = traced
                 .iter()
                 .map(|(pair, _)| {
-                    r.paired_ratio_where((pair, off), &k("sat.per_s"), &k("sat.steal"), |steal| {
-                        steal <= QUIET_STEAL
-                    })
+                    r.paired_ratio_where(
+                        (pair, &untraced(p, pair)),
+                        &k("sat.per_s"),
+                        &k("sat.steal"),
+                        |steal| steal <= QUIET_STEAL,
+                    )
                     .map_or_else(
                         || "— (no such round)".to_string(),
                         |(v, kept, all)| format!("{} ({kept} of {all} rounds)", pct(Some(1.0 - v))),
@@ -590,7 +612,11 @@ fn tracing_section(s: &mut String, p: &Params, r: &Results) {
             }
             let cells: Vec<String> = traced
                 .iter()
-                .map(|(pair, _)| x(r.paired_ratio(pair, off, &key).or(r.ratio(pair, off, &key))))
+                .map(|(pair, _)| {
+                    let off = untraced(p, pair);
+                    x(r.paired_ratio(pair, &off, &key)
+                        .or(r.ratio(pair, &off, &key)))
+                })
                 .collect();
             let _ = writeln!(
                 s,
@@ -613,7 +639,7 @@ fn tracing_section(s: &mut String, p: &Params, r: &Results) {
     );
     let _ = writeln!(
         s,
-        "| pair | requests | sampled (client spans / requests) | spans recorded (both sidecars) | received by the receiver | received per request | dropped (share of recorded) | checks |"
+        "| pair | requests | sampled (client spans / requests) | spans recorded (both proxies) | received by the receiver | received per request | dropped (share of recorded) | checks |"
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
     for (pair, _) in &traced {
@@ -642,8 +668,9 @@ fn tracing_section(s: &mut String, p: &Params, r: &Results) {
             s,
             "\nSpan checks (after each tracing pair's phases, once every recorded span was \
              exported or dropped: the sidecars' `wasmesh_tracing_*` and \
-             `wasmesh_http_requests_total`, and what the receiver decoded from this pair; with \
-             every request sampled, the receiver must have 2 spans per request less the drops):\n"
+             `wasmesh_http_requests_total`, or the Envoys' tracing stats, and what the receiver \
+             decoded from this pair; with every request sampled, the receiver must have 2 spans \
+             per request less the drops):\n"
         );
         for n in notes {
             let _ = writeln!(s, "- {n}");

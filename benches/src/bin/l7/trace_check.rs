@@ -1,9 +1,11 @@
 //! The tracing pairs' checks: after a pair's phases, that its spans really reached the
 //! receiver. The sidecars' `/metrics` say how many spans each recorded, exported and dropped
 //! (`wasmesh_tracing_*`) and how many requests the client side carried
-//! (`wasmesh_http_requests_total`); the receiver ([`crate::otlp`]) says what it decoded. With
-//! every request traced the receiver must have 2 spans per request (the client sidecar's and the
-//! server sidecar's) less what the sidecars dropped; with a ratio, about that share of it.
+//! (`wasmesh_http_requests_total`); an Envoy's `/stats` say the same with its HCM's tracing
+//! decisions and its tracer's counters ([`Sidecar::parse_envoy`]); the receiver
+//! ([`crate::otlp`]) says what it decoded. With every request traced the receiver must have 2
+//! spans per request (the client side's and the server side's) less what the proxies dropped;
+//! with a ratio, about that share of it.
 //!
 //! Also here: the receiver started for the run, and the check that the `wasmesh` pair the
 //! tracing pairs are compared with has tracing off.
@@ -14,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use wasmesh_benches::harness::mesh::{self, LOAD_CPU};
-use wasmesh_benches::harness::mtls::prom_sum;
+use wasmesh_benches::harness::mtls::{Flavor, envoy_sum, prom_sum};
 use wasmesh_benches::harness::netns::{Daemon, Placement, Pod, command_in};
 use wasmesh_benches::harness::run::{Run, interrupted, tool};
 
@@ -103,7 +105,7 @@ impl Receiver {
     }
 }
 
-/// One sidecar's tracing counters.
+/// One sidecar's tracing counters (a wasmesh sidecar's, or an Envoy's).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Sidecar {
     pub enabled: bool,
@@ -131,6 +133,28 @@ impl Sidecar {
         }
     }
 
+    /// An Envoy's, from its `/stats` (what a tracing pair's stats matcher keeps): requests, its
+    /// HCM's `downstream_rq_total`; spans recorded, the requests its HCM decided to trace
+    /// (`tracing.random_sampling`, `service_forced`, `client_enabled`: every sampled request
+    /// gets a span, exported when the tracer's buffer flushes); exported, the tracer's
+    /// `spans_sent`; dropped, its `spans_dropped` (as queue full: Envoy counts a failed export
+    /// as sent, so that shows only in the receiver's count).
+    pub fn parse_envoy(stats: &str) -> Self {
+        let hcm = |suffix: &str| envoy_sum(stats, "http.", suffix);
+        Self {
+            enabled: stats
+                .lines()
+                .any(|l| l.starts_with("tracing.opentelemetry.spans_sent:")),
+            requests: hcm(".downstream_rq_total"),
+            spans: hcm(".tracing.random_sampling")
+                + hcm(".tracing.service_forced")
+                + hcm(".tracing.client_enabled"),
+            exported: envoy_sum(stats, "tracing.opentelemetry.spans_sent", ""),
+            dropped_queue_full: envoy_sum(stats, "tracing.opentelemetry.spans_dropped", ""),
+            dropped_export_failed: 0.0,
+        }
+    }
+
     pub fn dropped(&self) -> f64 {
         self.dropped_queue_full + self.dropped_export_failed
     }
@@ -153,16 +177,24 @@ impl Sidecar {
     }
 }
 
-pub fn sidecar(run: Run<'_>, pod: &Pod) -> anyhow::Result<Sidecar> {
-    let text = mesh::admin_get(run, pod, "/metrics")
-        .with_context(|| format!("reading the sidecar's /metrics in {}", pod.ns))?;
-    Ok(Sidecar::parse(&text))
+/// The tracing counters of the proxy in `pod` (a wasmesh sidecar's or an Envoy's).
+pub fn sidecar(run: Run<'_>, flavor: Flavor, pod: &Pod) -> anyhow::Result<Sidecar> {
+    let path = match flavor {
+        Flavor::Wasmesh => "/metrics",
+        Flavor::Envoy => "/stats",
+    };
+    let text = mesh::admin_get(run, pod, path)
+        .with_context(|| format!("reading the proxy's {path} in {}", pod.ns))?;
+    Ok(match flavor {
+        Flavor::Wasmesh => Sidecar::parse(&text),
+        Flavor::Envoy => Sidecar::parse_envoy(&text),
+    })
 }
 
 /// Fails if the pair's sidecars trace: the pair tracing is compared with must not.
 pub fn check_off(run: Run<'_>, client: &Pod, server: &Pod) -> anyhow::Result<()> {
     for (role, pod) in [("client", client), ("server", server)] {
-        if sidecar(run, pod)?.enabled {
+        if sidecar(run, Flavor::Wasmesh, pod)?.enabled {
             bail!(
                 "the {role} sidecar of the `wasmesh` pair has tracing on (wasmesh_tracing_enabled \
                  1): the tracing pairs are compared with it, it must be off"
@@ -235,8 +267,8 @@ impl Check {
             format!("**does not add up**: {}", self.problems.join("; "))
         };
         format!(
-            "{pair} (round {round}): {n:.0} requests (client sidecar's \
-             wasmesh_http_requests_total); spans recorded: client side {:.0} ({:.2} % of the \
+            "{pair} (round {round}): {n:.0} requests (counted by the client side: \
+             wasmesh_http_requests_total, or Envoy's downstream_rq_total); spans recorded: client side {:.0} ({:.2} % of the \
              requests), server side {:.0}; exported {:.0}; dropped {:.0} (queue full {:.0}, export \
              failed {:.0}); the receiver decoded {} spans in {} exports ({} client, {} server, {} \
              of them with a parent) = {:.4} per request; expected {}; {verdict}",
@@ -269,14 +301,16 @@ impl Check {
     }
 }
 
-/// Waits until both sidecars have exported or dropped every span they recorded (the exporter
-/// sends a batch when it is full or every 5 s; at most `max`), then compares what their counters
+/// Waits until both proxies (`flavor`'s) have exported or dropped every span they recorded
+/// (wasmesh's exporter sends a batch when it is full or every 5 s, Envoy's every 5 spans or
+/// every 5 s; at most `max`), then compares what their counters
 /// grew by since `sidecars_before` (client, server; zero for fresh sidecars) with what the
 /// receiver got since `before`. Fails only when tracing is not working at all (off, or no span
 /// recorded); what does not add up is in [`Check::problems`].
 #[allow(clippy::too_many_arguments)]
 pub fn check_pair(
     run: Run<'_>,
+    flavor: Flavor,
     client: &Pod,
     server: &Pod,
     node: &str,
@@ -287,7 +321,7 @@ pub fn check_pair(
 ) -> anyhow::Result<Check> {
     let deadline = Instant::now() + max;
     let (c, s) = loop {
-        let (c, s) = (sidecar(run, client)?, sidecar(run, server)?);
+        let (c, s) = (sidecar(run, flavor, client)?, sidecar(run, flavor, server)?);
         if (c.flushed() && s.flushed()) || Instant::now() >= deadline || interrupted() {
             break (c.since(&sidecars_before.0), s.since(&sidecars_before.1));
         }
@@ -295,7 +329,10 @@ pub fn check_pair(
     };
     for (role, side) in [("client", &c), ("server", &s)] {
         if !side.enabled {
-            bail!("the {role} sidecar has tracing off (wasmesh_tracing_enabled 0)");
+            bail!(
+                "the {role} proxy has tracing off (wasmesh_tracing_enabled 0, or no Envoy \
+                 tracing.opentelemetry.spans_sent)"
+            );
         }
     }
     if c.spans == 0.0 && s.spans == 0.0 && c.requests > 0.0 {
@@ -384,6 +421,18 @@ pub fn problems(c: &Check) -> Vec<String> {
     out
 }
 
+/// The Envoy tracing pairs' settings, for the report's header.
+pub fn describe_envoy(addr: SocketAddr, protocol: &str) -> String {
+    format!(
+        "tracing pairs (envoy-traceN): the envoy pair with envoy.tracers.opentelemetry in both \
+         HCMs, OTLP ({protocol}) to {addr} through a STATIC cluster, random_sampling N %, \
+         traffic_direction OUTBOUND / INBOUND (client span / server span); batching: Envoy's \
+         defaults (an export every 5 spans or every 5 s); stats: the tracing counters and \
+         downstream_rq_total only; the client Envoy starts every trace, the server Envoy follows \
+         the traceparent"
+    )
+}
+
 /// The sidecars' settings, for the report's header.
 pub fn describe(addr: SocketAddr, protocol: &str) -> String {
     format!(
@@ -452,6 +501,42 @@ wasmesh_tracing_spans_dropped_total{reason=\"export_failed\"} 6
         );
         assert!(s.flushed());
         assert!(!Sidecar::parse("wasmesh_tracing_spans_total 3\n").flushed());
+    }
+
+    /// What a tracing Envoy's `/stats` shows (its stats matcher's counters; recorded from
+    /// Envoy 1.40 at 30 % sampling, two spans still in the tracer's buffer).
+    const ENVOY_STATS: &str = "\
+http.outbound_bench.downstream_rq_total: 60
+http.outbound_bench.tracing.client_enabled: 0
+http.outbound_bench.tracing.health_check: 0
+http.outbound_bench.tracing.not_traceable: 48
+http.outbound_bench.tracing.random_sampling: 12
+http.outbound_bench.tracing.service_forced: 0
+tracing.opentelemetry.spans_dropped: 0
+tracing.opentelemetry.spans_sent: 10
+tracing.opentelemetry.timer_flushed: 1
+";
+
+    #[test]
+    fn reads_an_envoys_tracing_counters() {
+        let e = Sidecar::parse_envoy(ENVOY_STATS);
+        assert_eq!(
+            e,
+            Sidecar {
+                enabled: true,
+                requests: 60.0,
+                spans: 12.0,
+                exported: 10.0,
+                dropped_queue_full: 0.0,
+                dropped_export_failed: 0.0,
+            }
+        );
+        // Two sampled requests' spans wait for the flush timer.
+        assert!(!e.flushed());
+        let flushed = ENVOY_STATS.replace("spans_sent: 10", "spans_sent: 12");
+        assert!(Sidecar::parse_envoy(&flushed).flushed());
+        // An Envoy without the tracer (stats off) is not tracing.
+        assert!(!Sidecar::parse_envoy("").enabled);
     }
 
     #[test]
