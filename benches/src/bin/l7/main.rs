@@ -66,6 +66,9 @@ OPTIONS:
                        --phases still apply)
   --otlp-protocol P    with --tracing: what the tracing pairs export with, grpc or http/protobuf
                        (the receiver takes both)                           [default grpc]
+  --envoy-flush-spans N
+                       the envoy-traceN pairs export every N spans (runtime
+                       tracing.opentelemetry.min_flush_spans)  [default: Envoy's, 5]
   --interleaved        with --tracing: one wasmesh pair for the whole run, its tracing switched
                        by restarting control with mesh-wide tracing flags (off, or
                        --trace-sampling N/100), every setting back to back in each round with
@@ -138,6 +141,8 @@ pub struct Params {
     interleaved: bool,
     /// `--otlp-protocol`: what the tracing pairs export with.
     otlp_protocol: &'static str,
+    /// `--envoy-flush-spans`: the Envoy tracing pairs' export batch, when not Envoy's default.
+    envoy_flush_spans: Option<u32>,
     /// What the load's requests carry (`--bare-requests`: only what the protocol requires).
     shape: Shape,
 }
@@ -222,6 +227,7 @@ fn params(args: &[String]) -> anyhow::Result<Params> {
         quick,
         interleaved,
         otlp_protocol: "grpc",
+        envoy_flush_spans: None,
         shape: Shape::Curl,
     };
     let mut pair_names: Option<String> = None;
@@ -267,6 +273,12 @@ fn params(args: &[String]) -> anyhow::Result<Params> {
             }
             "--bin-dir" => p.bin_dir = Some(value()?.into()),
             "--envoy" => p.envoy = Some(value()?.into()),
+            "--envoy-flush-spans" => {
+                p.envoy_flush_spans = match number(value()?)? as u32 {
+                    0 => bail!("--envoy-flush-spans must be positive"),
+                    n => Some(n),
+                }
+            }
             "--otlp-protocol" => {
                 p.otlp_protocol = match value()?.as_str() {
                     "grpc" => "grpc",
@@ -443,6 +455,7 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
         pki,
         otlp: None,
         wasm: wasm.as_ref().map(|(copy, _)| copy.clone()),
+        envoy_flush_spans: p.envoy_flush_spans,
         node: String::new(),
         dir: dir.path.clone(),
     };
@@ -496,6 +509,7 @@ fn orchestrate(p: &Params) -> anyhow::Result<()> {
             header.push(trace_check::describe_envoy(
                 pairs::otlp_address(),
                 p.otlp_protocol,
+                p.envoy_flush_spans,
             ));
         }
     }

@@ -11,8 +11,8 @@
 //!   outbound listener with the original_dst listener filter, a filter chain matching
 //!   10.96.0.10:80 → HCM (codec AUTO) → router → a STATIC cluster at the server pod's :8080;
 //!   inbound listener with original_dst → HCM → router → an ORIGINAL_DST cluster bound to
-//!   127.0.0.6; the listeners' `traffic_direction` OUTBOUND and INBOUND. Both clusters speak upstream what the client spoke downstream
-//!   (`use_downstream_protocol_config`). No access log; stats off (`reject_all`).
+//!   127.0.0.6; the listeners' `traffic_direction` OUTBOUND and INBOUND. Both clusters speak
+//!   upstream what the client spoke downstream (`use_downstream_protocol_config`). No access log; stats off (`reject_all`).
 //! - `wasmesh-mtls`: `wasmesh` with mTLS between the sidecars (certificates from control as the
 //!   CA, [`wasmesh_benches::harness::mtls`]); the client side carries HTTP/1.1 requests over one
 //!   HTTP/2 mTLS connection per endpoint, the server side gives the app HTTP/1.1 again.
@@ -35,8 +35,9 @@
 //!   N %: the client Envoy samples N % of the new traces, the server Envoy follows the
 //!   `traceparent` it gets. Span kinds from the listeners' `traffic_direction` (client span on
 //!   the outbound side, server span on the inbound side, as Istio sets them). Batching: Envoy's
-//!   defaults (an export every 5 spans or every 5 s, per worker). Stats: only the tracing
-//!   counters and `downstream_rq_total` the span check reads.
+//!   defaults (an export every 5 spans or every 5 s, per worker), or every N spans with
+//!   `--envoy-flush-spans N`. Stats: only the tracing counters and `downstream_rq_total` the
+//!   span check reads.
 //! - `wasmesh-wasm` / `envoy-wasm`: `wasmesh` / `envoy` with the same Proxy-Wasm filter on the
 //!   client side's outbound HTTP path: `filters/header-route` (one request header and one
 //!   response header set, [`WASM_CONFIG`]), the same `.wasm` file. wasmesh gets it as a
@@ -230,6 +231,9 @@ pub struct Tools {
     pub otlp: Option<Receiver>,
     /// The Wasm filter's module (a copy in the run folder), when the run has Wasm pairs.
     pub wasm: Option<PathBuf>,
+    /// The Envoy tracers' export batch (runtime `tracing.opentelemetry.min_flush_spans`), when
+    /// not Envoy's default (5).
+    pub envoy_flush_spans: Option<u32>,
     /// The node's namespace (the mTLS checks probe from there).
     pub node: String,
     /// The run's folder (configs, logs); readable by UID 1337.
@@ -371,6 +375,7 @@ impl Pair {
                             receiver: tools.otlp.as_ref().context("no OTLP receiver")?,
                             percent,
                             service,
+                            flush_spans: tools.envoy_flush_spans,
                         }),
                         _ => None,
                     })
@@ -540,15 +545,29 @@ fn stats(pki: Option<&Pki>, tracer: Option<&EnvoyTracer<'_>>, stat_prefix: &str)
 }
 
 /// A tracing Envoy's OpenTelemetry tracer: where it exports, what it samples, its
-/// `service.name`.
+/// `service.name`, and (when not Envoy's default, an export every 5 spans) how many spans a
+/// worker buffers before it exports.
 #[derive(Debug, Clone, Copy)]
 pub struct EnvoyTracer<'a> {
     pub receiver: &'a Receiver,
     pub percent: u8,
     pub service: &'static str,
+    pub flush_spans: Option<u32>,
 }
 
 impl EnvoyTracer<'_> {
+    /// A top-level `layered_runtime` setting the export batch, when one is given.
+    fn runtime(&self) -> String {
+        self.flush_spans
+            .map(|n| {
+                format!(
+                    "layered_runtime:\n  layers:\n  - name: static\n    static_layer:\n      \
+                     tracing.opentelemetry.min_flush_spans: {n}\n"
+                )
+            })
+            .unwrap_or_default()
+    }
+
     /// The HCM's `tracing:` (indented for [`hcm`]): the OpenTelemetry tracer exporting to the
     /// `otlp` cluster, over OTLP/gRPC or OTLP/HTTP as the receiver was started for.
     fn hcm_tracing(&self) -> String {
@@ -664,7 +683,11 @@ fn envoy_outbound(
     tracer: Option<&EnvoyTracer<'_>>,
 ) -> String {
     const PREFIX: &str = "outbound_bench";
-    let mut s = format!("{ENVOY_ADMIN}{}", stats(pki, tracer, PREFIX));
+    let mut s = format!(
+        "{ENVOY_ADMIN}{}{}",
+        stats(pki, tracer, PREFIX),
+        tracer.map(EnvoyTracer::runtime).unwrap_or_default()
+    );
     let _ = write!(
         s,
         r#"static_resources:
@@ -710,7 +733,7 @@ fn envoy_outbound(
 fn envoy_inbound(pki: Option<&Pki>, h1_to_app: bool, tracer: Option<&EnvoyTracer<'_>>) -> String {
     const PREFIX: &str = "inbound_bench";
     format!(
-        r#"{ENVOY_ADMIN}{stats}static_resources:
+        r#"{ENVOY_ADMIN}{stats}{runtime}static_resources:
   listeners:
   - name: inbound
     traffic_direction: INBOUND
@@ -731,6 +754,7 @@ fn envoy_inbound(pki: Option<&Pki>, h1_to_app: bool, tracer: Option<&EnvoyTracer
       source_address: {{ address: 127.0.0.6, port_value: 0 }}
 {otlp}"#,
         stats = stats(pki, tracer, PREFIX),
+        runtime = tracer.map(EnvoyTracer::runtime).unwrap_or_default(),
         hcm = hcm(PREFIX, "inbound_app", None, tracer),
         tls = pki
             .map(|p| mtls::envoy_downstream_tls(p, 6))
@@ -766,17 +790,20 @@ mod tests {
         });
         let tracers: Vec<_> = receivers
             .iter()
-            .map(|receiver| {
+            .zip([None, Some(512)])
+            .map(|(receiver, flush_spans)| {
                 [
                     EnvoyTracer {
                         receiver,
                         percent: 1,
                         service: "client",
+                        flush_spans,
                     },
                     EnvoyTracer {
                         receiver,
                         percent: 1,
                         service: "server",
+                        flush_spans,
                     },
                 ]
             })
@@ -810,6 +837,11 @@ mod tests {
                     "{text}"
                 );
                 assert!(text.contains("random_sampling: { value: 1 }"), "{text}");
+                assert_eq!(
+                    text.contains("tracing.opentelemetry.min_flush_spans: 512"),
+                    client.flush_spans.is_some(),
+                    "{text}"
+                );
             }
             configs.push((
                 if i == 0 {

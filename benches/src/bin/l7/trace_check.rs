@@ -422,12 +422,19 @@ pub fn problems(c: &Check) -> Vec<String> {
 }
 
 /// The Envoy tracing pairs' settings, for the report's header.
-pub fn describe_envoy(addr: SocketAddr, protocol: &str) -> String {
+pub fn describe_envoy(addr: SocketAddr, protocol: &str, flush_spans: Option<u32>) -> String {
+    let batching = match flush_spans {
+        Some(n) => format!(
+            "an export every {n} spans (runtime tracing.opentelemetry.min_flush_spans, \
+             --envoy-flush-spans) or every 5 s"
+        ),
+        None => "Envoy's defaults (an export every 5 spans or every 5 s)".to_string(),
+    };
     format!(
         "tracing pairs (envoy-traceN): the envoy pair with envoy.tracers.opentelemetry in both \
          HCMs, OTLP ({protocol}) to {addr} through a STATIC cluster, random_sampling N %, \
-         traffic_direction OUTBOUND / INBOUND (client span / server span); batching: Envoy's \
-         defaults (an export every 5 spans or every 5 s); stats: the tracing counters and \
+         traffic_direction OUTBOUND / INBOUND (client span / server span); batching: \
+         {batching}; stats: the tracing counters and \
          downstream_rq_total only; the client Envoy starts every trace, the server Envoy follows \
          the traceparent"
     )
