@@ -268,9 +268,9 @@ impl Check {
         };
         format!(
             "{pair} (round {round}): {n:.0} requests (counted by the client side: \
-             wasmesh_http_requests_total, or Envoy's downstream_rq_total); spans recorded: client side {:.0} ({:.2} % of the \
-             requests), server side {:.0}; exported {:.0}; dropped {:.0} (queue full {:.0}, export \
-             failed {:.0}); the receiver decoded {} spans in {} exports ({} client, {} server, {} \
+             wasmesh_http_requests_total, or Envoy's downstream_rq_total); spans recorded: \
+             client side {:.0} ({:.2} % of the requests), server side {:.0}; exported {:.0}; \
+             dropped {:.0} (queue full {:.0}, export failed {:.0}); the receiver decoded {} spans in {} exports ({} client, {} server, {} \
              of them with a parent) = {:.4} per request; expected {}; {verdict}",
             self.client.spans,
             self.client.spans / n.max(1.0) * 100.0,
@@ -303,9 +303,9 @@ impl Check {
 
 /// Waits until both proxies (`flavor`'s) have exported or dropped every span they recorded
 /// (wasmesh's exporter sends a batch when it is full or every 5 s, Envoy's every 5 spans or
-/// every 5 s; at most `max`), then compares what their counters
-/// grew by since `sidecars_before` (client, server; zero for fresh sidecars) with what the
-/// receiver got since `before`. Fails only when tracing is not working at all (off, or no span
+/// every 5 s; at most `max`), then compares what their counters grew by since
+/// `sidecars_before` (client, server; zero for fresh sidecars) with what the receiver got
+/// since `before`. Fails only when tracing is not working at all (off, or no span
 /// recorded); what does not add up is in [`Check::problems`].
 #[allow(clippy::too_many_arguments)]
 pub fn check_pair(
