@@ -822,7 +822,7 @@ mod tests {
             ),
             ("mtls-h2-in", envoy_inbound(Some(&pki), true, None)),
         ];
-        for (i, [client, server_side]) in tracers.iter().enumerate() {
+        for [client, server_side] in &tracers {
             let out = envoy_outbound(server, None, false, None, Some(client));
             let inb = envoy_inbound(None, false, Some(server_side));
             for text in [&out, &inb] {
@@ -843,22 +843,12 @@ mod tests {
                     "{text}"
                 );
             }
-            configs.push((
-                if i == 0 {
-                    "trace-grpc-out"
-                } else {
-                    "trace-http-out"
-                },
-                out,
-            ));
-            configs.push((
-                if i == 0 {
-                    "trace-grpc-in"
-                } else {
-                    "trace-http-in"
-                },
-                inb,
-            ));
+            let (out_name, in_name) = match client.receiver.protocol {
+                "grpc" => ("trace-grpc-out", "trace-grpc-in"),
+                _ => ("trace-http-out", "trace-http-in"),
+            };
+            configs.push((out_name, out));
+            configs.push((in_name, inb));
         }
         for (name, text) in &configs {
             let path = dir.join(format!("{name}.yaml"));

@@ -478,15 +478,16 @@ fn untraced(p: &Params, pair: &str) -> String {
 /// every request costs wasmesh < 10 % of the requests/s; Envoy's, the rival's, reported beside
 /// it), and the checks of their spans.
 fn tracing_section(s: &mut String, p: &Params, r: &Results) {
-    let mut traced: Vec<(String, f64)> = r
+    // (pair, share sampled, the pair it is compared with)
+    let mut traced: Vec<(String, f64, String)> = r
         .pairs()
         .iter()
-        .filter_map(|pair| Some((pair.clone(), r.get(pair, "trace.ratio")?)))
+        .filter_map(|pair| Some((pair.clone(), r.get(pair, "trace.ratio")?, untraced(p, pair))))
         .collect();
     // wasmesh's first, then Envoy's; each by its sampled share.
     traced.sort_by(|a, b| {
-        (untraced(p, &a.0) != "wasmesh")
-            .cmp(&(untraced(p, &b.0) != "wasmesh"))
+        (a.2 != "wasmesh")
+            .cmp(&(b.2 != "wasmesh"))
             .then(a.1.total_cmp(&b.1))
     });
     let share = |ratio: f64| format!("{} %", ratio * 100.0);
@@ -510,20 +511,18 @@ fn tracing_section(s: &mut String, p: &Params, r: &Results) {
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     // Each untraced pair the run has, followed by its tracing pairs.
-    let mut rows: Vec<(String, Option<f64>)> = Vec::new();
-    for (pair, ratio) in &traced {
-        let off = untraced(p, pair);
-        if r.has(&off) && !rows.iter().any(|(row, _)| *row == off) {
-            rows.push((off, None));
+    let mut rows: Vec<(&str, Option<f64>, &str)> = Vec::new();
+    for (pair, ratio, off) in &traced {
+        if r.has(off) && !rows.iter().any(|(row, ..)| row == off) {
+            rows.push((off, None, off));
         }
-        rows.push((pair.clone(), Some(*ratio)));
+        rows.push((pair, Some(*ratio), off));
     }
     for proto in &p.protocols {
         let k = |m: &str| format!("{}.{m}", proto.name());
-        for (pair, ratio) in &rows {
-            let off = untraced(p, pair);
-            let vs_off = |key: &str| ratio.and(r.ratio(pair, &off, key));
-            let paired = |key: &str| ratio.and(r.paired_ratio(pair, &off, key));
+        for &(pair, ratio, off) in &rows {
+            let vs_off = |key: &str| ratio.and(r.ratio(pair, off, key));
+            let paired = |key: &str| ratio.and(r.paired_ratio(pair, off, key));
             let receiver = ratio.and_then(|_| {
                 Some(r.get(pair, &k("sat.otlp_cpu"))? / r.get(pair, &k("sat.secs"))?)
             });
@@ -550,7 +549,7 @@ fn tracing_section(s: &mut String, p: &Params, r: &Results) {
     let _ = writeln!(s);
     let mut head = String::from("| measure |");
     let mut rule = String::from("|---|");
-    for (pair, ratio) in &traced {
+    for (pair, ratio, _) in &traced {
         let _ = write!(head, " {pair} ({} sampled) |", share(*ratio));
         rule.push_str("---|");
     }
@@ -558,17 +557,18 @@ fn tracing_section(s: &mut String, p: &Params, r: &Results) {
     for proto in &p.protocols {
         let t = title(*proto);
         let k = |m: &str| format!("{}.{m}", proto.name());
-        let lost = |pair: &str| {
-            r.paired_ratio(pair, &untraced(p, pair), &k("sat.per_s"))
-                .map(|v| 1.0 - v)
-        };
+        let lost =
+            |pair: &str, off: &str| r.paired_ratio(pair, off, &k("sat.per_s")).map(|v| 1.0 - v);
         if r.measured(&k("sat.per_s")) {
-            let cells: Vec<String> = traced.iter().map(|(pair, _)| pct(lost(pair))).collect();
+            let cells: Vec<String> = traced
+                .iter()
+                .map(|(pair, _, off)| pct(lost(pair, off)))
+                .collect();
             // The target is stated for wasmesh tracing every request.
             let all = traced
                 .iter()
-                .find(|(pair, ratio)| *ratio >= 1.0 && untraced(p, pair) == "wasmesh");
-            let met = match all.and_then(|(pair, _)| lost(pair)) {
+                .find(|(_, ratio, off)| *ratio >= 1.0 && off == "wasmesh");
+            let met = match all.and_then(|(pair, _, off)| lost(pair, off)) {
                 Some(v) if v < TRACING_TARGET => "yes",
                 Some(_) => "**no**",
                 None => "—",
@@ -583,13 +583,10 @@ fn tracing_section(s: &mut String, p: &Params, r: &Results) {
             // slower machine than its partner, and its ratio says nothing about tracing.
             let quiet: Vec<String> = traced
                 .iter()
-                .map(|(pair, _)| {
-                    r.paired_ratio_where(
-                        (pair, &untraced(p, pair)),
-                        &k("sat.per_s"),
-                        &k("sat.steal"),
-                        |steal| steal <= QUIET_STEAL,
-                    )
+                .map(|(pair, _, off)| {
+                    r.paired_ratio_where((pair, off), &k("sat.per_s"), &k("sat.steal"), |steal| {
+                        steal <= QUIET_STEAL
+                    })
                     .map_or_else(
                         || "— (no such round)".to_string(),
                         |(v, kept, all)| format!("{} ({kept} of {all} rounds)", pct(Some(1.0 - v))),
@@ -612,10 +609,8 @@ fn tracing_section(s: &mut String, p: &Params, r: &Results) {
             }
             let cells: Vec<String> = traced
                 .iter()
-                .map(|(pair, _)| {
-                    let off = untraced(p, pair);
-                    x(r.paired_ratio(pair, &off, &key)
-                        .or(r.ratio(pair, &off, &key)))
+                .map(|(pair, _, off)| {
+                    x(r.paired_ratio(pair, off, &key).or(r.ratio(pair, off, &key)))
                 })
                 .collect();
             let _ = writeln!(
@@ -642,7 +637,7 @@ fn tracing_section(s: &mut String, p: &Params, r: &Results) {
         "| pair | requests | sampled (client spans / requests) | spans recorded (both proxies) | received by the receiver | received per request | dropped (share of recorded) | checks |"
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
-    for (pair, _) in &traced {
+    for (pair, ..) in &traced {
         let ok = match r.max(pair, "trace.ok").zip(spread_min(r, pair, "trace.ok")) {
             Some((_, lo)) if lo >= 1.0 => "add up, every round",
             Some(_) => "**do not add up** (see below)",

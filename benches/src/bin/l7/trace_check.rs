@@ -179,16 +179,13 @@ impl Sidecar {
 
 /// The tracing counters of the proxy in `pod` (a wasmesh sidecar's or an Envoy's).
 pub fn sidecar(run: Run<'_>, flavor: Flavor, pod: &Pod) -> anyhow::Result<Sidecar> {
-    let path = match flavor {
-        Flavor::Wasmesh => "/metrics",
-        Flavor::Envoy => "/stats",
+    let (path, parse): (_, fn(&str) -> Sidecar) = match flavor {
+        Flavor::Wasmesh => ("/metrics", Sidecar::parse),
+        Flavor::Envoy => ("/stats", Sidecar::parse_envoy),
     };
     let text = mesh::admin_get(run, pod, path)
         .with_context(|| format!("reading the proxy's {path} in {}", pod.ns))?;
-    Ok(match flavor {
-        Flavor::Wasmesh => Sidecar::parse(&text),
-        Flavor::Envoy => Sidecar::parse_envoy(&text),
-    })
+    Ok(parse(&text))
 }
 
 /// Fails if the pair's sidecars trace: the pair tracing is compared with must not.
