@@ -198,6 +198,7 @@ pub(super) fn key_value_concat<P: AsRef<[u8]>>(
 
 /// A `KeyValue`'s framing and key, up to its `AnyValue` body of `any` bytes, which the
 /// caller writes next.
+#[inline(always)]
 fn key_value_head(out: &mut Vec<u8>, field: u32, k: &str, any: usize) {
     key(out, field, LEN);
     varint(out, (field_len(k.len()) + field_len(any)) as u64);
@@ -242,7 +243,6 @@ fn nested(out: &mut Vec<u8>, field: u32, body: impl FnOnce(&mut Vec<u8>)) {
 /// A `KeyValue { key = 1; value = 2 (AnyValue) }` as field `field`, lengths computed, the
 /// value written in place (an address formatted on the stack).
 pub(super) fn key_value(out: &mut Vec<u8>, field: u32, k: &str, v: &AttrValue) {
-    let mut ip = [0u8; 48];
     let text: &[u8] = match v {
         AttrValue::Int(n) => {
             // AnyValue { int_value = 3 }
@@ -253,8 +253,13 @@ pub(super) fn key_value(out: &mut Vec<u8>, field: u32, k: &str, v: &AttrValue) {
         }
         AttrValue::Str(s) => s.as_bytes(),
         AttrValue::Shared(s) => s.as_bytes(),
-        // `::ffff:a.b.c.d` is written as the IPv4 address it is.
-        AttrValue::Ip(a) => ip_text(&mut ip, a.to_canonical()),
+        AttrValue::Ip(a) => {
+            let mut ip = [0u8; 48];
+            // `::ffff:a.b.c.d` is written as the IPv4 address it is.
+            let text = ip_text(&mut ip, a.to_canonical());
+            key_value_concat(out, field, k, &[text]);
+            return;
+        }
     };
     key_value_concat(out, field, k, &[text]);
 }
@@ -295,15 +300,18 @@ fn ip_text(buf: &mut [u8; 48], a: IpAddr) -> &[u8] {
 }
 
 /// The size of a length-delimited field with a one-byte key and `n` bytes of content.
+#[inline(always)]
 fn field_len(n: usize) -> usize {
     1 + varint_len(n as u64) + n
 }
 
+#[inline(always)]
 fn varint_len(v: u64) -> usize {
     // 7 bits per byte; 0 takes one byte.
     (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
 }
 
+#[inline(always)]
 fn varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
@@ -312,16 +320,19 @@ fn varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
+#[inline(always)]
 fn key(out: &mut Vec<u8>, field: u32, wire: u8) {
     varint(out, (u64::from(field) << 3) | u64::from(wire));
 }
 
+#[inline(always)]
 fn bytes_field(out: &mut Vec<u8>, field: u32, b: &[u8]) {
     key(out, field, LEN);
     varint(out, b.len() as u64);
     out.extend_from_slice(b);
 }
 
+#[inline(always)]
 fn string(out: &mut Vec<u8>, field: u32, s: &str) {
     bytes_field(out, field, s.as_bytes());
 }

@@ -199,7 +199,7 @@ impl Tracer {
     /// Starts a span for a request with these headers: a child of the caller's span if the
     /// headers carry one, else the root of a new trace.
     pub fn start(self: &Arc<Self>, kind: SpanKind, headers: &HeaderMap) -> Span {
-        let parent = propagation::extract(headers);
+        let (parent, trace_state) = propagation::extract_with_state(headers);
         let (trace_id, parent_span) = match &parent {
             Some(p) => (p.trace_id, Some(p.span_id)),
             None => (TraceId::from(rand::random::<u128>().max(1)), None),
@@ -217,9 +217,7 @@ impl Tracer {
                 span_id,
                 parent_span,
                 // Passed through as the caller wrote it; the collector reads it.
-                headers
-                    .get(&propagation::TRACESTATE)
-                    .map(HeaderValue::as_bytes),
+                trace_state.map(HeaderValue::as_bytes),
                 &kind,
                 SystemTime::now(),
             );
