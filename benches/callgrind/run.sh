@@ -15,10 +15,6 @@ root=$(cd "$here/../.." && pwd)
 out=${OUT:-/tmp/wasmesh-cg-$proto}
 command -v valgrind >/dev/null || { echo "run.sh: needs valgrind (apt-get install valgrind)" >&2; exit 2; }
 rm -rf "$out" && mkdir -p "$out" && chmod 1777 "$out"   # the proxies run as uid 1337
-# The wrapper, with where to write and which proxy, as l7 copies --alt builds into its run folder.
-sed -e "s|\${WASMESH_CG_DIR:?}|$out|" -e "s|\${WASMESH_CG_PROXY:?}|$root/target/release/wasmesh-proxy|" \
-  "$here/proxy.sh" > "$out/proxy.sh"
-chmod +x "$out/proxy.sh"
 
 # Every 2 s: each callgrind'd proxy's requests so far (its own /metrics), to turn the
 # periodic dumps into counts per request.
@@ -38,12 +34,15 @@ monitor > "$out/monitor.log" 2>&1 &
 mon=$!
 trap 'kill $mon 2>/dev/null || true' EXIT
 
+# The wrapper (l7 copies it into its run folder) learns where to write and which proxy to run
+# from the environment --alt gives it.
+cg="$here/proxy.sh,WASMESH_CG_DIR=$out,WASMESH_CG_PROXY=$root/target/release/wasmesh-proxy"
 otel="OTEL_EXPORTER_OTLP_ENDPOINT=http://10.244.0.1:4317,OTEL_EXPORTER_OTLP_PROTOCOL=grpc,OTEL_TRACES_SAMPLER=parentbased_traceidratio"
 # wasmesh-trace100 runs at full speed: it starts the run's OTLP receiver (and checks it).
 "$root/target/release/l7" --pairs cg-off,wasmesh-trace100,cg-1,cg-100 \
-  --alt "cg-off=$out/proxy.sh" \
-  --alt "cg-1=$out/proxy.sh,$otel,OTEL_TRACES_SAMPLER_ARG=0.01" \
-  --alt "cg-100=$out/proxy.sh,$otel,OTEL_TRACES_SAMPLER_ARG=1" \
+  --alt "cg-off=$cg" \
+  --alt "cg-1=$cg,$otel,OTEL_TRACES_SAMPLER_ARG=0.01" \
+  --alt "cg-100=$cg,$otel,OTEL_TRACES_SAMPLER_ARG=1" \
   --protocols "$proto" --phases sat --rounds 1 --secs "$secs" --quiet-wait 0 \
   > "$out/l7.md" 2> "$out/l7.err" || { tail -5 "$out/l7.err" >&2; exit 1; }
 kill $mon 2>/dev/null || true

@@ -6,14 +6,24 @@ use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue};
 use opentelemetry::trace::{SpanId, TraceFlags, TraceId};
 
-pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
-pub static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
-static B3: HeaderName = HeaderName::from_static("b3");
-static B3_TRACE_ID: HeaderName = HeaderName::from_static("x-b3-traceid");
-static B3_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-spanid");
+// The context headers' names: as `HeaderName`s to write them, as text to find them
+// ([`Found::scan`]).
+const TRACEPARENT_NAME: &str = "traceparent";
+const TRACESTATE_NAME: &str = "tracestate";
+const B3_NAME: &str = "b3";
+const B3_TRACE_ID_NAME: &str = "x-b3-traceid";
+const B3_SPAN_ID_NAME: &str = "x-b3-spanid";
+const B3_SAMPLED_NAME: &str = "x-b3-sampled";
+const B3_FLAGS_NAME: &str = "x-b3-flags";
+
+pub static TRACEPARENT: HeaderName = HeaderName::from_static(TRACEPARENT_NAME);
+pub static TRACESTATE: HeaderName = HeaderName::from_static(TRACESTATE_NAME);
+static B3: HeaderName = HeaderName::from_static(B3_NAME);
+static B3_TRACE_ID: HeaderName = HeaderName::from_static(B3_TRACE_ID_NAME);
+static B3_SPAN_ID: HeaderName = HeaderName::from_static(B3_SPAN_ID_NAME);
 static B3_PARENT_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-parentspanid");
-static B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
-static B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
+static B3_SAMPLED: HeaderName = HeaderName::from_static(B3_SAMPLED_NAME);
+static B3_FLAGS: HeaderName = HeaderName::from_static(B3_FLAGS_NAME);
 
 /// Which form the incoming context had (the outgoing one is written in the same form, plus W3C).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,13 +44,15 @@ pub struct Parent {
     pub format: Format,
 }
 
-/// Reads the caller's context: `traceparent` first, else B3. Malformed headers are ignored
-/// (a new trace starts), as the W3C spec says.
-pub fn extract(headers: &HeaderMap) -> Option<Parent> {
+/// The caller's context alone (the tests' shorthand for [`extract_with_state`]).
+#[cfg(test)]
+fn extract(headers: &HeaderMap) -> Option<Parent> {
     extract_with_state(headers).0
 }
 
-/// [`extract`], and the request's `tracestate` (the first one), from one pass over the headers.
+/// Reads the caller's context — `traceparent` first, else B3; malformed headers are ignored (a
+/// new trace starts), as the W3C spec says — and the request's `tracestate` (the first one),
+/// from one pass over the headers.
 pub fn extract_with_state(headers: &HeaderMap) -> (Option<Parent>, Option<&HeaderValue>) {
     let found = Found::scan(headers);
     (found.parent(), found.tracestate)
@@ -67,13 +79,13 @@ impl<'a> Found<'a> {
         let mut f = Found::default();
         for (name, value) in headers {
             let slot = match name.as_str() {
-                "traceparent" => &mut f.traceparent,
-                "tracestate" => &mut f.tracestate,
-                "b3" => &mut f.b3,
-                "x-b3-traceid" => &mut f.b3_trace_id,
-                "x-b3-spanid" => &mut f.b3_span_id,
-                "x-b3-sampled" => &mut f.b3_sampled,
-                "x-b3-flags" => &mut f.b3_flags,
+                TRACEPARENT_NAME => &mut f.traceparent,
+                TRACESTATE_NAME => &mut f.tracestate,
+                B3_NAME => &mut f.b3,
+                B3_TRACE_ID_NAME => &mut f.b3_trace_id,
+                B3_SPAN_ID_NAME => &mut f.b3_span_id,
+                B3_SAMPLED_NAME => &mut f.b3_sampled,
+                B3_FLAGS_NAME => &mut f.b3_flags,
                 _ => continue,
             };
             slot.get_or_insert(value);
