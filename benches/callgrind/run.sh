@@ -5,6 +5,8 @@
 #
 #   sudo bash benches/callgrind/run.sh [h1|h2] [SECONDS]      (after the release build)
 #
+# SECONDS: each pair's saturation phase, default 60; 40 leaves too few dumps to count on.
+#
 # Needs valgrind (apt), python3, and what l7 needs. Prints the per-request table and writes
 # the raw dumps and the monitor's log into $OUT (default /tmp/wasmesh-cg-<protocol>).
 set -euo pipefail
