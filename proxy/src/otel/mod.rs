@@ -199,7 +199,11 @@ impl Tracer {
     /// Starts a span for a request with these headers: a child of the caller's span if the
     /// headers carry one, else the root of a new trace.
     pub fn start(self: &Arc<Self>, kind: SpanKind, headers: &HeaderMap) -> Span {
-        let (parent, trace_state) = propagation::extract_with_state(headers);
+        let propagation::Incoming {
+            parent,
+            tracestate: trace_state,
+            stray_tracestate,
+        } = propagation::extract_with_state(headers);
         let (trace_id, parent_span) = match &parent {
             Some(p) => (p.trace_id, Some(p.span_id)),
             None => (TraceId::from(rand::random::<u128>().max(1)), None),
@@ -236,6 +240,7 @@ impl Tracer {
             trace_id,
             span_id,
             parent_format,
+            stray_tracestate,
             record,
         }
     }
@@ -422,6 +427,9 @@ pub struct Span {
     pub trace_id: TraceId,
     pub span_id: SpanId,
     parent_format: Option<Format>,
+    /// The request's `tracestate` had no valid `traceparent` beside it: [`Span::inject`]
+    /// removes it (W3C: such a `tracestate` is invalid and must be discarded).
+    stray_tracestate: bool,
     /// Some while a sampled span records (boxed: an unsampled span stays a few words).
     record: Option<Box<Recording>>,
 }
@@ -495,6 +503,9 @@ impl Span {
             flags,
             self.parent_format,
         );
+        if self.stray_tracestate {
+            headers.remove(&propagation::TRACESTATE);
+        }
     }
 
     /// The W3C trace id (for access logs).
@@ -654,6 +665,46 @@ mod tests {
         assert!(d.start_time_unix_nano > 0);
         // Sampled, remote parent.
         assert_eq!(d.flags, 0x301);
+    }
+
+    #[test]
+    fn a_tracestate_without_a_valid_traceparent_is_neither_recorded_nor_forwarded() {
+        let (t, rx) = tracer(Sampler::AlwaysOn);
+        // Alone, beside a malformed `traceparent`, and beside B3: each starts or continues a
+        // trace that the state does not belong to.
+        for extra in [
+            None,
+            Some(("traceparent", "00-not-a-valid-context-01")),
+            Some(("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1")),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert("tracestate", "vendor=abc".parse().expect("value"));
+            if let Some((k, v)) = extra {
+                h.insert(k, v.parse().expect("value"));
+            }
+            let span = t.start(SpanKind::Client, &h);
+            span.inject(&mut h);
+            assert!(h.get("tracestate").is_none(), "{extra:?}: forwarded");
+            assert!(
+                h.get("traceparent").is_some(),
+                "{extra:?}: our context written"
+            );
+            span.end(Some(200), None);
+            let spans = queued(&rx);
+            assert_eq!(spans[0].trace_state, "", "{extra:?}: recorded");
+        }
+        // Beside a valid `traceparent` it passes through untouched.
+        let mut h = HeaderMap::new();
+        h.insert(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+                .parse()
+                .expect("value"),
+        );
+        h.insert("tracestate", "vendor=abc".parse().expect("value"));
+        let span = t.start(SpanKind::Client, &h);
+        span.inject(&mut h);
+        assert_eq!(h["tracestate"], "vendor=abc");
     }
 
     #[test]

@@ -47,15 +47,33 @@ pub struct Parent {
 /// The caller's context alone (the tests' shorthand for [`extract_with_state`]).
 #[cfg(test)]
 fn extract(headers: &HeaderMap) -> Option<Parent> {
-    extract_with_state(headers).0
+    extract_with_state(headers).parent
+}
+
+/// What a request says of the trace it belongs to.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Incoming<'a> {
+    /// The caller's span, if the request names one.
+    pub parent: Option<Parent>,
+    /// The caller's `tracestate` (the first one), kept only beside a valid `traceparent`.
+    pub tracestate: Option<&'a HeaderValue>,
+    /// The request carries a `tracestate` that belongs to no valid `traceparent`: W3C says it
+    /// is invalid and must be discarded, so it is neither recorded nor forwarded.
+    pub stray_tracestate: bool,
 }
 
 /// Reads the caller's context — `traceparent` first, else B3; malformed headers are ignored (a
-/// new trace starts), as the W3C spec says — and the request's `tracestate` (the first one),
-/// from one pass over the headers.
-pub fn extract_with_state(headers: &HeaderMap) -> (Option<Parent>, Option<&HeaderValue>) {
+/// new trace starts), as the W3C spec says — and the request's `tracestate`, from one pass
+/// over the headers.
+pub fn extract_with_state(headers: &HeaderMap) -> Incoming<'_> {
     let found = Found::scan(headers);
-    (found.parent(), found.tracestate)
+    let parent = found.parent();
+    let w3c = parent.as_ref().is_some_and(|p| p.format == Format::W3c);
+    Incoming {
+        parent,
+        tracestate: found.tracestate.filter(|_| w3c),
+        stray_tracestate: found.tracestate.is_some() && !w3c,
+    }
 }
 
 /// The context headers of a request (the first value of each), found in one pass over its
@@ -244,7 +262,8 @@ pub(crate) fn hex_into(out: &mut [u8], bytes: &[u8]) {
 }
 
 /// Writes the context the next hop continues: `traceparent` with `span_id` as its parent
-/// (`tracestate` passes through untouched), and B3 in the form the request came with.
+/// (a valid `tracestate` passes through untouched; a stray one is the caller's to remove, see
+/// [`Incoming::stray_tracestate`]), and B3 in the form the request came with.
 pub fn inject(
     headers: &mut HeaderMap,
     trace_id: TraceId,
@@ -331,20 +350,33 @@ mod tests {
             HeaderValue::from_static("00-11111111111111111111111111111111-2222222222222222-00"),
         );
         h.append(&TRACESTATE, HeaderValue::from_static("other=1"));
-        let (p, state) = extract_with_state(&h);
-        let p = p.expect("w3c");
+        let incoming = extract_with_state(&h);
+        let state = incoming.tracestate;
+        let p = incoming.parent.expect("w3c");
         assert_eq!(p.format, Format::W3c);
         assert_eq!(p.span_id.to_string(), "00f067aa0ba902b7");
         assert_eq!(p.sampled, Some(true));
         assert_eq!(state.map(HeaderValue::as_bytes), Some(&b"vendor=abc"[..]));
-        // Without `traceparent`, the B3 headers among the others are found.
+        assert!(!incoming.stray_tracestate);
+        // Without `traceparent`, the B3 headers among the others are found, and the
+        // `tracestate` belongs to no W3C parent: it is stray.
         h.remove(&TRACEPARENT);
-        let p = extract(&h).expect("b3 multi");
+        let incoming = extract_with_state(&h);
+        let p = incoming.parent.expect("b3 multi");
         assert_eq!(p.format, Format::B3Multi);
         assert_eq!(p.span_id.to_string(), "e457b5a2e4d86bd1");
         assert_eq!(p.sampled, None);
+        assert_eq!(incoming.tracestate, None);
+        assert!(incoming.stray_tracestate);
         // Nothing: no context, no state.
-        assert_eq!(extract_with_state(&map(&[("accept", "*/*")])), (None, None));
+        assert_eq!(
+            extract_with_state(&map(&[("accept", "*/*")])),
+            Incoming {
+                parent: None,
+                tracestate: None,
+                stray_tracestate: false
+            }
+        );
     }
 
     #[test]
