@@ -140,6 +140,17 @@ def main():
              for fn in set(per['1']) | set(per['off'])}
     for fn, v in sorted(delta.items(), key=lambda kv: -kv[1])[:20]:
         print(f'- {v:+,.0f}  `{fn[:110]}` (1 %: {per["0.01"].get(fn, [0])[ir] - per["off"].get(fn, [0])[ir]:+,.0f})')
+    print('\n### The functions that add most D1 misses (reads and writes, per request)\n')
+
+    def misses(setting, fn):
+        v = per[setting].get(fn)
+        return v[d1[0]] + v[d1[1]] if v else 0.0
+
+    fns = set(per['1']) | set(per['0.01']) | set(per['off'])
+    delta = {fn: (misses('0.01', fn) - misses('off', fn), misses('1', fn) - misses('off', fn))
+             for fn in fns}
+    for fn, (a1, a100) in sorted(delta.items(), key=lambda kv: -max(kv[1]))[:15]:
+        print(f'- 1 %: {a1:+,.1f}, 100 %: {a100:+,.1f}  `{fn[:110]}`')
 
 
 if __name__ == '__main__':

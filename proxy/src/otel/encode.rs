@@ -188,9 +188,25 @@ pub(super) fn key_value_concat<P: AsRef<[u8]>>(
 ) {
     let text: usize = parts.iter().map(|p| p.as_ref().len()).sum();
     // AnyValue { string_value = 1 }
-    key_value_head(out, field, k, field_len(text));
-    key(out, 1, LEN);
-    varint(out, text as u64);
+    let any = field_len(text);
+    let kv = field_len(k.len()) + field_len(any);
+    if field < 16 && kv < 0x80 {
+        // Every length one byte (most attributes): the framing in two fixed-size copies,
+        // stores the compiler writes inline, where a byte at a time checked the capacity
+        // each time (docs/benchmarks.md, "Session 18").
+        out.extend_from_slice(&[
+            (field << 3) as u8 | LEN,
+            kv as u8,
+            (1 << 3) | LEN,
+            k.len() as u8,
+        ]);
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(&[(2 << 3) | LEN, any as u8, (1 << 3) | LEN, text as u8]);
+    } else {
+        key_value_head(out, field, k, any);
+        key(out, 1, LEN);
+        varint(out, text as u64);
+    }
     for p in parts {
         out.extend_from_slice(p.as_ref());
     }
@@ -246,8 +262,22 @@ pub(super) fn key_value(out: &mut Vec<u8>, field: u32, k: &str, v: &AttrValue) {
     let text: &[u8] = match v {
         AttrValue::Int(n) => {
             // AnyValue { int_value = 3 }
-            key_value_head(out, field, k, 1 + varint_len(*n as u64));
-            key(out, 3, VARINT);
+            let any = 1 + varint_len(*n as u64);
+            let kv = field_len(k.len()) + field_len(any);
+            if field < 16 && kv < 0x80 {
+                // As in `key_value_concat`: one-byte lengths, fixed-size copies.
+                out.extend_from_slice(&[
+                    (field << 3) as u8 | LEN,
+                    kv as u8,
+                    (1 << 3) | LEN,
+                    k.len() as u8,
+                ]);
+                out.extend_from_slice(k.as_bytes());
+                out.extend_from_slice(&[(2 << 3) | LEN, any as u8, 3 << 3 | VARINT]);
+            } else {
+                key_value_head(out, field, k, any);
+                key(out, 3, VARINT);
+            }
             varint(out, *n as u64);
             return;
         }

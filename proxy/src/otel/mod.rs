@@ -26,6 +26,7 @@
 pub mod config;
 pub mod encode;
 pub mod export;
+mod ids;
 pub mod propagation;
 pub mod sampler;
 
@@ -206,12 +207,12 @@ impl Tracer {
         } = propagation::extract_with_state(headers);
         let (trace_id, parent_span) = match &parent {
             Some(p) => (p.trace_id, Some(p.span_id)),
-            None => (TraceId::from(rand::random::<u128>().max(1)), None),
+            None => (ids::trace_id(), None),
         };
         let sampled = self
             .sampler
             .sample(trace_id, parent.as_ref().and_then(|p| p.sampled));
-        let span_id = SpanId::from(rand::random::<u64>().max(1));
+        let span_id = ids::span_id();
         let parent_format = parent.as_ref().map(|p: &Parent| p.format);
         let record = sampled.then(|| {
             let mut bytes = span_buffer();
