@@ -190,18 +190,8 @@ pub(super) fn key_value_concat<P: AsRef<[u8]>>(
     // AnyValue { string_value = 1 }
     let any = field_len(text);
     let kv = field_len(k.len()) + field_len(any);
-    if field < 16 && kv < 0x80 {
-        // Every length one byte (most attributes): the framing in two fixed-size copies,
-        // stores the compiler writes inline, where a byte at a time checked the capacity
-        // each time (docs/benchmarks.md, "Session 18").
-        out.extend_from_slice(&[
-            (field << 3) as u8 | LEN,
-            kv as u8,
-            (1 << 3) | LEN,
-            k.len() as u8,
-        ]);
-        out.extend_from_slice(k.as_bytes());
-        out.extend_from_slice(&[(2 << 3) | LEN, any as u8, (1 << 3) | LEN, text as u8]);
+    if one_byte_lengths(field, kv) {
+        short_key_value_head(out, field, k, kv, any, [(1 << 3) | LEN, text as u8]);
     } else {
         key_value_head(out, field, k, any);
         key(out, 1, LEN);
@@ -210,6 +200,36 @@ pub(super) fn key_value_concat<P: AsRef<[u8]>>(
     for p in parts {
         out.extend_from_slice(p.as_ref());
     }
+}
+
+/// Whether a `KeyValue` of `kv` bytes as field `field` has a one-byte key and one-byte
+/// lengths (and so do its key and `AnyValue`, being shorter): most attributes.
+#[inline(always)]
+fn one_byte_lengths(field: u32, kv: usize) -> bool {
+    field < 16 && kv < 0x80
+}
+
+/// [`key_value_head`] (for an `AnyValue` of `any` bytes) when [`one_byte_lengths`] holds,
+/// followed by `value_head`, the `AnyValue`'s first bytes: fixed-size copies, which the compiler writes inline, where a
+/// byte at a time checked the capacity each time (docs/benchmarks.md, "Session 18").
+#[inline(always)]
+fn short_key_value_head<const N: usize>(
+    out: &mut Vec<u8>,
+    field: u32,
+    k: &str,
+    kv: usize,
+    any: usize,
+    value_head: [u8; N],
+) {
+    out.extend_from_slice(&[
+        (field << 3) as u8 | LEN,
+        kv as u8,
+        (1 << 3) | LEN,
+        k.len() as u8,
+    ]);
+    out.extend_from_slice(k.as_bytes());
+    out.extend_from_slice(&[(2 << 3) | LEN, any as u8]);
+    out.extend_from_slice(&value_head);
 }
 
 /// A `KeyValue`'s framing and key, up to its `AnyValue` body of `any` bytes, which the
@@ -264,16 +284,8 @@ pub(super) fn key_value(out: &mut Vec<u8>, field: u32, k: &str, v: &AttrValue) {
             // AnyValue { int_value = 3 }
             let any = 1 + varint_len(*n as u64);
             let kv = field_len(k.len()) + field_len(any);
-            if field < 16 && kv < 0x80 {
-                // As in `key_value_concat`: one-byte lengths, fixed-size copies.
-                out.extend_from_slice(&[
-                    (field << 3) as u8 | LEN,
-                    kv as u8,
-                    (1 << 3) | LEN,
-                    k.len() as u8,
-                ]);
-                out.extend_from_slice(k.as_bytes());
-                out.extend_from_slice(&[(2 << 3) | LEN, any as u8, 3 << 3 | VARINT]);
+            if one_byte_lengths(field, kv) {
+                short_key_value_head(out, field, k, kv, any, [3 << 3 | VARINT]);
             } else {
                 key_value_head(out, field, k, any);
                 key(out, 3, VARINT);

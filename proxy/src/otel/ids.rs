@@ -1,10 +1,10 @@
 //! Trace and span ids: wyrand, one state per thread, seeded from the OS's generator.
 //!
 //! `rand::random` reached the thread's ChaCha generator through a reference-counted handle
-//! on every call and refilled its block every few requests; the ids need to be unique and
-//! unpredictable enough to spread over the collector's shards, not secret (W3C: "random"
-//! or at least uniquely generated; the OpenTelemetry SDKs use non-cryptographic generators
-//! too). wyrand passes the BigCrush and PractRand batteries, in a multiply and a few adds.
+//! on every call and refilled its block every few requests. The ids need to be unique and
+//! spread evenly (collectors and tail samplers shard and sample by them), not secret: the
+//! OpenTelemetry Java SDK draws them from `ThreadLocalRandom`, a non-cryptographic generator
+//! too. wyrand passes the BigCrush and PractRand batteries, in a multiply and a few adds.
 
 use std::cell::Cell;
 
