@@ -210,8 +210,9 @@ fn one_byte_lengths(field: u32, kv: usize) -> bool {
 }
 
 /// [`key_value_head`] (for an `AnyValue` of `any` bytes) when [`one_byte_lengths`] holds,
-/// followed by `value_head`, the `AnyValue`'s first bytes: fixed-size copies, which the compiler writes inline, where a
-/// byte at a time checked the capacity each time (docs/benchmarks.md, "Session 18").
+/// followed by `value_head`, the `AnyValue`'s first bytes: fixed-size copies, which the
+/// compiler writes inline, where a byte at a time checked the capacity each time
+/// (docs/benchmarks.md, "Session 18").
 #[inline(always)]
 fn short_key_value_head<const N: usize>(
     out: &mut Vec<u8>,
