@@ -613,6 +613,18 @@ mod tests {
             .and_then(|v| v.value.clone())
     }
 
+    /// A request whose caller did not sample its span.
+    fn unsampled_caller() -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+                .parse()
+                .expect("value"),
+        );
+        h
+    }
+
     fn text(v: &str) -> Option<Value> {
         Some(Value::StringValue(v.into()))
     }
@@ -695,13 +707,7 @@ mod tests {
             assert_eq!(spans[0].trace_state, "", "{extra:?}: recorded");
         }
         // Beside a valid `traceparent` it passes through untouched.
-        let mut h = HeaderMap::new();
-        h.insert(
-            "traceparent",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
-                .parse()
-                .expect("value"),
-        );
+        let mut h = unsampled_caller();
         h.insert("tracestate", "vendor=abc".parse().expect("value"));
         let span = t.start(SpanKind::Client, &h);
         span.inject(&mut h);
@@ -816,13 +822,7 @@ mod tests {
     #[test]
     fn an_unsampled_caller_is_respected_and_a_full_queue_drops_and_counts() {
         let (t, rx) = tracer(Sampler::default());
-        let mut h = HeaderMap::new();
-        h.insert(
-            "traceparent",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
-                .parse()
-                .expect("value"),
-        );
+        let h = unsampled_caller();
         let span = t.start(SpanKind::Server, &h);
         assert!(!span.is_sampled());
         let mut out = HeaderMap::new();
