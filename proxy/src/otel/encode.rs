@@ -188,35 +188,57 @@ pub(super) fn key_value_concat<P: AsRef<[u8]>>(
 ) {
     let text: usize = parts.iter().map(|p| p.as_ref().len()).sum();
     // AnyValue { string_value = 1 }
-    key_value_head(out, field, k, field_len(text));
-    key(out, 1, LEN);
-    varint(out, text as u64);
+    let any = field_len(text);
+    let kv = field_len(k.len()) + field_len(any);
+    if one_byte_lengths(field, kv) {
+        short_key_value_head(out, field, k, kv, any, [(1 << 3) | LEN, text as u8]);
+    } else {
+        key_value_head(out, field, k, any);
+        key(out, 1, LEN);
+        varint(out, text as u64);
+    }
     for p in parts {
         out.extend_from_slice(p.as_ref());
     }
+}
+
+/// Whether a `KeyValue` of `kv` bytes as field `field` has a one-byte key and one-byte
+/// lengths (and so do its key and `AnyValue`, being shorter): most attributes.
+#[inline(always)]
+fn one_byte_lengths(field: u32, kv: usize) -> bool {
+    field < 16 && kv < 0x80
+}
+
+/// [`key_value_head`] (for an `AnyValue` of `any` bytes) when [`one_byte_lengths`] holds,
+/// followed by `value_head`, the `AnyValue`'s first bytes: fixed-size copies, which the
+/// compiler writes inline, where a byte at a time checked the capacity each time
+/// (docs/benchmarks.md, "Session 18").
+#[inline(always)]
+fn short_key_value_head<const N: usize>(
+    out: &mut Vec<u8>,
+    field: u32,
+    k: &str,
+    kv: usize,
+    any: usize,
+    value_head: [u8; N],
+) {
+    out.extend_from_slice(&[
+        (field << 3) as u8 | LEN,
+        kv as u8,
+        (1 << 3) | LEN,
+        k.len() as u8,
+    ]);
+    out.extend_from_slice(k.as_bytes());
+    out.extend_from_slice(&[(2 << 3) | LEN, any as u8]);
+    out.extend_from_slice(&value_head);
 }
 
 /// A `KeyValue`'s framing and key, up to its `AnyValue` body of `any` bytes, which the
 /// caller writes next.
 #[inline(always)]
 fn key_value_head(out: &mut Vec<u8>, field: u32, k: &str, any: usize) {
-    let kv = field_len(k.len()) + field_len(any);
-    if field < 16 && kv < 0x80 {
-        // A one-byte key and every length one byte (most attributes): fixed-size copies,
-        // which the compiler writes inline, where a byte at a time checked the capacity
-        // each time (docs/benchmarks.md, "Session 18").
-        out.extend_from_slice(&[
-            (field << 3) as u8 | LEN,
-            kv as u8,
-            (1 << 3) | LEN,
-            k.len() as u8,
-        ]);
-        out.extend_from_slice(k.as_bytes());
-        out.extend_from_slice(&[(2 << 3) | LEN, any as u8]);
-        return;
-    }
     key(out, field, LEN);
-    varint(out, kv as u64);
+    varint(out, (field_len(k.len()) + field_len(any)) as u64);
     string(out, 1, k);
     key(out, 2, LEN);
     varint(out, any as u64);
@@ -261,8 +283,14 @@ pub(super) fn key_value(out: &mut Vec<u8>, field: u32, k: &str, v: &AttrValue) {
     let text: &[u8] = match v {
         AttrValue::Int(n) => {
             // AnyValue { int_value = 3 }
-            key_value_head(out, field, k, 1 + varint_len(*n as u64));
-            key(out, 3, VARINT);
+            let any = 1 + varint_len(*n as u64);
+            let kv = field_len(k.len()) + field_len(any);
+            if one_byte_lengths(field, kv) {
+                short_key_value_head(out, field, k, kv, any, [3 << 3 | VARINT]);
+            } else {
+                key_value_head(out, field, k, any);
+                key(out, 3, VARINT);
+            }
             varint(out, *n as u64);
             return;
         }
