@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -27,6 +27,7 @@ use crate::balance::{BalancerKind, EndpointLoad, Loads};
 use crate::detect::{self, Declared};
 use crate::http::route::Routes;
 use crate::metrics::EndpointLabels;
+use crate::otel::Attributes;
 use crate::reject::{Verdict, Verdicts};
 
 /// Who this proxy serves: its pod's node and zone decide node-local and zone-local endpoints.
@@ -57,6 +58,9 @@ pub struct Endpoint {
     /// `wasmesh_balancer_picks_total` for this Service and Pod: a pick is one atomic add.
     #[serde(skip)]
     pub picks: Counter,
+    /// Its attributes in a client span, made by the first traced request sent to it.
+    #[serde(skip)]
+    pub span_attributes: OnceLock<Attributes>,
 }
 
 impl Endpoint {
@@ -120,6 +124,9 @@ pub struct ServicePort {
     /// Round-robin position.
     #[serde(skip)]
     pub rr: std::sync::atomic::AtomicUsize,
+    /// Its attributes in a client span, made by the first traced request to it.
+    #[serde(skip)]
+    pub span_attributes: OnceLock<Attributes>,
     #[serde(skip)]
     addrs: Vec<(SocketAddr, Via)>,
 }
@@ -335,6 +342,7 @@ pub fn decode(sp: &pb::ServicePort, me: &Locality, loads: &mut Loads) -> Option<
                 meshed: w.is_some_and(|w| w.meshed),
                 load: loads.get(addr),
                 picks: Counter::default(),
+                span_attributes: OnceLock::new(),
             })
         })
         .collect();
@@ -413,6 +421,7 @@ pub fn decode(sp: &pb::ServicePort, me: &Locality, loads: &mut Loads) -> Option<
         selections,
         id: port_id(key),
         rr: Default::default(),
+        span_attributes: OnceLock::new(),
         addrs,
     })
 }
@@ -676,6 +685,7 @@ mod tests {
             meshed: false,
             load: Arc::default(),
             picks: Counter::default(),
+            span_attributes: OnceLock::new(),
         }
     }
 

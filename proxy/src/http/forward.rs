@@ -29,7 +29,7 @@ use crate::balance::{self, Unit};
 use crate::detect::Declared;
 use crate::filters::select::Direction as FilterSide;
 use crate::metrics::{Direction, Exchange};
-use crate::otel::Span;
+use crate::otel::{Attributes, Span};
 use crate::outbound::Outbound;
 use crate::state::Stats;
 use crate::table::{Route, Selection, ServicePort, Via};
@@ -205,9 +205,12 @@ impl Outbound {
         if let Some(s) = span.as_mut()
             && s.is_sampled()
         {
-            s.set("wasmesh.destination.service", sp.label.clone());
-            s.set_concat("server.address", &[&sp.service, ".", &sp.namespace, ".svc"]);
-            s.set("server.port", i64::from(sp.port));
+            s.set_all(sp.span_attributes.get_or_init(|| {
+                Attributes::new()
+                    .with("wasmesh.destination.service", sp.label.clone())
+                    .with_concat("server.address", &[&sp.service, ".", &sp.namespace, ".svc"])
+                    .with("server.port", i64::from(sp.port))
+            }));
             if let Some(r) = &rule {
                 s.set("http.route", r.name.clone());
                 s.name_with_route(method_name(&parts.method), &r.name);
@@ -420,13 +423,23 @@ impl Outbound {
                 && s.is_sampled()
             {
                 // The endpoint of this try (a retry replaces the previous one's).
-                s.put("network.peer.address", ep.addr.ip());
-                s.put("network.peer.port", i64::from(ep.addr.port()));
-                if let Some(pod) = &ep.pod {
-                    s.put("wasmesh.endpoint.pod", pod.clone());
-                }
-                if let Some(id) = self.http.pools.peer_identity(&ep.mesh_peer()) {
-                    s.put("wasmesh.peer.identity", id);
+                s.put_all(
+                    "endpoint",
+                    ep.span_attributes.get_or_init(|| {
+                        let a = Attributes::new()
+                            .with("network.peer.address", ep.addr.ip())
+                            .with("network.peer.port", i64::from(ep.addr.port()));
+                        match &ep.pod {
+                            Some(pod) => a.with_concat("wasmesh.endpoint.pod", &[pod.as_str()]),
+                            None => a,
+                        }
+                    }),
+                );
+                match self.http.pools.peer_identity(&ep.mesh_peer()) {
+                    Some(id) => s.put("wasmesh.peer.identity", id),
+                    // Not the previous try's.
+                    None if sends > 1 => s.unput("wasmesh.peer.identity"),
+                    None => {}
                 }
                 if sends > 1 {
                     s.put("http.request.resend_count", i64::from(sends - 1));
@@ -694,6 +707,17 @@ pub(super) fn rebuild(parts: &http::request::Parts, body: Body) -> Request<Body>
     *req.uri_mut() = parts.uri.clone();
     *req.version_mut() = parts.version;
     *req.headers_mut() = parts.headers.clone();
+    req
+}
+
+/// The request head with a body: method, target, version and headers, without the incoming
+/// request's extensions (as [`rebuild`], which copies them).
+pub(super) fn head_with(parts: http::request::Parts, body: Body) -> Request<Body> {
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method;
+    *req.uri_mut() = parts.uri;
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers;
     req
 }
 

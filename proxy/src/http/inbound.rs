@@ -9,7 +9,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::BytesMut;
 use http::header::{self};
@@ -23,8 +23,8 @@ use wasmesh_wasm::{Direction as WasmDirection, StreamInfo, Verdict};
 
 use super::ORIG_PROTO;
 use super::forward::{
-    filter_event, filter_response, finish, local_reply, method_name, protocol_name,
-    protocol_version, rebuild, set_method, tunnel,
+    filter_event, filter_response, finish, head_with, local_reply, method_name, protocol_name,
+    protocol_version, set_method, tunnel,
 };
 use super::headers::{authority, is_grpc, is_upgrade, set_target, strip_hop_by_hop};
 use super::pool::{Sent, Wire, plain};
@@ -36,7 +36,7 @@ use crate::filters::select::Direction as FilterSide;
 use crate::identity::{Decision, MeshStats, accept};
 use crate::inbound::Inbound;
 use crate::metrics::{Direction, Exchange, Outcomes};
-use crate::otel::Span;
+use crate::otel::{Attributes, Span};
 use crate::state::Stats;
 use opentelemetry::trace::SpanKind;
 
@@ -50,6 +50,9 @@ pub struct InboundConn {
     /// Where the responses are counted: the Service that selects this pod on the destination
     /// port and the client's identity.
     pub outcomes: Arc<Outcomes>,
+    /// Its attributes in a server span (the same for every request it carries), made by its
+    /// first traced request.
+    pub span_attributes: OnceLock<Attributes>,
 }
 
 impl InboundConn {
@@ -69,6 +72,7 @@ impl InboundConn {
             dst,
             identity,
             outcomes: Arc::new(outcomes),
+            span_attributes: OnceLock::new(),
         }
     }
 }
@@ -160,13 +164,17 @@ impl Inbound {
             set_method(s, req.method());
             s.set_str("url.path", req.uri().path());
             s.set("network.protocol.version", protocol_version(req.version()));
-            s.set("server.port", i64::from(c.dst.port()));
-            s.set("client.address", c.peer.ip());
-            s.set("network.peer.address", c.peer.ip());
-            s.set("network.peer.port", i64::from(c.peer.port()));
-            if let Some(id) = &c.identity {
-                s.set_concat("wasmesh.peer.identity", &id.uri_parts());
-            }
+            s.set_all(c.span_attributes.get_or_init(|| {
+                let a = Attributes::new()
+                    .with("server.port", i64::from(c.dst.port()))
+                    .with("client.address", c.peer.ip())
+                    .with("network.peer.address", c.peer.ip())
+                    .with("network.peer.port", i64::from(c.peer.port()));
+                match &c.identity {
+                    Some(id) => a.with_concat("wasmesh.peer.identity", &id.uri_parts()),
+                    None => a,
+                }
+            }));
             s.name(method_name(req.method()));
         }
         if let Some(s) = span.as_ref() {
@@ -275,7 +283,10 @@ impl Inbound {
             tried: 1,
             last: e,
         };
-        let mut body = Some(body);
+        let connect = parts.method == http::Method::CONNECT;
+        // Moved, not copied (as the outbound side's retries need): a request the app's
+        // connection never took comes back whole ([`Sent::NotSent`]).
+        let mut req = Some(head_with(parts, body));
         for _ in 0..3 {
             let conn = if upgrade {
                 self.pools.dedicated_h1(plain(c.dst)).await
@@ -286,11 +297,11 @@ impl Inbound {
                 Stats::inc(&self.state.stats.inbound_app_refused);
                 app_unavailable(e.to_string())
             })?;
-            let Some(b) = body.take() else { break };
-            match conn.send(rebuild(&parts, b)).await {
+            let Some(r) = req.take() else { break };
+            match conn.send(r).await {
                 Sent::Response(mut resp) => {
                     let upstream_upgrade = (resp.status() == StatusCode::SWITCHING_PROTOCOLS
-                        || (parts.method == http::Method::CONNECT && resp.status().is_success()))
+                        || (connect && resp.status().is_success()))
                     .then(|| hyper::upgrade::on(&mut resp));
                     if let (Some(client), Some(upstream)) = (client_upgrade, upstream_upgrade) {
                         tunnel(client, upstream, format!("app port {}", c.dst.port()));
@@ -303,7 +314,7 @@ impl Inbound {
                 }
                 // The app closed an idle pooled connection: the request is intact, send it on
                 // a new one.
-                Sent::NotSent(req, _) => body = Some(req.into_body()),
+                Sent::NotSent(r, _) => req = Some(r),
                 Sent::Failed(e) => return Err(HttpError::Upstream(e.to_string())),
             }
         }

@@ -122,8 +122,15 @@ impl AsyncWrite for Io {
 #[derive(Debug, Default)]
 pub struct EndpointPool {
     idle_h1: Mutex<Vec<http1::SendRequest<Body>>>,
-    h2: tokio::sync::Mutex<Option<http2::SendRequest<Body>>>,
+    /// The HTTP/2 connection, and how many requests it has been given.
+    h2: tokio::sync::Mutex<Option<(http2::SendRequest<Body>, u32)>>,
 }
+
+/// Every this many requests on an HTTP/2 connection, one request's `traceparent` may enter
+/// the HPACK dynamic table, so that the others' refer to its name by index
+/// ([`crate::otel::propagation::index_name`]). The first request of a connection is one of
+/// them; the later ones put the name back in case other headers pushed it out.
+const H2_CONTEXT_NAME_EVERY: u32 = 256;
 
 /// Every endpoint's connections.
 #[derive(Debug)]
@@ -154,6 +161,8 @@ pub enum Conn {
     },
     Http2 {
         tx: http2::SendRequest<Body>,
+        /// This request's `traceparent` may enter the HPACK table ([`H2_CONTEXT_NAME_EVERY`]).
+        index_context: bool,
     },
 }
 
@@ -239,10 +248,15 @@ impl Pools {
             }
             Wire::Http2 => {
                 let mut slot = pool.h2.lock().await;
-                if let Some(tx) = slot.as_ref()
+                if let Some((tx, sent)) = slot.as_mut()
                     && !tx.is_closed()
                 {
-                    return Ok(Conn::Http2 { tx: tx.clone() });
+                    let index_context = *sent % H2_CONTEXT_NAME_EVERY == 0;
+                    *sent = sent.wrapping_add(1);
+                    return Ok(Conn::Http2 {
+                        tx: tx.clone(),
+                        index_context,
+                    });
                 }
                 let io = self.dial(peer).await?;
                 let (tx, conn) = http2::Builder::new(TokioExecutor::new())
@@ -260,8 +274,11 @@ impl Pools {
                         tracing::debug!(endpoint = %addr, error = %e, "HTTP/2 connection to endpoint ended");
                     }
                 });
-                *slot = Some(tx.clone());
-                Ok(Conn::Http2 { tx })
+                *slot = Some((tx.clone(), 1));
+                Ok(Conn::Http2 {
+                    tx,
+                    index_context: true,
+                })
             }
         }
     }
@@ -351,7 +368,7 @@ impl Pools {
             let h2_open = pool
                 .h2
                 .try_lock()
-                .map(|s| s.as_ref().is_some_and(|tx| !tx.is_closed()))
+                .map(|s| s.as_ref().is_some_and(|(tx, _)| !tx.is_closed()))
                 .unwrap_or(true);
             !idle.is_empty() || h2_open || Arc::strong_count(pool) > 1
         });
@@ -400,13 +417,217 @@ impl Conn {
                     },
                 }
             }
-            Conn::Http2 { mut tx } => match tx.try_send_request(req).await {
-                Ok(resp) => Sent::Response(resp),
-                Err(mut e) => match e.take_message() {
-                    Some(req) => Sent::NotSent(req, e.into_error()),
-                    None => Sent::Failed(e.into_error()),
-                },
-            },
+            Conn::Http2 {
+                mut tx,
+                index_context,
+            } => {
+                let mut req = req;
+                if index_context {
+                    crate::otel::propagation::index_name(req.headers_mut());
+                }
+                match tx.try_send_request(req).await {
+                    Ok(resp) => Sent::Response(resp),
+                    Err(mut e) => match e.take_message() {
+                        Some(req) => Sent::NotSent(req, e.into_error()),
+                        None => Sent::Failed(e.into_error()),
+                    },
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use bytes::Bytes;
+    use http_body_util::BodyExt as _;
+    use hyper::service::service_fn;
+    use opentelemetry::trace::{SpanId, TraceFlags, TraceId};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::otel::propagation::{self, TRACEPARENT};
+
+    /// An h2c server that answers each request with its `traceparent`.
+    async fn h2_backend() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let svc = service_fn(|req: Request<Incoming>| async move {
+                    let tp = req
+                        .headers()
+                        .get(&TRACEPARENT)
+                        .map(|v| v.as_bytes().to_vec());
+                    Ok::<_, Infallible>(Response::new(super::super::full(Bytes::from(
+                        tp.unwrap_or_default(),
+                    ))))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc),
+                );
+            }
+        });
+        addr
+    }
+
+    /// A relay to `to` that keeps a copy of every byte the client sends.
+    async fn recording_relay(to: SocketAddr) -> (SocketAddr, Arc<Mutex<Vec<u8>>>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let log = sent.clone();
+        tokio::spawn(async move {
+            let Ok((client, _)) = l.accept().await else {
+                return;
+            };
+            let server = TcpStream::connect(to).await.expect("backend");
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut sr, &mut cw).await;
+            });
+            let mut buf = vec![0u8; 16 * 1024];
+            while let Ok(n @ 1..) = cr.read(&mut buf).await {
+                log.lock().expect("log").extend_from_slice(&buf[..n]);
+                if sw.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        });
+        (addr, sent)
+    }
+
+    /// The header blocks of the HEADERS frames an HTTP/2 client sent (none of these requests
+    /// needs a CONTINUATION frame).
+    fn header_blocks(bytes: &[u8]) -> Vec<&[u8]> {
+        let mut b = bytes
+            .strip_prefix(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .expect("the client preface");
+        let mut blocks = Vec::new();
+        while b.len() >= 9 {
+            let len = u32::from_be_bytes([0, b[0], b[1], b[2]]) as usize;
+            let (kind, flags) = (b[3], b[4]);
+            let mut p = &b[9..9 + len];
+            if kind == 1 {
+                assert_ne!(flags & 0x4, 0, "END_HEADERS");
+                let pad = if flags & 0x8 != 0 {
+                    let pad = usize::from(p[0]);
+                    p = &p[1..];
+                    pad
+                } else {
+                    0
+                };
+                if flags & 0x20 != 0 {
+                    p = &p[5..];
+                }
+                blocks.push(&p[..p.len() - pad]);
+            }
+            b = &b[9 + len..];
+        }
+        blocks
+    }
+
+    /// An HPACK integer with a `prefix`-bit prefix (RFC 7541 §5.1).
+    fn hpack_int(b: &mut &[u8], prefix: u32) -> usize {
+        let max = (1usize << prefix) - 1;
+        let mut v = usize::from(b[0]) & max;
+        *b = &b[1..];
+        if v == max {
+            let mut shift = 0;
+            loop {
+                let c = b[0];
+                *b = &b[1..];
+                v += usize::from(c & 0x7f) << shift;
+                shift += 7;
+                if c & 0x80 == 0 {
+                    break;
+                }
+            }
+        }
+        v
+    }
+
+    /// How a header block's never-indexed fields (RFC 7541 §6.2.3) name their header: by a
+    /// table index (Some), or with the name's text (None).
+    fn never_indexed_names(mut b: &[u8]) -> Vec<Option<usize>> {
+        let mut names = Vec::new();
+        while !b.is_empty() {
+            let first = b[0];
+            let (prefix, never) = if first & 0x80 != 0 {
+                hpack_int(&mut b, 7); // indexed field
+                continue;
+            } else if first & 0x40 != 0 {
+                (6, false) // literal with incremental indexing
+            } else if first & 0x20 != 0 {
+                hpack_int(&mut b, 5); // table size update
+                continue;
+            } else {
+                (4, first & 0x10 != 0) // literal without indexing, or never indexed
+            };
+            let name = hpack_int(&mut b, prefix);
+            let strings = if name == 0 { 2 } else { 1 };
+            for _ in 0..strings {
+                let n = hpack_int(&mut b, 7);
+                b = &b[n..];
+            }
+            if never {
+                names.push((name != 0).then_some(name));
+            }
+        }
+        names
+    }
+
+    #[tokio::test]
+    async fn over_http2_the_trace_context_is_named_by_index_after_a_connections_first_request() {
+        let (relay, sent) = recording_relay(h2_backend().await).await;
+        let pools = Pools::new(Dial::Direct, Duration::from_secs(2));
+        for i in 1..=5u64 {
+            let mut req = Request::builder()
+                .uri(format!("http://{relay}/"))
+                .body(super::super::empty())
+                .expect("request");
+            let trace = TraceId::from(u128::from(i) << 64 | 0xabc);
+            propagation::inject(
+                req.headers_mut(),
+                trace,
+                SpanId::from(i),
+                TraceFlags::SAMPLED,
+                None,
+            );
+            let expected = req.headers()[&TRACEPARENT].clone();
+            let conn = pools
+                .checkout(plain(relay), Wire::Http2)
+                .await
+                .expect("connects");
+            let Sent::Response(resp) = conn.send(req).await else {
+                panic!("request {i} not answered");
+            };
+            let got = resp.into_body().collect().await.expect("body").to_bytes();
+            assert_eq!(
+                got,
+                expected.as_bytes(),
+                "request {i}'s traceparent arrives"
+            );
+        }
+        let bytes = sent.lock().expect("log").clone();
+        let blocks = header_blocks(&bytes);
+        assert_eq!(blocks.len(), 5, "one connection, five requests");
+        // The first request's value enters the table (no never-indexed field); the next ones'
+        // values are never indexed, and name the header by its index in the table.
+        assert_eq!(never_indexed_names(blocks[0]), Vec::<Option<usize>>::new());
+        for (i, block) in blocks.iter().enumerate().skip(1) {
+            let names = never_indexed_names(block);
+            assert_eq!(names.len(), 1, "request {}: {names:?}", i + 1);
+            assert!(
+                names[0].is_some_and(|n| n > 61),
+                "request {}: {names:?}",
+                i + 1
+            );
         }
     }
 }

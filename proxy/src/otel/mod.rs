@@ -344,6 +344,31 @@ impl From<IpAddr> for AttrValue {
     }
 }
 
+/// Attributes written once, as a span's protobuf, and copied whole into each span that
+/// carries them: those a connection, a Service port or an endpoint fixes, the same for every
+/// request it carries. One copy costs less than writing each attribute per request — an
+/// address as text, a name made of parts (docs/benchmarks.md, "Session 19").
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Attributes(Vec<u8>);
+
+impl Attributes {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `key = value`.
+    pub fn with(mut self, key: &'static str, value: impl Into<AttrValue>) -> Self {
+        encode::key_value(&mut self.0, encode::SPAN_ATTRIBUTE, key, &value.into());
+        self
+    }
+
+    /// Adds a string attribute, the concatenation of `parts`.
+    pub fn with_concat(mut self, key: &'static str, parts: &[&str]) -> Self {
+        encode::key_value_concat(&mut self.0, encode::SPAN_ATTRIBUTE, key, parts);
+        self
+    }
+}
+
 /// A span's status (OTLP `Status`): unset, or an error with a description.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -373,8 +398,9 @@ impl Recording {
         encode::key_value(&mut self.bytes, encode::SPAN_ATTRIBUTE, key, value);
     }
 
-    /// Writes `key = value`, first taking out the value an earlier `put` wrote for `key`.
-    fn replace(&mut self, key: &'static str, value: &AttrValue) {
+    /// Writes what `write` writes (one attribute, or a block of them) under `key`, first
+    /// taking out what an earlier replaceable write under `key` wrote.
+    fn replace(&mut self, key: &'static str, write: impl FnOnce(&mut Vec<u8>)) {
         let n = self.replaceable_len;
         if let Some(i) = self.replaceable[..n].iter().position(|r| r.0 == key) {
             let (_, start, end) = self.replaceable[i];
@@ -389,7 +415,7 @@ impl Recording {
             self.replaceable_len -= 1;
         }
         let start = self.bytes.len() as u32;
-        self.attribute(key, value);
+        write(&mut self.bytes);
         if self.replaceable_len < REPLACEABLE {
             self.replaceable[self.replaceable_len] = (key, start, self.bytes.len() as u32);
             self.replaceable_len += 1;
@@ -463,7 +489,33 @@ impl Span {
     /// endpoint of a retried request's last try).
     pub fn put(&mut self, key: &'static str, value: impl Into<AttrValue>) {
         if let Some(r) = self.record.as_mut() {
-            r.replace(key, &value.into());
+            let value = value.into();
+            r.replace(key, |b| {
+                encode::key_value(b, encode::SPAN_ATTRIBUTE, key, &value)
+            });
+        }
+    }
+
+    /// Takes out what an earlier `put` or `put_all` wrote under `key` (the previous try's
+    /// peer identity, when this try's endpoint has none).
+    pub fn unput(&mut self, key: &'static str) {
+        if let Some(r) = self.record.as_mut() {
+            r.replace(key, |_| {});
+        }
+    }
+
+    /// Copies in a block of attributes made once ([`Attributes`]).
+    pub fn set_all(&mut self, attributes: &Attributes) {
+        if let Some(r) = self.record.as_mut() {
+            r.bytes.extend_from_slice(&attributes.0);
+        }
+    }
+
+    /// Copies in a block of attributes made once, replacing the block an earlier `put_all`
+    /// gave under the same `group` (the endpoint of a retried request's last try).
+    pub fn put_all(&mut self, group: &'static str, attributes: &Attributes) {
+        if let Some(r) = self.record.as_mut() {
+            r.replace(group, |b| b.extend_from_slice(&attributes.0));
         }
     }
 
@@ -789,6 +841,47 @@ mod tests {
         // A root span: no parent, remoteness known and false.
         assert!(d.parent_span_id.is_empty());
         assert_eq!(d.flags, 0x101);
+    }
+
+    #[test]
+    fn blocks_of_attributes_are_copied_whole_and_a_retry_replaces_the_endpoints() {
+        let (t, rx) = tracer(Sampler::AlwaysOn);
+        let service = Attributes::new()
+            .with("wasmesh.destination.service", Arc::<str>::from("shop/cart"))
+            .with_concat("server.address", &["cart", ".", "shop", ".svc"])
+            .with("server.port", 80i64);
+        let endpoint = |ip: &str, pod: &str| {
+            Attributes::new()
+                .with("network.peer.address", ip.parse::<IpAddr>().expect("ip"))
+                .with("network.peer.port", 8080i64)
+                .with_concat("wasmesh.endpoint.pod", &[pod])
+        };
+        let mut span = t.start(SpanKind::Client, &HeaderMap::new());
+        span.set("http.request.method", "GET");
+        span.set_all(&service);
+        span.put_all("endpoint", &endpoint("10.244.0.5", "shop/cart-a"));
+        span.put("wasmesh.peer.identity", Arc::<str>::from("spiffe://a"));
+        // The second try, on an endpoint whose block is longer, and no identity this time.
+        span.put_all("endpoint", &endpoint("10.244.0.16", "shop/cart-bbbbbbbbbb"));
+        span.unput("wasmesh.peer.identity");
+        span.put("http.request.resend_count", 1i64);
+        span.end(Some(200), None);
+        let spans = queued(&rx);
+        let d = &spans[0];
+        assert_eq!(attr(d, "wasmesh.destination.service"), text("shop/cart"));
+        assert_eq!(attr(d, "server.address"), text("cart.shop.svc"));
+        assert_eq!(attr(d, "server.port"), Some(Value::IntValue(80)));
+        assert_eq!(attr(d, "network.peer.address"), text("10.244.0.16"));
+        assert_eq!(
+            attr(d, "wasmesh.endpoint.pod"),
+            text("shop/cart-bbbbbbbbbb")
+        );
+        assert_eq!(attr(d, "wasmesh.peer.identity"), None);
+        assert_eq!(
+            attr(d, "http.request.resend_count"),
+            Some(Value::IntValue(1))
+        );
+        assert_eq!(d.attributes.len(), 9);
     }
 
     #[test]

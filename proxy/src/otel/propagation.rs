@@ -165,15 +165,15 @@ fn parse_traceparent_bytes(b: &[u8]) -> Option<Parent> {
     if b.len() > 55 && (version == 0 || b[55] != b'-') {
         return None;
     }
-    let trace_id = lower_hex(&b[3..35])?;
-    let span_id = lower_hex(&b[36..52])?;
+    let trace_id = u128::from(hex16(&b[3..19])?) << 64 | u128::from(hex16(&b[19..35])?);
+    let span_id = hex16(&b[36..52])?;
     let flags = lower_hex(&b[53..55])?;
     if trace_id == 0 || span_id == 0 {
         return None;
     }
     Some(Parent {
         trace_id: TraceId::from(trace_id),
-        span_id: SpanId::from(span_id as u64),
+        span_id: SpanId::from(span_id),
         sampled: Some(flags & 1 == 1),
         format: Format::W3c,
     })
@@ -203,6 +203,38 @@ fn lower_hex(s: &[u8]) -> Option<u128> {
         n = n << 4 | u128::from(d & 0x0f);
     }
     (bad < 0x10).then_some(n)
+}
+
+/// Sixteen lower-case hex digits (a span id, half a trace id) as a number: [`hex8`] twice.
+fn hex16(s: &[u8]) -> Option<u64> {
+    let (hi, lo) = s.split_at_checked(8)?;
+    let hi = hex8(hi.try_into().ok()?)?;
+    let lo = hex8(lo.try_into().ok()?)?;
+    Some(u64::from(hi) << 32 | u64::from(lo))
+}
+
+/// Eight lower-case hex digits as a number, the first the most significant; None if any
+/// byte is another. All eight at once in a `u64` (SWAR): per digit, the table loop of
+/// [`lower_hex`] cost about 13 instructions and a `u128` shift, and its unrolled code cost
+/// instruction-cache misses on every sampled request the inbound side reads
+/// (docs/benchmarks.md, "Session 19").
+fn hex8(b: [u8; 8]) -> Option<u32> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = ONES * 0x80;
+    let v = u64::from_le_bytes(b);
+    // With every byte below 0x80, adding 0x80 - n to each sets its high bit exactly when it
+    // is n or more, and carries into no other byte.
+    let at_least = |n: u8| v.wrapping_add(ONES * u64::from(0x80 - n)) & HIGH;
+    let digit = at_least(b'0') & !at_least(b'9' + 1);
+    let letter = at_least(b'a') & !at_least(b'f' + 1);
+    if v & HIGH != 0 || digit | letter != HIGH {
+        return None;
+    }
+    // Each byte its digit's value; then pairs of bytes into one, twice, byte 0 the highest.
+    let nibbles = (v & (ONES * 0x0f)) + (letter >> 7) * 9;
+    let bytes = ((nibbles << 4) | (nibbles >> 8)) & 0x00ff_00ff_00ff_00ff;
+    let halves = ((bytes << 8) | (bytes >> 16)) & 0x0000_ffff_0000_ffff;
+    Some((((halves << 16) | (halves >> 32)) & 0xffff_ffff) as u32)
 }
 
 /// `b3: {TraceId}-{SpanId}[-{SamplingState}[-{ParentSpanId}]]`; a lone sampling state (`0`)
@@ -316,6 +348,18 @@ pub fn inject(
             }
         }
         Some(Format::W3c) | None => {}
+    }
+}
+
+/// Lets this request's `traceparent` enter the HTTP/2 peer's HPACK dynamic table. Every
+/// value is new, so [`inject`] marks it never-indexed: indexed, each would evict entries the
+/// next requests' headers reuse. But h2 encodes a never-indexed header by the index of its
+/// *name* when the table holds another value of it, so one request now and then whose value
+/// does enter the table saves the others the name's Huffman coding, and the peer its
+/// decoding and parsing (docs/benchmarks.md, "Session 19").
+pub fn index_name(headers: &mut HeaderMap) {
+    if let Some(v) = headers.get_mut(&TRACEPARENT) {
+        v.set_sensitive(false);
     }
 }
 
@@ -452,6 +496,35 @@ mod tests {
             Some(0x4bf92f3577b34da6a3ce929d0e0e4736)
         );
         assert_eq!(lower_hex(b""), Some(0));
+    }
+
+    #[test]
+    fn eight_hex_digits_at_once_read_as_the_table_reads_them() {
+        // Every byte value at every position, among valid digits.
+        for at in 0..8 {
+            for c in 0..=255u8 {
+                let mut b = *b"9af03be4";
+                b[at] = c;
+                let want = lower_hex(&b).map(|n| n as u32);
+                assert_eq!(hex8(b), want, "byte {c:#x} at {at}");
+            }
+        }
+        // Random strings of digits, and of digits with one neighbour byte of the ranges
+        // (`/`, `:`, `` ` ``, `g`, upper case) put in.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for i in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let mut b: [u8; 8] =
+                std::array::from_fn(|j| b"0123456789abcdef"[(x >> (4 * j)) as usize & 15]);
+            if i % 2 == 1 {
+                b[(x >> 40) as usize % 8] = b"/:`gAF@G"[(x >> 48) as usize % 8];
+            }
+            assert_eq!(hex8(b), lower_hex(&b).map(|n| n as u32), "{:?}", b);
+        }
+        assert_eq!(hex16(b"00f067aa0ba902b7"), Some(0x00f0_67aa_0ba9_02b7));
+        assert_eq!(hex16(b"00f067aa0ba902b"), None);
     }
 
     #[test]
