@@ -35,14 +35,17 @@ def group(fn):
 
 
 def read_monitor(path):
-    samples, label = collections.defaultdict(list), {}
+    samples, ratios = collections.defaultdict(list), collections.defaultdict(collections.Counter)
     for line in open(path):
         parts = line.split()
         if len(parts) != 4:
             continue
         t, pid, ratio, req = parts
         samples[int(pid)].append((float(t), int(req)))
-        label[int(pid)] = ratio
+        ratios[int(pid)][ratio] += 1
+    # A proxy's setting is what most of its lines say: the one taken while it was being
+    # killed could not read its environment and says "off".
+    label = {pid: c.most_common(1)[0][0] for pid, c in ratios.items()}
     return samples, label
 
 

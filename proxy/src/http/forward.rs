@@ -710,8 +710,8 @@ pub(super) fn rebuild(parts: &http::request::Parts, body: Body) -> Request<Body>
     req
 }
 
-/// The request head with a body: method, target, version and headers, without the incoming
-/// request's extensions (as [`rebuild`], which copies them).
+/// The request head with a body, moved where [`rebuild`] copies: method, target, version and
+/// headers; the incoming request's extensions are left behind, as there.
 pub(super) fn head_with(parts: http::request::Parts, body: Body) -> Request<Body> {
     let mut req = Request::new(body);
     *req.method_mut() = parts.method;

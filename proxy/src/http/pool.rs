@@ -122,15 +122,8 @@ impl AsyncWrite for Io {
 #[derive(Debug, Default)]
 pub struct EndpointPool {
     idle_h1: Mutex<Vec<http1::SendRequest<Body>>>,
-    /// The HTTP/2 connection, and how many requests it has been given.
-    h2: tokio::sync::Mutex<Option<(http2::SendRequest<Body>, u32)>>,
+    h2: tokio::sync::Mutex<Option<http2::SendRequest<Body>>>,
 }
-
-/// Every this many requests on an HTTP/2 connection, one request's `traceparent` may enter
-/// the HPACK dynamic table, so that the others' refer to its name by index
-/// ([`crate::otel::propagation::index_name`]). The first request of a connection is one of
-/// them; the later ones put the name back in case other headers pushed it out.
-const H2_CONTEXT_NAME_EVERY: u32 = 256;
 
 /// Every endpoint's connections.
 #[derive(Debug)]
@@ -161,7 +154,12 @@ pub enum Conn {
     },
     Http2 {
         tx: http2::SendRequest<Body>,
-        /// This request's `traceparent` may enter the HPACK table ([`H2_CONTEXT_NAME_EVERY`]).
+        /// The connection's first request: its `traceparent` enters the HPACK dynamic table,
+        /// so that the next requests' name the header by its index
+        /// ([`crate::otel::propagation::index_name`]). Only the first: h2 compares a header
+        /// with every value of its name in the table, and another value entered every few
+        /// hundred requests made that walk cost more than the name saved (docs/benchmarks.md,
+        /// "Session 19").
         index_context: bool,
     },
 }
@@ -248,14 +246,12 @@ impl Pools {
             }
             Wire::Http2 => {
                 let mut slot = pool.h2.lock().await;
-                if let Some((tx, sent)) = slot.as_mut()
+                if let Some(tx) = slot.as_ref()
                     && !tx.is_closed()
                 {
-                    let index_context = *sent % H2_CONTEXT_NAME_EVERY == 0;
-                    *sent = sent.wrapping_add(1);
                     return Ok(Conn::Http2 {
                         tx: tx.clone(),
-                        index_context,
+                        index_context: false,
                     });
                 }
                 let io = self.dial(peer).await?;
@@ -274,7 +270,7 @@ impl Pools {
                         tracing::debug!(endpoint = %addr, error = %e, "HTTP/2 connection to endpoint ended");
                     }
                 });
-                *slot = Some((tx.clone(), 1));
+                *slot = Some(tx.clone());
                 Ok(Conn::Http2 {
                     tx,
                     index_context: true,
@@ -368,7 +364,7 @@ impl Pools {
             let h2_open = pool
                 .h2
                 .try_lock()
-                .map(|s| s.as_ref().is_some_and(|(tx, _)| !tx.is_closed()))
+                .map(|s| s.as_ref().is_some_and(|tx| !tx.is_closed()))
                 .unwrap_or(true);
             !idle.is_empty() || h2_open || Arc::strong_count(pool) > 1
         });

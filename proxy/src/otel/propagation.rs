@@ -2,6 +2,7 @@
 //! its single-header and multi-header forms, and rewritten when the request carried it, so an
 //! app that only speaks B3 continues the trace too).
 
+use bytes::Bytes;
 use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue};
 use opentelemetry::trace::{SpanId, TraceFlags, TraceId};
@@ -274,23 +275,32 @@ fn hex_span_id(s: &str) -> Option<SpanId> {
     (id != SpanId::INVALID).then_some(id)
 }
 
-/// Each byte value's two lower-case hex digits.
-static HEX_PAIRS: [[u8; 2]; 256] = {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut t = [[0u8; 2]; 256];
-    let mut i = 0;
-    while i < 256 {
-        t[i] = [HEX[i >> 4], HEX[i & 0x0f]];
-        i += 1;
-    }
-    t
-};
-
-/// Lower-case hex of `bytes` into `out` (twice as long): one table load per byte.
+/// Lower-case hex of `bytes` into `out` (twice as long), four bytes at a time ([`hex4`]).
 pub(crate) fn hex_into(out: &mut [u8], bytes: &[u8]) {
-    for (o, b) in out.chunks_exact_mut(2).zip(bytes) {
-        o.copy_from_slice(&HEX_PAIRS[usize::from(*b)]);
+    let (chunks, tail) = bytes.as_chunks::<4>();
+    let (out_chunks, out_tail) = out.split_at_mut(chunks.len() * 8);
+    for (o, b) in out_chunks.chunks_exact_mut(8).zip(chunks) {
+        o.copy_from_slice(&hex4(u32::from_be_bytes(*b)));
     }
+    for (o, b) in out_tail.chunks_exact_mut(2).zip(tail) {
+        o.copy_from_slice(&hex4(u32::from(*b))[6..]);
+    }
+}
+
+/// The eight hex digits of `x`, most significant first, computed in a `u64` (SWAR): its
+/// nibbles spread one per byte, then each byte made its digit. A 512-byte table of digit pairs
+/// cost a load per byte, and data-cache misses on most requests: random ids touch most of
+/// its lines, which the rest of a request's work had evicted (docs/benchmarks.md,
+/// "Session 19").
+fn hex4(x: u32) -> [u8; 8] {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    let mut n = u64::from(x);
+    n = (n | n << 16) & 0x0000_ffff_0000_ffff;
+    n = (n | n << 8) & 0x00ff_00ff_00ff_00ff;
+    n = (n | n << 4) & 0x0f0f_0f0f_0f0f_0f0f;
+    // 1 in each byte whose nibble is 10 or more (adding 6 reaches 16): a letter.
+    let letters = ((n + ONES * 6) >> 4) & ONES;
+    (n + ONES * u64::from(b'0') + letters * u64::from(b'a' - b'0' - 10)).to_be_bytes()
 }
 
 /// Writes the context the next hop continues: `traceparent` with `span_id` as its parent
@@ -311,7 +321,10 @@ pub fn inject(
     tp[35] = b'-';
     hex_into(&mut tp[36..52], &span_id.to_bytes());
     tp[52..].copy_from_slice(if sampled { b"-01" } else { b"-00" });
-    if let Ok(mut v) = HeaderValue::from_bytes(&tp) {
+    // Owned by its `Bytes`: the outbound side keeps the request head for retries and copies
+    // it per try, and a copy of this is a reference count, where a value copied out of a
+    // slice is moved to a shared allocation on its first copy.
+    if let Ok(mut v) = HeaderValue::from_maybe_shared(Bytes::from_owner(tp)) {
         // Unique per request: over HTTP/2 it must not enter the HPACK dynamic table, where
         // each new value would evict entries the next requests' headers could have used.
         v.set_sensitive(true);
@@ -354,9 +367,9 @@ pub fn inject(
 /// Lets this request's `traceparent` enter the HTTP/2 peer's HPACK dynamic table. Every
 /// value is new, so [`inject`] marks it never-indexed: indexed, each would evict entries the
 /// next requests' headers reuse. But h2 encodes a never-indexed header by the index of its
-/// *name* when the table holds another value of it, so one request now and then whose value
-/// does enter the table saves the others the name's Huffman coding, and the peer its
-/// decoding and parsing (docs/benchmarks.md, "Session 19").
+/// *name* when the table holds another value of it, so a connection's first request, whose
+/// value does enter the table, saves the next ones the name's Huffman coding, and the peer
+/// its decoding and parsing (docs/benchmarks.md, "Session 19").
 pub fn index_name(headers: &mut HeaderMap) {
     if let Some(v) = headers.get_mut(&TRACEPARENT) {
         v.set_sensitive(false);
@@ -425,11 +438,22 @@ mod tests {
 
     #[test]
     fn hex_is_written_in_lower_case_for_every_byte_value() {
-        let bytes: Vec<u8> = (0..=255).collect();
-        let mut out = vec![0u8; 512];
-        hex_into(&mut out, &bytes);
-        let expected: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(String::from_utf8(out).expect("ascii"), expected);
+        // Every byte value at each of a chunk's four places, and in a tail shorter than one.
+        for rotate in 0..4 {
+            let mut bytes: Vec<u8> = (0..=255).collect();
+            bytes.rotate_left(rotate);
+            bytes.push(0xa9);
+            let mut out = vec![0u8; 2 * bytes.len()];
+            hex_into(&mut out, &bytes);
+            let expected: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(String::from_utf8(out).expect("ascii"), expected);
+        }
+        let mut out = [0u8; 32];
+        hex_into(
+            &mut out,
+            &0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736u128.to_be_bytes(),
+        );
+        assert_eq!(&out, b"4bf92f3577b34da6a3ce929d0e0e4736");
     }
 
     #[test]
