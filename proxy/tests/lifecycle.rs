@@ -95,6 +95,7 @@ async fn quitquitquit_ends_run_with_exit_code_zero() {
             .map(|a| a.port())
     };
     let (outp, inp) = (free().expect("port"), free().expect("port"));
+    let log = tempfile::NamedTempFile::new().expect("log file");
     let mut child = Command::new(BIN)
         .args([
             "run",
@@ -108,19 +109,28 @@ async fn quitquitquit_ends_run_with_exit_code_zero() {
             &inp.to_string(),
         ])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log.reopen().expect("log"))
         .spawn()
         .expect("spawn");
-    // Wait for the admin port, then ask it to quit.
+    // Wait for the admin port (a debug build on a busy machine can take seconds to start),
+    // then ask it to quit. A proxy that exited instead says why in its log.
     let mut stream = None;
-    for _ in 0..100 {
+    for _ in 0..400 {
         if let Ok(s) = TcpStream::connect(admin).await {
             stream = Some(s);
             break;
         }
+        if let Some(st) = child.try_wait().expect("wait") {
+            let why = std::fs::read_to_string(log.path()).unwrap_or_default();
+            panic!("the proxy exited before its admin port was up ({st}):\n{why}");
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut s = stream.expect("admin port up");
+    let Some(mut s) = stream else {
+        let _ = child.kill();
+        let why = std::fs::read_to_string(log.path()).unwrap_or_default();
+        panic!("admin port not up after 20 s:\n{why}");
+    };
     s.write_all(
         b"POST /quitquitquit HTTP/1.1\r\nHost: x\r\ncontent-length: 0\r\nConnection: close\r\n\r\n",
     )
