@@ -155,7 +155,7 @@ pub enum Conn {
     Http2 {
         tx: http2::SendRequest<Body>,
         /// The connection's first request: its `traceparent` enters the HPACK dynamic table,
-        /// so that the next requests' name the header by its index
+        /// so that the next requests name the header by its index
         /// ([`crate::otel::propagation::index_name`]). Only the first: h2 compares a header
         /// with every value of its name in the table, and another value entered every few
         /// hundred requests made that walk cost more than the name saved (docs/benchmarks.md,
@@ -507,6 +507,9 @@ mod tests {
         let mut blocks = Vec::new();
         while b.len() >= 9 {
             let len = u32::from_be_bytes([0, b[0], b[1], b[2]]) as usize;
+            if b.len() < 9 + len {
+                break; // a frame still being relayed
+            }
             let (kind, flags) = (b[3], b[4]);
             let mut p = &b[9..9 + len];
             if kind == 1 {
