@@ -390,7 +390,7 @@ impl Conn {
 
     /// Sends one request. An HTTP/1.1 connection goes back to its pool once the response body
     /// has been read to the end.
-    pub async fn send(self, req: Request<Body>) -> Sent {
+    pub async fn send(self, mut req: Request<Body>) -> Sent {
         match self {
             Conn::Http1 { mut tx, pool, .. } => {
                 let result = tx.try_send_request(req).await;
@@ -417,7 +417,6 @@ impl Conn {
                 mut tx,
                 index_context,
             } => {
-                let mut req = req;
                 if index_context {
                     crate::otel::propagation::index_name(req.headers_mut());
                 }
