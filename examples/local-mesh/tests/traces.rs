@@ -161,6 +161,7 @@ fn a_call_through_two_services_is_one_trace_with_linked_spans() {
         assert_eq!(c_out.name, "GET");
         assert_eq!(attr(c_out, "http.request.method"), "GET");
         assert_eq!(attr(c_out, "url.path"), "/");
+        assert_eq!(attr(c_out, "network.protocol.version"), "1.1");
         assert_eq!(attr(c_out, "http.response.status_code"), 200);
         assert_eq!(
             attr(c_out, "wasmesh.destination.service"),
@@ -184,6 +185,10 @@ fn a_call_through_two_services_is_one_trace_with_linked_spans() {
         assert_eq!(attr(a_in, "server.port"), 8080);
         assert!(attr(a_in, "wasmesh.peer.identity").is_string(), "{a_in:#?}");
         assert_eq!(attr(b_in, "http.request.method"), "GET");
+        assert!(
+            attr(b_in, "network.protocol.version").is_string(),
+            "{b_in:#?}"
+        );
         // a → b matched b's HTTPRoute; client → a matched none (checked above: named `GET`).
         let route = attr(a_out, "http.route")
             .as_str()

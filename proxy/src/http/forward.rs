@@ -9,7 +9,7 @@
 //! jittered, doubling backoff, within the proxy's [`Budget`](super::retry::Budget).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -74,9 +74,8 @@ impl Outbound {
             .as_ref()
             .map(|t| t.start(SpanKind::Client, req.headers()));
         if let Some(s) = span.as_mut() {
-            set_method(s, &method);
+            set_method_and_version(s, &method, version);
             s.set_str("url.path", &path);
-            s.set("network.protocol.version", protocol_version(version));
             s.name(method_name(&method));
         }
         if let Some(s) = span.as_ref() {
@@ -618,43 +617,72 @@ impl Outbound {
     }
 }
 
+/// The methods semantic conventions name (RFC 9110 and PATCH); any other is `_OTHER`.
+const STANDARD_METHODS: [&str; 9] = [
+    "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE",
+];
+
+/// `network.protocol.version`'s values, in [`version_index`]'s order.
+const VERSIONS: [&str; 5] = ["0.9", "1.0", "1.1", "2", "3"];
+
+fn method_index(m: &http::Method) -> Option<usize> {
+    Some(match *m {
+        http::Method::GET => 0,
+        http::Method::POST => 1,
+        http::Method::PUT => 2,
+        http::Method::DELETE => 3,
+        http::Method::HEAD => 4,
+        http::Method::OPTIONS => 5,
+        http::Method::PATCH => 6,
+        http::Method::CONNECT => 7,
+        http::Method::TRACE => 8,
+        _ => return None,
+    })
+}
+
+fn version_index(v: Version) -> usize {
+    match v {
+        Version::HTTP_09 => 0,
+        Version::HTTP_10 => 1,
+        Version::HTTP_2 => 3,
+        Version::HTTP_3 => 4,
+        _ => 2,
+    }
+}
+
 /// `GET`, `POST`, …: the span name when no route names the request (semantic conventions:
 /// `{method}`, `HTTP` for methods outside the standard set).
 pub(super) fn method_name(m: &http::Method) -> &'static str {
-    match *m {
-        http::Method::GET => "GET",
-        http::Method::POST => "POST",
-        http::Method::PUT => "PUT",
-        http::Method::DELETE => "DELETE",
-        http::Method::HEAD => "HEAD",
-        http::Method::OPTIONS => "OPTIONS",
-        http::Method::PATCH => "PATCH",
-        http::Method::CONNECT => "CONNECT",
-        http::Method::TRACE => "TRACE",
-        _ => "HTTP",
-    }
+    method_index(m).map_or("HTTP", |i| STANDARD_METHODS[i])
 }
 
-/// `http.request.method`: a standard method as it is, another as `_OTHER` with
-/// `http.request.method_original` (semantic conventions).
-pub(super) fn set_method(s: &mut Span, m: &http::Method) {
-    match method_name(m) {
-        "HTTP" => {
+/// `http.request.method` and `network.protocol.version` (semantic conventions). A standard
+/// method's pair is one block per method and version, written once and copied whole into
+/// each span (docs/benchmarks.md, "Session 20"); another method is `_OTHER`, with
+/// `http.request.method_original`.
+pub(super) fn set_method_and_version(s: &mut Span, m: &http::Method, v: Version) {
+    static BLOCKS: LazyLock<Vec<Attributes>> = LazyLock::new(|| {
+        STANDARD_METHODS
+            .iter()
+            .flat_map(|m| {
+                VERSIONS.iter().map(|v| {
+                    Attributes::new()
+                        .with("http.request.method", *m)
+                        .with("network.protocol.version", *v)
+                })
+            })
+            .collect()
+    });
+    if !s.is_sampled() {
+        return;
+    }
+    match method_index(m) {
+        Some(i) => s.set_all(&BLOCKS[i * VERSIONS.len() + version_index(v)]),
+        None => {
             s.set("http.request.method", "_OTHER");
             s.set_str("http.request.method_original", m.as_str());
+            s.set("network.protocol.version", VERSIONS[version_index(v)]);
         }
-        known => s.set("http.request.method", known),
-    }
-}
-
-/// `network.protocol.version`.
-pub(super) fn protocol_version(v: Version) -> &'static str {
-    match v {
-        Version::HTTP_09 => "0.9",
-        Version::HTTP_10 => "1.0",
-        Version::HTTP_2 => "2",
-        Version::HTTP_3 => "3",
-        _ => "1.1",
     }
 }
 
@@ -897,6 +925,62 @@ mod tests {
 
     fn location(r: &Response<Body>) -> &str {
         r.headers()[header::LOCATION].to_str().unwrap()
+    }
+
+    /// The blocks written once per method and version read as the attributes written one by
+    /// one would; a method outside the standard set is `_OTHER` with its original.
+    #[test]
+    fn a_spans_method_and_version_are_the_semantic_conventions_attributes() {
+        use crate::otel::sampler::Sampler;
+        use crate::otel::tests::{attr, queued, text, tracer};
+        let versions = [
+            (Version::HTTP_09, "0.9"),
+            (Version::HTTP_10, "1.0"),
+            (Version::HTTP_11, "1.1"),
+            (Version::HTTP_2, "2"),
+            (Version::HTTP_3, "3"),
+        ];
+        let mut methods: Vec<(http::Method, &str, Option<&str>)> = STANDARD_METHODS
+            .iter()
+            .map(|m| (http::Method::from_bytes(m.as_bytes()).unwrap(), *m, None))
+            .collect();
+        methods.push((
+            http::Method::from_bytes(b"PURGE").unwrap(),
+            "_OTHER",
+            Some("PURGE"),
+        ));
+        let (t, q) = tracer(Sampler::default());
+        for (m, name, original) in &methods {
+            for (v, version) in versions {
+                let mut s = t.start(SpanKind::Server, &http::HeaderMap::new());
+                set_method_and_version(&mut s, m, v);
+                s.end(Some(200), None);
+                let spans = queued(&q);
+                assert_eq!(spans.len(), 1);
+                let what = format!("{m} {v:?}");
+                assert_eq!(attr(&spans[0], "http.request.method"), text(name), "{what}");
+                assert_eq!(
+                    attr(&spans[0], "http.request.method_original"),
+                    original.and_then(text),
+                    "{what}"
+                );
+                assert_eq!(
+                    attr(&spans[0], "network.protocol.version"),
+                    text(version),
+                    "{what}"
+                );
+            }
+        }
+        // An unsampled span records nothing (and costs no block).
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            "traceparent",
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"),
+        );
+        let mut s = t.start(SpanKind::Server, &h);
+        set_method_and_version(&mut s, &http::Method::GET, Version::HTTP_11);
+        s.end(Some(200), None);
+        assert!(queued(&q).is_empty());
     }
 
     #[test]

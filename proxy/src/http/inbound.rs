@@ -24,7 +24,7 @@ use wasmesh_wasm::{Direction as WasmDirection, StreamInfo, Verdict};
 use super::ORIG_PROTO;
 use super::forward::{
     filter_event, filter_response, finish, head_with, local_reply, method_name, protocol_name,
-    protocol_version, set_method, tunnel,
+    set_method_and_version, tunnel,
 };
 use super::headers::{authority, is_grpc, is_upgrade, set_target, strip_hop_by_hop};
 use super::pool::{Sent, Wire, plain};
@@ -161,9 +161,8 @@ impl Inbound {
         if let Some(s) = span.as_mut()
             && s.is_sampled()
         {
-            set_method(s, req.method());
+            set_method_and_version(s, req.method(), req.version());
             s.set_str("url.path", req.uri().path());
-            s.set("network.protocol.version", protocol_version(req.version()));
             s.set_all(c.span_attributes.get_or_init(|| {
                 let a = Attributes::new()
                     .with("server.port", i64::from(c.dst.port()))

@@ -619,7 +619,7 @@ impl Drop for Span {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use opentelemetry_proto::tonic::common::v1::any_value::Value;
     use opentelemetry_proto::tonic::trace::v1::Span as ProtoSpan;
@@ -628,7 +628,7 @@ mod tests {
 
     use super::*;
 
-    fn tracer(sampler: Sampler) -> (Arc<Tracer>, Arc<SpanQueue>) {
+    pub(crate) fn tracer(sampler: Sampler) -> (Arc<Tracer>, Arc<SpanQueue>) {
         let q = Arc::new(SpanQueue::new(4, 4));
         (
             Arc::new(Tracer {
@@ -642,7 +642,7 @@ mod tests {
     }
 
     /// The spans queued, as a collector decodes them.
-    fn queued(q: &SpanQueue) -> Vec<ProtoSpan> {
+    pub(crate) fn queued(q: &SpanQueue) -> Vec<ProtoSpan> {
         let enc = encode::Encoder::new(&[], "test", "0");
         let mut spans = Vec::new();
         while let Some(chunk) = q.take() {
@@ -656,7 +656,7 @@ mod tests {
         spans
     }
 
-    fn attr(s: &ProtoSpan, key: &str) -> Option<Value> {
+    pub(crate) fn attr(s: &ProtoSpan, key: &str) -> Option<Value> {
         let found: Vec<_> = s.attributes.iter().filter(|kv| kv.key == key).collect();
         assert!(found.len() <= 1, "{key} written {} times", found.len());
         found
@@ -677,7 +677,7 @@ mod tests {
         h
     }
 
-    fn text(v: &str) -> Option<Value> {
+    pub(crate) fn text(v: &str) -> Option<Value> {
         Some(Value::StringValue(v.into()))
     }
 
