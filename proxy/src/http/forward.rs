@@ -932,7 +932,7 @@ mod tests {
     #[test]
     fn a_spans_method_and_version_are_the_semantic_conventions_attributes() {
         use crate::otel::sampler::Sampler;
-        use crate::otel::tests::{attr, queued, text, tracer};
+        use crate::otel::tests::{attr, queued, text, tracer, unsampled_caller};
         let versions = [
             (Version::HTTP_09, "0.9"),
             (Version::HTTP_10, "1.0"),
@@ -972,12 +972,7 @@ mod tests {
             }
         }
         // An unsampled span records nothing (and costs no block).
-        let mut h = http::HeaderMap::new();
-        h.insert(
-            "traceparent",
-            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"),
-        );
-        let mut s = t.start(SpanKind::Server, &h);
+        let mut s = t.start(SpanKind::Server, &unsampled_caller());
         set_method_and_version(&mut s, &http::Method::GET, Version::HTTP_11);
         s.end(Some(200), None);
         assert!(queued(&q).is_empty());

@@ -666,7 +666,7 @@ pub(crate) mod tests {
     }
 
     /// A request whose caller did not sample its span.
-    fn unsampled_caller() -> HeaderMap {
+    pub(crate) fn unsampled_caller() -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert(
             "traceparent",
