@@ -647,12 +647,23 @@ async fn filters_modify_headers_rewrite_and_redirect() {
             },
         )),
     }];
+    // A header modifier does not change the authority: that is `URLRewrite`'s hostname.
+    let mut plain = rule(
+        vec![path_match(pb::MatchType::PathPrefix, "/echo")],
+        vec![backend_ref("web", 1)],
+    );
+    plain.filters = vec![pb::HttpFilter {
+        kind: Some(pb::http_filter::Kind::RequestHeaderModifier(hm(
+            &[("host", "elsewhere")],
+            &[],
+        ))),
+    }];
     let web = service_port(
         "web",
         WEB_VIP,
         "http",
         vec![ep("127.0.0.2", port)],
-        vec![route("web", vec![rewrite, redirect])],
+        vec![route("web", vec![rewrite, redirect, plain])],
     );
     let p = proxy(vec![web], WEB).await;
     let mut c = Client::h1(&p).await;
@@ -673,6 +684,16 @@ async fn filters_modify_headers_rewrite_and_redirect() {
     let a = c.get("/moved?x=1").await;
     assert_eq!(a.status, StatusCode::MOVED_PERMANENTLY);
     assert_eq!(a.header("location"), "https://example.com/moved?x=1");
+
+    let a = c.get("/echo?z=2&z=%20").await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.header("x-got-path"), "/echo?z=2&z=%20", "sent as it came");
+    assert_eq!(a.header("x-got-host"), "web");
+    let mut c = Client::h2(&p).await;
+    let a = c.get("/echo?z=4").await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.header("x-got-path"), "/echo?z=4");
+    assert_eq!(a.header("x-got-host"), "web");
 }
 
 #[tokio::test]

@@ -89,18 +89,14 @@ impl HttpCallouts for MeshCallouts {
                 Wire::Http1
             };
             let (mut parts, body) = request.into_parts();
-            let authority = parts.uri.authority().map(|a| a.to_string());
-            let pq = parts
-                .uri
-                .path_and_query()
-                .map(|p| p.as_str().to_string())
-                .unwrap_or_else(|| "/".into());
             let version = match wire {
                 Wire::Http1 => http::Version::HTTP_11,
                 Wire::Http2 => http::Version::HTTP_2,
             };
-            set_target(&mut parts, authority.as_deref(), &pq, version)
-                .map_err(|e| CalloutFailure(e.to_string()))?;
+            set_target(&mut parts, version, None, None, || {
+                format!("{}.{}:{}", sp.service, sp.namespace, sp.port)
+            })
+            .map_err(|e| CalloutFailure(e.to_string()))?;
             if wire == Wire::Http2 {
                 parts.headers.insert(
                     crate::http::ORIG_PROTO,

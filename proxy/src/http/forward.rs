@@ -215,29 +215,31 @@ impl Outbound {
                 s.name_with_route(method_name(&parts.method), &r.name);
             }
         }
-        let mut path = parts.uri.path().to_string();
-        let query = parts.uri.query().map(str::to_string);
-        let mut host = authority(&parts.uri, &parts.headers);
+        // The target as the route rewrites it; None: the request's own, kept as it came.
+        let mut rewritten_path: Option<String> = None;
+        let mut rewritten_host: Option<&str> = None;
         if let Some(rule) = &rule {
             if let Some(rd) = &rule.redirect {
                 return Ok(redirect(
                     rd,
-                    &path,
-                    query.as_deref(),
-                    host.as_deref(),
+                    parts.uri.path(),
+                    parts.uri.query(),
+                    authority(&parts.uri, &parts.headers).as_deref(),
                     matched_prefix.as_deref(),
                 ));
             }
             if let Some(m) = &rule.request_headers {
-                m.apply(&mut parts.headers);
+                m.apply_to_request(&mut parts.headers);
             }
             if let Some(rw) = &rule.rewrite {
                 if let Some(p) = &rw.path {
-                    path = rewrite_path(&path, p, matched_prefix.as_deref());
+                    let path = rewrite_path(parts.uri.path(), p, matched_prefix.as_deref());
+                    rewritten_path = Some(match parts.uri.query() {
+                        Some(q) => format!("{path}?{q}"),
+                        None => path,
+                    });
                 }
-                if let Some(h) = &rw.hostname {
-                    host = Some(h.clone());
-                }
+                rewritten_host = rw.hostname.as_deref();
             }
         }
         let backend: Option<Backend> = match &rule {
@@ -268,7 +270,7 @@ impl Outbound {
             }
         };
         if let Some(m) = backend.as_ref().and_then(|b| b.request_headers.as_ref()) {
-            m.apply(&mut parts.headers);
+            m.apply_to_request(&mut parts.headers);
         }
         let candidates: Vec<usize> = match target.selection(target_via, c.dst) {
             Selection::Endpoints(e) => e.clone(),
@@ -288,14 +290,15 @@ impl Outbound {
             Wire::Http1 => Version::HTTP_11,
             Wire::Http2 => Version::HTTP_2,
         };
-        let path_and_query = match &query {
-            Some(q) => format!("{path}?{q}"),
-            None => path.clone(),
-        };
         // HTTP/1.0 may come without a Host: name the Service, as the app addressed it.
-        let host = host.or_else(|| Some(format!("{}.{}:{}", sp.service, sp.namespace, sp.port)));
-        set_target(&mut parts, host.as_deref(), &path_and_query, version)
-            .map_err(|e| HttpError::BadRequest(format!("cannot form the request target: {e}")))?;
+        set_target(
+            &mut parts,
+            version,
+            rewritten_host,
+            rewritten_path.as_deref(),
+            || format!("{}.{}:{}", sp.service, sp.namespace, sp.port),
+        )
+        .map_err(|e| HttpError::BadRequest(format!("cannot form the request target: {e}")))?;
         if let Some(s) = span.as_ref() {
             s.inject(&mut parts.headers);
         }

@@ -2,10 +2,11 @@
 //! rewritten for the HTTP version spoken to the endpoint, gRPC recognised.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Uri, Version};
 
 /// Headers that describe one connection, never forwarded (HTTP/2 forbids them outright).
-const HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -95,29 +96,72 @@ pub fn authority(uri: &Uri, headers: &HeaderMap) -> Option<String> {
 
 /// Shapes the request target for the version spoken to the endpoint: HTTP/2 wants the
 /// authority in the URI (`:authority`) and no Host header; HTTP/1.1 wants origin-form and a
-/// Host header.
+/// Host header. `authority` and `path_and_query` replace the request's own (a route's
+/// rewrite); else the request's are kept — moved, not copied and parsed again, which every
+/// request did before (docs/benchmarks.md, "Session 21"). The authority is the URI's
+/// (HTTP/2, absolute-form), else the Host header's, else `default_authority()` (HTTP/1.0 may
+/// come without a Host). A CONNECT keeps its authority-form target (RFC 9112 §3.2.3).
 pub fn set_target(
     parts: &mut http::request::Parts,
-    authority: Option<&str>,
-    path_and_query: &str,
     version: Version,
+    authority: Option<&str>,
+    path_and_query: Option<&str>,
+    default_authority: impl FnOnce() -> String,
 ) -> Result<(), http::Error> {
-    if version == Version::HTTP_2 {
-        let mut b = Uri::builder().scheme("http").path_and_query(path_and_query);
-        if let Some(a) = authority {
-            b = b.authority(a);
+    parts.version = version;
+    if parts.method == http::Method::CONNECT && authority.is_none() && path_and_query.is_none() {
+        if !parts.headers.contains_key(header::HOST) {
+            let host = match parts.uri.authority() {
+                Some(a) => HeaderValue::from_str(a.as_str())?,
+                None => HeaderValue::from_str(&default_authority())?,
+            };
+            parts.headers.insert(header::HOST, host);
         }
-        parts.uri = b.build()?;
-        parts.headers.remove(header::HOST);
+        return Ok(());
+    }
+    let mut uri = std::mem::take(&mut parts.uri).into_parts();
+    if let Some(pq) = path_and_query {
+        uri.path_and_query = Some(PathAndQuery::try_from(pq)?);
+    } else if uri
+        .path_and_query
+        .as_ref()
+        .is_none_or(|pq| pq.as_str().is_empty())
+    {
+        uri.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    // The authority a rewrite or the URI gives; None: the Host header says it, if any.
+    let own = uri.authority.take();
+    let given = match authority {
+        Some(a) => Some(Authority::try_from(a)?),
+        None => own,
+    };
+    if version == Version::HTTP_2 {
+        let host = parts.headers.remove(header::HOST);
+        let authority = match given {
+            Some(a) => a,
+            None => match host.as_ref().and_then(|h| h.to_str().ok()) {
+                Some(h) => Authority::try_from(h)?,
+                None => Authority::try_from(default_authority().as_str())?,
+            },
+        };
+        uri.scheme = Some(Scheme::HTTP);
+        uri.authority = Some(authority);
     } else {
-        parts.uri = Uri::builder().path_and_query(path_and_query).build()?;
-        if let Some(a) = authority {
-            parts
-                .headers
-                .insert(header::HOST, HeaderValue::from_str(a)?);
+        uri.scheme = None;
+        match given {
+            Some(a) => {
+                parts
+                    .headers
+                    .insert(header::HOST, HeaderValue::from_str(a.as_str())?);
+            }
+            None if parts.headers.contains_key(header::HOST) => {}
+            None => {
+                let host = HeaderValue::from_str(&default_authority())?;
+                parts.headers.insert(header::HOST, host);
+            }
         }
     }
-    parts.version = version;
+    parts.uri = Uri::from_parts(uri)?;
     Ok(())
 }
 
@@ -191,11 +235,79 @@ mod tests {
             .body(())
             .unwrap()
             .into_parts();
-        set_target(&mut p, Some("web:80"), "/a?b", Version::HTTP_2).unwrap();
+        let none = || unreachable!("the request names its authority");
+        set_target(&mut p, Version::HTTP_2, Some("web:80"), Some("/a?b"), none).unwrap();
         assert_eq!(p.uri.to_string(), "http://web:80/a?b");
         assert!(p.headers.get(header::HOST).is_none());
-        set_target(&mut p, Some("web:80"), "/c", Version::HTTP_11).unwrap();
+        set_target(&mut p, Version::HTTP_11, Some("web:80"), Some("/c"), none).unwrap();
         assert_eq!(p.uri.to_string(), "/c");
         assert_eq!(p.headers[header::HOST], "web:80");
+    }
+
+    fn parts(uri: &str, host: Option<&str>) -> http::request::Parts {
+        let mut b = Request::builder().uri(uri);
+        if let Some(h) = host {
+            b = b.header(header::HOST, h);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn a_target_left_alone_keeps_the_requests_path_query_and_authority() {
+        let fallback = || "svc.ns:80".to_string();
+        // HTTP/1.1 to HTTP/2: the Host header becomes `:authority`.
+        let mut p = parts("/a/b?x=1&y", Some("web:8080"));
+        set_target(&mut p, Version::HTTP_2, None, None, fallback).unwrap();
+        assert_eq!(p.uri.to_string(), "http://web:8080/a/b?x=1&y");
+        assert!(p.headers.get(header::HOST).is_none());
+        assert_eq!(p.version, Version::HTTP_2);
+        // And back: `:authority` becomes the Host header, the target origin-form.
+        set_target(&mut p, Version::HTTP_11, None, None, fallback).unwrap();
+        assert_eq!(p.uri.to_string(), "/a/b?x=1&y");
+        assert_eq!(p.headers[header::HOST], "web:8080");
+        // HTTP/1.1 to HTTP/1.1: the Host header stays as it came.
+        let mut p = parts("/", Some("Web.Example"));
+        set_target(&mut p, Version::HTTP_11, None, None, fallback).unwrap();
+        assert_eq!(p.uri.to_string(), "/");
+        assert_eq!(p.headers[header::HOST], "Web.Example");
+        // Absolute-form: its authority wins over the Host header (RFC 9112 §3.2.2).
+        let mut p = parts("http://real:81/z", Some("stale"));
+        set_target(&mut p, Version::HTTP_11, None, None, fallback).unwrap();
+        assert_eq!(p.uri.to_string(), "/z");
+        assert_eq!(p.headers[header::HOST], "real:81");
+        // No authority anywhere (HTTP/1.0): the caller's default, over either version.
+        let mut p = parts("/q", None);
+        set_target(&mut p, Version::HTTP_11, None, None, fallback).unwrap();
+        assert_eq!(p.headers[header::HOST], "svc.ns:80");
+        let mut p = parts("/q", None);
+        set_target(&mut p, Version::HTTP_2, None, None, fallback).unwrap();
+        assert_eq!(p.uri.to_string(), "http://svc.ns:80/q");
+        // A rewritten path keeps the authority; a rewritten authority keeps the path.
+        let mut p = parts("/old?k=v", Some("web"));
+        set_target(&mut p, Version::HTTP_11, None, Some("/new?k=v"), fallback).unwrap();
+        assert_eq!(p.uri.to_string(), "/new?k=v");
+        assert_eq!(p.headers[header::HOST], "web");
+        set_target(&mut p, Version::HTTP_2, Some("other:90"), None, fallback).unwrap();
+        assert_eq!(p.uri.to_string(), "http://other:90/new?k=v");
+    }
+
+    #[test]
+    fn a_connect_keeps_its_authority_form_and_a_bad_target_is_an_error() {
+        let mut p = Request::builder()
+            .method(http::Method::CONNECT)
+            .uri("db.example:5432")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        set_target(&mut p, Version::HTTP_11, None, None, || "unused".into()).unwrap();
+        assert_eq!(p.uri.to_string(), "db.example:5432");
+        assert_eq!(p.headers[header::HOST], "db.example:5432");
+        let mut p = parts("/", Some("a b"));
+        let bad_host = set_target(&mut p, Version::HTTP_2, None, None, || "x".into());
+        assert!(bad_host.is_err());
+        let mut p = parts("/", Some("web"));
+        let bad_path = set_target(&mut p, Version::HTTP_11, None, Some("a b"), || "x".into());
+        assert!(bad_path.is_err());
     }
 }

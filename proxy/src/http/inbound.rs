@@ -26,7 +26,7 @@ use super::forward::{
     filter_event, filter_response, finish, head_with, local_reply, method_name, protocol_name,
     set_method_and_version, tunnel,
 };
-use super::headers::{authority, is_grpc, is_upgrade, set_target, strip_hop_by_hop};
+use super::headers::{is_grpc, is_upgrade, set_target, strip_hop_by_hop};
 use super::pool::{Sent, Wire, plain};
 use super::prefixed::Prefixed;
 use super::respond::HttpError;
@@ -265,13 +265,7 @@ impl Inbound {
         } else {
             (Wire::Http1, Version::HTTP_11)
         };
-        let host = authority(&parts.uri, &parts.headers).or_else(|| Some(c.dst.to_string()));
-        let path_and_query = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| "/".into());
-        set_target(&mut parts, host.as_deref(), &path_and_query, version)
+        set_target(&mut parts, version, None, None, || c.dst.to_string())
             .map_err(|e| HttpError::BadRequest(format!("cannot form the request target: {e}")))?;
         if let Some(s) = span.as_ref() {
             s.inject(&mut parts.headers);

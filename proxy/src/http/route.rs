@@ -168,6 +168,22 @@ impl HeaderModifier {
             headers.remove(n);
         }
     }
+
+    /// [`apply`](Self::apply) to a request, leaving its Host header as it was: a route changes
+    /// the authority with its `URLRewrite` hostname, and the proxy forms the target from the
+    /// request's own otherwise (Envoy, too, refuses `host` in its header mutations).
+    pub fn apply_to_request(&self, headers: &mut HeaderMap) {
+        let host = headers.get(http::header::HOST).cloned();
+        self.apply(headers);
+        match host {
+            Some(h) => {
+                headers.insert(http::header::HOST, h);
+            }
+            None => {
+                headers.remove(http::header::HOST);
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
