@@ -229,7 +229,7 @@ impl Outbound {
                 ));
             }
             if let Some(m) = &rule.request_headers {
-                m.apply_to_request(&mut parts.headers);
+                m.apply(&mut parts.headers);
             }
             if let Some(rw) = &rule.rewrite {
                 if let Some(p) = &rw.path {
@@ -270,7 +270,7 @@ impl Outbound {
             }
         };
         if let Some(m) = backend.as_ref().and_then(|b| b.request_headers.as_ref()) {
-            m.apply_to_request(&mut parts.headers);
+            m.apply(&mut parts.headers);
         }
         let candidates: Vec<usize> = match target.selection(target_via, c.dst) {
             Selection::Endpoints(e) => e.clone(),

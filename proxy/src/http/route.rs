@@ -168,22 +168,6 @@ impl HeaderModifier {
             headers.remove(n);
         }
     }
-
-    /// [`apply`](Self::apply) to a request, leaving its Host header as it was: a route changes
-    /// the authority with its `URLRewrite` hostname, and the proxy forms the target from the
-    /// request's own otherwise (Envoy, too, refuses `host` in its header mutations).
-    pub fn apply_to_request(&self, headers: &mut HeaderMap) {
-        let host = headers.get(http::header::HOST).cloned();
-        self.apply(headers);
-        match host {
-            Some(h) => {
-                headers.insert(http::header::HOST, h);
-            }
-            None => {
-                headers.remove(http::header::HOST);
-            }
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -544,7 +528,7 @@ fn compile_rule(id: &str, name: String, rule: &pb::HttpRouteRule) -> Result<Rule
     for f in &rule.filters {
         match &f.kind {
             Some(pb::http_filter::Kind::RequestHeaderModifier(m)) => {
-                out.request_headers = Some(header_modifier(id, m)?)
+                out.request_headers = Some(request_header_modifier(id, m)?)
             }
             Some(pb::http_filter::Kind::ResponseHeaderModifier(m)) => {
                 out.response_headers = Some(header_modifier(id, m)?)
@@ -579,7 +563,7 @@ fn compile_rule(id: &str, name: String, rule: &pb::HttpRouteRule) -> Result<Rule
         for f in &b.filters {
             match &f.kind {
                 Some(pb::http_filter::Kind::RequestHeaderModifier(m)) => {
-                    backend.request_headers = Some(header_modifier(id, m)?)
+                    backend.request_headers = Some(request_header_modifier(id, m)?)
                 }
                 Some(pb::http_filter::Kind::ResponseHeaderModifier(m)) => {
                     backend.response_headers = Some(header_modifier(id, m)?)
@@ -605,6 +589,21 @@ fn path_modifier(p: &pb::PathModifier) -> PathModifier {
         pb::path_modifier::Type::ReplaceFullPath => PathModifier::Full(p.value.clone()),
         pb::path_modifier::Type::ReplacePrefixMatch => PathModifier::Prefix(p.value.clone()),
     }
+}
+
+/// A request's header modifier, without `host`: a route changes the authority with its
+/// `URLRewrite` hostname, and the proxy forms the target from the request's own otherwise
+/// (Envoy, too, refuses `host` in its header mutations). Left out here, once per route, the
+/// request path has nothing to undo.
+fn request_header_modifier(
+    id: &str,
+    m: &pb::HeaderModifier,
+) -> Result<HeaderModifier, CompileError> {
+    let mut out = header_modifier(id, m)?;
+    out.set.retain(|(n, _)| n != http::header::HOST);
+    out.add.retain(|(n, _)| n != http::header::HOST);
+    out.remove.retain(|n| n != http::header::HOST);
+    Ok(out)
 }
 
 fn header_modifier(id: &str, m: &pb::HeaderModifier) -> Result<HeaderModifier, CompileError> {
